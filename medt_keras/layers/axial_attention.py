@@ -1,0 +1,251 @@
+"""Axial self-attention along the height or width of a feature map."""
+
+import math
+
+import keras
+from keras import ops
+
+from medt_keras.layers.batch_norm import BatchNorm
+
+_AXES = ("height", "width")
+
+
+@keras.saving.register_keras_serializable(package="medt_keras")
+class AxialAttention(keras.layers.Layer):
+    """Multi-head self-attention along one spatial axis (Axial-DeepLab / MedT).
+
+    Every line of the feature map along ``axis`` (a column for "height", a
+    row for "width") attends to itself. With ``G = num_heads`` heads of
+    ``d = filters / G`` channels, queries and keys have ``d/2`` channels and
+    values ``d``, from one 1x1 projection followed by BatchNorm.
+
+    Three forms, the three of the official code:
+
+    * ``positional_encoding=True`` (Axial-DeepLab, eq. 2 of the MedT paper):
+      learned relative positional encodings ``r^q, r^k, r^v`` for query, key
+      and value, shared by all heads, indexed by the offset ``i - j``::
+
+          y_i = sum_j softmax_j(BN(q_i.k_j) + BN(q_i.r^q_ij) + BN(k_j.r^k_ji))
+                     (BN'(v_j) + BN'(r^v_ij))
+
+      where each BN is a per-head BatchNorm over that term (the official
+      code normalises instead of scaling by 1/sqrt(d)), and BN' normalises
+      the two value terms per output channel before they are summed.
+    * ``gated=True`` as well (MedT's gated axial attention, eq. 3): the four
+      positional terms are scaled by learned scalar gates before their
+      BatchNorms: ``G_Q q.r^q``, ``G_K k.r^k``, ``G_V1 v`` and ``G_V2 r^v``
+      (``gate_query_position``, ``gate_key_position``, ``gate_value``,
+      ``gate_value_position``; initialised 0.1, 0.1, 1.0, 0.1). As in the
+      official code they are frozen unless ``gates_trainable=True``; the
+      official train.py unfreezes them after epoch 10.
+    * ``positional_encoding=False`` (MedT's local branch): only
+      ``softmax(BN(q.k)) v``, then BatchNorm; works for any length.
+
+    With ``strides > 1`` the output is average-pooled by ``strides`` over
+    height and width, as the official code does after its width pass.
+
+    Args:
+        filters: output channels, divisible by ``num_heads``, with an even
+            number of channels per head.
+        num_heads: attention heads (the official ``groups``).
+        span: length of the attended axis; positional encodings have
+            ``2 * span - 1`` offsets and the input length must equal it.
+            Ignored without positional encodings. Defaults to the input's
+            length along ``axis`` at build time.
+        axis: "height" or "width".
+        strides: average-pooling factor applied after attention.
+        batch_groups: see ``BatchNorm``; used by MedT's local branch.
+
+    Input shape: ``(batch, height, width, channels)``.
+    Output shape: ``(batch, height // strides, width // strides, filters)``.
+    """
+
+    def __init__(
+        self,
+        filters,
+        num_heads=8,
+        span=None,
+        axis="height",
+        strides=1,
+        positional_encoding=True,
+        gated=False,
+        gates_trainable=False,
+        batch_groups=1,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if axis not in _AXES:
+            raise ValueError(f"axis must be one of {_AXES}, got {axis!r}.")
+        if filters % num_heads:
+            raise ValueError(f"filters ({filters}) must be divisible by num_heads ({num_heads}).")
+        head_channels = filters // num_heads
+        if head_channels % 2:
+            raise ValueError(
+                f"filters / num_heads = {head_channels} channels per head must be even "
+                "(queries and keys get half of them each)."
+            )
+        if gated and not positional_encoding:
+            raise ValueError("gated=True needs positional_encoding=True: the gates scale the positional terms.")
+        self.filters = int(filters)
+        self.num_heads = int(num_heads)
+        self.span = None if span is None else int(span)
+        self.axis = axis
+        self.strides = int(strides)
+        self.positional_encoding = bool(positional_encoding)
+        self.gated = bool(gated)
+        self.gates_trainable = bool(gates_trainable)
+        self.batch_groups = int(batch_groups)
+        self.head_channels = head_channels
+
+        norm_kwargs = dict(batch_groups=self.batch_groups, dtype=self.dtype_policy)
+        terms = 3 if self.positional_encoding else 1
+        # Channels of the stacked similarity are (term, head): qk, qr, kr.
+        self.qkv_norm = BatchNorm(axis=-1, name="qkv_norm", **norm_kwargs)
+        self.similarity_norm = BatchNorm(
+            axis=(2, 3) if terms > 1 else 2, name="similarity_norm", **norm_kwargs
+        )
+        # Output channels are (channel, term) with term 0 = s.v, 1 = s.r^v:
+        # the official code interleaves them the same way.
+        self.output_norm = BatchNorm(
+            axis=(-2, -1) if self.positional_encoding else -1, name="output_norm", **norm_kwargs
+        )
+
+    def build(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError(
+                f"{self.name} expects (batch, height, width, channels), got shape {input_shape}."
+            )
+        _, height, width, channels = input_shape
+        length = height if self.axis == "height" else width
+        if self.span is None:
+            self.span = length
+        if self.positional_encoding and length is not None and length != self.span:
+            raise ValueError(
+                f"{self.name}: input {self.axis} is {length} but the positional encodings "
+                f"span {self.span} positions; the two must be equal."
+            )
+        d = self.head_channels
+        self.qkv_kernel = self.add_weight(
+            name="qkv_kernel",
+            shape=(channels, 2 * self.filters),
+            initializer=keras.initializers.RandomNormal(stddev=math.sqrt(1.0 / channels)),
+        )
+        if self.positional_encoding:
+            # Rows are offsets i - j + span - 1; columns are the query (d/2),
+            # key (d/2) and value (d) encodings.
+            self.relative_embedding = self.add_weight(
+                name="relative_embedding",
+                shape=(2 * self.span - 1, 2 * d),
+                initializer=keras.initializers.RandomNormal(stddev=math.sqrt(1.0 / d)),
+            )
+        if self.gated:
+            for name, value in (
+                ("gate_query_position", 0.1),
+                ("gate_key_position", 0.1),
+                ("gate_value", 1.0),
+                ("gate_value_position", 0.1),
+            ):
+                setattr(
+                    self,
+                    name,
+                    self.add_weight(
+                        name=name,
+                        shape=(),
+                        initializer=keras.initializers.Constant(value),
+                        trainable=self.gates_trainable,
+                    ),
+                )
+        lines = (None, None, length, 2 * self.filters)
+        self.qkv_norm.build(lines)
+        terms = 3 if self.positional_encoding else 1
+        sim_shape = (None, None, terms, self.num_heads, length, length)
+        if terms == 1:
+            sim_shape = (None, None, self.num_heads, length, length)
+        self.similarity_norm.build(sim_shape)
+        if self.positional_encoding:
+            self.output_norm.build((None, None, length, self.filters, 2))
+        else:
+            self.output_norm.build((None, None, length, self.filters))
+
+    def _relative_table(self, length):
+        # table[i, j] = relative_embedding[i - j + span - 1], shape (L, L, 2d).
+        offsets = ops.arange(length)[:, None] - ops.arange(length)[None, :] + (self.span - 1)
+        return ops.take(self.relative_embedding, offsets, axis=0)
+
+    def call(self, inputs, training=False):
+        x = inputs
+        if self.axis == "height":
+            # Lines are columns: (batch, width, height, channels).
+            x = ops.transpose(x, (0, 2, 1, 3))
+        batch, lines, length = ops.shape(x)[:3]
+        heads, d = self.num_heads, self.head_channels
+        half = d // 2
+
+        qkv = ops.matmul(x, ops.cast(self.qkv_kernel, self.compute_dtype))
+        qkv = self.qkv_norm(qkv, training=training)
+        qkv = ops.reshape(qkv, (batch, lines, length, heads, 2 * d))
+        q, k, v = qkv[..., :half], qkv[..., half:d], qkv[..., d:]
+
+        qk = ops.einsum("nbigc,nbjgc->nbgij", q, k)
+        if self.positional_encoding:
+            table = ops.cast(self._relative_table(length), self.compute_dtype)
+            q_table, k_table, v_table = table[..., :half], table[..., half:d], table[..., d:]
+            qr = ops.einsum("nbigc,ijc->nbgij", q, q_table)
+            # k_j . r^k at offset j - i: the key's own position indexes the table.
+            kr = ops.einsum("nbjgc,jic->nbgij", k, k_table)
+            if self.gated:
+                qr = qr * ops.cast(self.gate_query_position, self.compute_dtype)
+                kr = kr * ops.cast(self.gate_key_position, self.compute_dtype)
+            similarity = ops.stack([qk, qr, kr], axis=2)
+            similarity = ops.sum(self.similarity_norm(similarity, training=training), axis=2)
+        else:
+            similarity = self.similarity_norm(qk, training=training)
+        weights = ops.softmax(similarity, axis=-1)
+
+        sv = ops.einsum("nbgij,nbjgc->nbigc", weights, v)
+        if self.positional_encoding:
+            sve = ops.einsum("nbgij,ijc->nbigc", weights, v_table)
+            if self.gated:
+                sv = sv * ops.cast(self.gate_value, self.compute_dtype)
+                sve = sve * ops.cast(self.gate_value_position, self.compute_dtype)
+            out = ops.stack([sv, sve], axis=-1)
+            out = ops.reshape(out, (batch, lines, length, self.filters, 2))
+            out = ops.sum(self.output_norm(out, training=training), axis=-1)
+        else:
+            out = ops.reshape(sv, (batch, lines, length, self.filters))
+            out = self.output_norm(out, training=training)
+
+        if self.axis == "height":
+            out = ops.transpose(out, (0, 2, 1, 3))
+        if self.strides > 1:
+            out = ops.average_pool(
+                out, pool_size=self.strides, strides=self.strides, padding="valid"
+            )
+        return out
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, _ = input_shape
+        s = self.strides
+        return (
+            batch,
+            None if height is None else height // s,
+            None if width is None else width // s,
+            self.filters,
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "filters": self.filters,
+                "num_heads": self.num_heads,
+                "span": self.span,
+                "axis": self.axis,
+                "strides": self.strides,
+                "positional_encoding": self.positional_encoding,
+                "gated": self.gated,
+                "gates_trainable": self.gates_trainable,
+                "batch_groups": self.batch_groups,
+            }
+        )
+        return config

@@ -1,0 +1,168 @@
+"""Batch normalisation with PyTorch's semantics and per-group batch statistics."""
+
+import math
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="medt_keras")
+class BatchNorm(keras.layers.Layer):
+    """Batch normalisation as ``torch.nn.BatchNorm{1,2}d`` computes it.
+
+    Differences from ``keras.layers.BatchNormalization``, each needed for
+    parity with the official MedT code:
+
+    * ``epsilon`` defaults to 1e-5 (PyTorch's), not 1e-3. MedT's gates act
+      only through this epsilon, so it must be exact.
+    * The moving variance is updated with the *unbiased* batch variance
+      (``n / (n - 1)`` times the biased one), as PyTorch does; the
+      normalisation itself uses the biased variance.
+    * ``axis`` may name several axes, e.g. ``(2, 3)`` for a tensor whose
+      channels are laid out as (term, head); the parameters then have the
+      shape of those axes.
+    * ``batch_groups``: in training the batch is split into this many equal,
+      consecutive groups along axis 0, each normalised with its own
+      statistics, and the moving statistics are updated once per group, in
+      group order. This is what running the layer once per group does, and
+      is how MedT's local branch (one call per image patch) is reproduced
+      with all patches folded into the batch.
+    * ``num_batches_tracked`` counts updates as PyTorch does, so converted
+      checkpoints round-trip exactly.
+
+    ``momentum`` follows the Keras convention (PyTorch's 0.1 is 0.9 here):
+    ``moving = momentum * moving + (1 - momentum) * batch_statistic``.
+
+    Input: any tensor whose axis 0 is the batch; output: the same shape.
+    Implements ``y = gamma * (x - mean) / sqrt(var + epsilon) + beta``.
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.9,
+        epsilon=1e-5,
+        batch_groups=1,
+        unbiased_moving_variance=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.axis = tuple(axis) if isinstance(axis, (list, tuple)) else (axis,)
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.batch_groups = int(batch_groups)
+        self.unbiased_moving_variance = bool(unbiased_moving_variance)
+        if self.batch_groups < 1:
+            raise ValueError(f"batch_groups must be >= 1, got {batch_groups}.")
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        axes = sorted(a % rank for a in self.axis)
+        if 0 in axes:
+            raise ValueError(f"{self.name}: axis 0 is the batch axis and cannot be a channel axis.")
+        for a in axes:
+            if input_shape[a] is None:
+                raise ValueError(
+                    f"{self.name}: channel axis {a} of input shape {input_shape} must be known."
+                )
+        self._channel_axes = tuple(axes)
+        self._rank = rank
+        param_shape = tuple(input_shape[a] for a in axes)
+        self.gamma = self.add_weight(name="gamma", shape=param_shape, initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=param_shape, initializer="zeros")
+        self.moving_mean = self.add_weight(
+            name="moving_mean", shape=param_shape, initializer="zeros", trainable=False
+        )
+        self.moving_variance = self.add_weight(
+            name="moving_variance", shape=param_shape, initializer="ones", trainable=False
+        )
+        self.num_batches_tracked = self.add_weight(
+            name="num_batches_tracked",
+            shape=(),
+            dtype="int32",
+            initializer="zeros",
+            trainable=False,
+            autocast=False,
+        )
+
+    def _broadcast_shape(self, rank, offset=0):
+        # Parameter shape broadcast against a tensor of `rank` dims whose
+        # channel axes are shifted by `offset` (1 for the grouped view).
+        shape = [1] * rank
+        for a, size in zip(self._channel_axes, self.gamma.shape):
+            shape[a + offset] = size
+        return shape
+
+    def _param(self, variable, rank, offset=0):
+        return ops.reshape(ops.cast(variable, self._stat_dtype), self._broadcast_shape(rank, offset))
+
+    @property
+    def _stat_dtype(self):
+        # Statistics in the variable dtype (float32 under mixed precision,
+        # float64 in a float64 model), never in float16/bfloat16.
+        return self.variable_dtype
+
+    def call(self, inputs, training=False):
+        x = ops.cast(inputs, self._stat_dtype)
+        if not training:
+            mean = self._param(self.moving_mean, self._rank)
+            variance = self._param(self.moving_variance, self._rank)
+            out = (x - mean) * ops.rsqrt(variance + self.epsilon)
+            out = out * self._param(self.gamma, self._rank) + self._param(self.beta, self._rank)
+            return ops.cast(out, self.compute_dtype)
+
+        groups = self.batch_groups
+        full_shape = ops.shape(x)
+        grouped = ops.reshape(x, (groups, -1) + tuple(full_shape[1:]))
+        # Grouped axis a + 1 is input axis a; reduce over all but the groups
+        # and the channels.
+        reduce_axes = tuple(a + 1 for a in range(self._rank) if a not in self._channel_axes)
+        count = math.prod(grouped.shape[a] for a in reduce_axes)
+        # sum / count, not ops.mean: Keras' JAX mean accumulates float64 in
+        # float32, which alone breaks float64 parity.
+        mean = ops.sum(grouped, axis=reduce_axes, keepdims=True) / count
+        centered = grouped - mean
+        variance = ops.sum(ops.square(centered), axis=reduce_axes, keepdims=True) / count
+        out = centered * ops.rsqrt(variance + self.epsilon)
+        out = out * self._param(self.gamma, self._rank + 1, 1)
+        out = out + self._param(self.beta, self._rank + 1, 1)
+        out = ops.reshape(out, full_shape)
+
+        param_shape = tuple(self.moving_mean.shape)
+        group_mean = ops.reshape(mean, (groups,) + param_shape)
+        group_variance = ops.reshape(variance, (groups,) + param_shape)
+        if self.unbiased_moving_variance:
+            group_variance = group_variance * (count / max(count - 1, 1))
+        # Sequential update over the groups, in closed form:
+        # m_G = momentum**G * m_0 + sum_t (1 - momentum) * momentum**(G-1-t) * s_t
+        m = self.momentum
+        weights = [(1.0 - m) * m ** (groups - 1 - t) for t in range(groups)]
+        weights = ops.reshape(
+            ops.convert_to_tensor(weights, dtype=self._stat_dtype), (groups,) + (1,) * len(param_shape)
+        )
+        decay = m**groups
+        self.moving_mean.assign(
+            decay * ops.cast(self.moving_mean, self._stat_dtype) + ops.sum(weights * group_mean, axis=0)
+        )
+        self.moving_variance.assign(
+            decay * ops.cast(self.moving_variance, self._stat_dtype)
+            + ops.sum(weights * group_variance, axis=0)
+        )
+        self.num_batches_tracked.assign_add(ops.cast(groups, "int32"))
+        return ops.cast(out, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "axis": list(self.axis),
+                "momentum": self.momentum,
+                "epsilon": self.epsilon,
+                "batch_groups": self.batch_groups,
+                "unbiased_moving_variance": self.unbiased_moving_variance,
+            }
+        )
+        return config

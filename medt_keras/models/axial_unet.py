@@ -1,0 +1,215 @@
+"""The axial-attention U-Nets: AxialUNet and GatedAxialUNet.
+
+The official ``ResAxialAttentionUNet`` (builders ``axialunet`` and
+``gated``), and the encoder-decoder both it and MedT's local branch use.
+"""
+
+import keras
+
+from medt_keras import _backend  # noqa: F401
+from medt_keras.layers import AxialBlock, BatchNorm
+
+
+class _GraphBuilder:
+    """Creates the model's layers with one dtype policy and the naming scheme.
+
+    Layer names are what ``weights_converter.mapping`` translates into the
+    official module names, e.g. ``local_stage2_block0`` <-> ``layer2_p.0``.
+    """
+
+    def __init__(self, dtype, prefix="", batch_groups=1):
+        self.dtype = dtype
+        self.prefix = prefix
+        self.batch_groups = batch_groups
+
+    def relu(self, x):
+        return keras.layers.ReLU(dtype=self.dtype)(x)
+
+    def add(self, a, b):
+        return keras.layers.Add(dtype=self.dtype)([a, b])
+
+    def upsample(self, x):
+        # PyTorch's F.interpolate(scale_factor=2, mode="bilinear"),
+        # align_corners=False: half-pixel centres, as Keras' bilinear resize.
+        return keras.layers.UpSampling2D(2, interpolation="bilinear", dtype=self.dtype)(x)
+
+    def conv(self, x, filters, kernel_size, name, strides=1, use_bias=True):
+        # PyTorch pads (k - 1) / 2 on every side. Keras' "same" pads
+        # asymmetrically when strided, so strided convolutions pad explicitly.
+        padding = (kernel_size - 1) // 2
+        if strides > 1 and padding:
+            x = keras.layers.ZeroPadding2D(padding, dtype=self.dtype)(x)
+            mode = "valid"
+        else:
+            mode = "same"
+        return keras.layers.Conv2D(
+            filters,
+            kernel_size,
+            strides=strides,
+            padding=mode,
+            use_bias=use_bias,
+            name=self.prefix + name,
+            dtype=self.dtype,
+        )(x)
+
+    def conv_norm_relu(self, x, filters, kernel_size, index, strides=1):
+        x = self.conv(x, filters, kernel_size, f"stem_conv{index}", strides=strides, use_bias=False)
+        x = BatchNorm(
+            batch_groups=self.batch_groups, name=f"{self.prefix}stem_norm{index}", dtype=self.dtype
+        )(x)
+        return self.relu(x)
+
+    def stem(self, x, width):
+        """Conv 7x7/2, conv 3x3 to 128 channels, conv 3x3 back to ``width``."""
+        x = self.conv_norm_relu(x, width, 7, 1, strides=2)
+        x = self.conv_norm_relu(x, 128, 3, 2)
+        return self.conv_norm_relu(x, width, 3, 3)
+
+    def stage(self, x, index, filters, blocks, strides, block_config):
+        for b in range(blocks):
+            x = AxialBlock(
+                filters,
+                strides=strides if b == 0 else 1,
+                batch_groups=self.batch_groups,
+                name=f"{self.prefix}stage{index}_block{b}",
+                dtype=self.dtype,
+                **block_config,
+            )(x)
+        return x
+
+    def decode(self, x, index, filters, skip=None, strides=1):
+        """``relu(upsample(conv3x3(x))) + skip``, the official decoder step."""
+        x = self.relu(self.upsample(self.conv(x, filters, 3, f"decoder{index}", strides=strides)))
+        return x if skip is None else self.add(x, skip)
+
+
+def check_blocks(blocks):
+    blocks = tuple(int(b) for b in blocks)
+    if len(blocks) != 4 or min(blocks) < 1:
+        raise ValueError(f"blocks must be four positive block counts per stage, got {blocks}.")
+    return blocks
+
+
+def axial_unet_features(x, builder, width_scale, blocks, block_config, stem_width=None):
+    """Stem, four axial stages and five decoders of ``ResAxialAttentionUNet``.
+
+    Input ``(batch, H, W, C)``, output ``(batch, H, W, int(128 * s))`` with
+    ``s = width_scale``; H and W must be divisible by 32.
+    """
+    s = width_scale
+    x = builder.stem(x, int(64 * s) if stem_width is None else stem_width)
+    x1 = builder.stage(x, 1, int(128 * s), blocks[0], 1, block_config)
+    x2 = builder.stage(x1, 2, int(256 * s), blocks[1], 2, block_config)
+    x3 = builder.stage(x2, 3, int(512 * s), blocks[2], 2, block_config)
+    x4 = builder.stage(x3, 4, int(1024 * s), blocks[3], 2, block_config)
+    x = builder.decode(x4, 1, int(2048 * s), skip=x4, strides=2)
+    x = builder.decode(x, 2, int(1024 * s), skip=x3)
+    x = builder.decode(x, 3, int(512 * s), skip=x2)
+    x = builder.decode(x, 4, int(256 * s), skip=x1)
+    return builder.decode(x, 5, int(128 * s))
+
+
+def image_input(img_size, in_channels, dtype, multiple):
+    if int(img_size) % multiple:
+        raise ValueError(f"img_size {img_size} must be divisible by {multiple}.")
+    return keras.Input((img_size, img_size, in_channels), dtype=dtype, name="image")
+
+
+class OfficialModel(keras.Model):
+    """Base of the four models: keeps the official builder's hyperparameters.
+
+    Subclasses build their graph and pass it here with the hyperparameters,
+    which become attributes and the model's config.
+    """
+
+    def __init__(self, inputs, outputs, hyperparameters, **kwargs):
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self.hyperparameters = dict(hyperparameters)
+        for key, value in self.hyperparameters.items():
+            setattr(self, key, value)
+
+    def get_config(self):
+        config = {"name": self.name, "trainable": self.trainable}
+        config.update(self.hyperparameters)
+        config["blocks"] = list(config["blocks"])
+        config["dtype"] = keras.dtype_policies.serialize(self.dtype_policy)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("dtype"), dict):
+            config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
+        return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="medt_keras")
+class AxialUNet(OfficialModel):
+    """Axial-attention U-Net (the official ``axialunet``).
+
+    Stem (conv 7x7/2, two 3x3 convs), four stages of ``AxialBlock`` with
+    relative positional encodings (strides 1, 2, 2, 2), five decoder
+    convolutions with bilinear upsampling and additive skips, and a 1x1
+    head. The attention span of each block is the feature size it sees
+    (img_size / 2, / 4, / 8, / 16), as the official ``kernel_size``.
+
+    Args:
+        img_size: square input size, divisible by 32.
+        in_channels: input channels (3 for BGR images, 1 for grayscale).
+        num_classes: output channels (logits).
+        width_scale: the official ``s``; channel widths scale with it.
+        groups: attention heads per layer.
+        blocks: residual blocks per stage (the official ``layers``).
+        gates_trainable: for the gated models, whether the gates train.
+        dtype: dtype or policy of every layer ("float64" needs JAX x64).
+
+    Input: ``(batch, img_size, img_size, in_channels)`` float.
+    Output: logits ``(batch, img_size, img_size, num_classes)``.
+    """
+
+    gated = False
+
+    def __init__(
+        self,
+        img_size=128,
+        in_channels=3,
+        num_classes=2,
+        width_scale=0.125,
+        groups=8,
+        blocks=(1, 2, 4, 1),
+        gates_trainable=False,
+        dtype=None,
+        **kwargs,
+    ):
+        blocks = check_blocks(blocks)
+        inputs = image_input(img_size, in_channels, dtype, 32)
+        builder = _GraphBuilder(dtype)
+        block_config = dict(
+            num_heads=groups,
+            positional_encoding=True,
+            gated=self.gated,
+            gates_trainable=gates_trainable,
+        )
+        x = axial_unet_features(inputs, builder, width_scale, blocks, block_config)
+        outputs = builder.conv(builder.relu(x), num_classes, 1, "head")
+        hyperparameters = dict(
+            img_size=int(img_size),
+            in_channels=int(in_channels),
+            num_classes=int(num_classes),
+            width_scale=float(width_scale),
+            groups=int(groups),
+            blocks=blocks,
+            gates_trainable=bool(gates_trainable),
+        )
+        super().__init__(inputs, outputs, hyperparameters, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="medt_keras")
+class GatedAxialUNet(AxialUNet):
+    """Gated axial-attention U-Net (the official ``gated``).
+
+    ``AxialUNet`` with MedT's gated axial attention in every block; see
+    ``AxialUNet`` for the arguments and shapes.
+    """
+
+    gated = True

@@ -1,0 +1,130 @@
+import numpy as np
+import pytest
+
+import keras
+
+import medt_keras
+from medt_keras.layers import AxialAttention
+from tests.official_reference import axial_attention, random_attention_params
+
+GATES = {"f_qr": 0.7, "f_kr": 1.3, "f_sv": 0.9, "f_sve": 0.4}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def x64():
+    medt_keras.enable_float64()
+
+
+def _keras_layer(params, x_nhwc, groups, axis, positional, gated, strides=1):
+    filters = params["qkv_weight"].shape[0] // 2
+    layer = AxialAttention(
+        filters,
+        num_heads=groups,
+        axis=axis,
+        strides=strides,
+        positional_encoding=positional,
+        gated=gated,
+        dtype="float64",
+    )
+    layer.build(x_nhwc.shape)
+    layer.qkv_kernel.assign(params["qkv_weight"].T)
+    for attribute, name in (
+        ("qkv_norm", "bn_qkv"),
+        ("similarity_norm", "bn_similarity"),
+        ("output_norm", "bn_output"),
+    ):
+        norm, p = getattr(layer, attribute), params[name]
+        shape = norm.gamma.shape
+        norm.gamma.assign(p["weight"].reshape(shape))
+        norm.beta.assign(p["bias"].reshape(shape))
+        norm.moving_mean.assign(p["running_mean"].reshape(shape))
+        norm.moving_variance.assign(p["running_var"].reshape(shape))
+    if positional:
+        layer.relative_embedding.assign(params["relative"].T)
+    if gated:
+        layer.gate_query_position.assign(GATES["f_qr"])
+        layer.gate_key_position.assign(GATES["f_kr"])
+        layer.gate_value.assign(GATES["f_sv"])
+        layer.gate_value_position.assign(GATES["f_sve"])
+    return layer
+
+
+FORMS = [
+    pytest.param(True, False, id="positional"),
+    pytest.param(True, True, id="gated"),
+    pytest.param(False, False, id="without-position"),
+]
+
+
+@pytest.mark.parametrize("positional,gated", FORMS)
+@pytest.mark.parametrize("axis", ["height", "width"])
+@pytest.mark.parametrize("training", [False, True])
+def test_matches_official_formulas(positional, gated, axis, training):
+    rng = np.random.default_rng(0)
+    # 8 channels over 2 heads: 4 per head, so queries and keys have 2 each.
+    x = rng.normal(size=(2, 8, 6, 6))  # NCHW, square as the official code needs
+    params = random_attention_params(rng, 8, 8, 2, 6, positional=positional)
+    expected = axial_attention(
+        x, params, 2, axis == "width", training, gates=GATES if gated else None, positional=positional
+    )
+    x_nhwc = x.transpose(0, 2, 3, 1)
+    layer = _keras_layer(params, x_nhwc, 2, axis, positional, gated)
+    y = np.asarray(layer(x_nhwc, training=training)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-11 * np.abs(expected).max())
+
+
+def test_one_query_channel_per_head_and_stride():
+    # MedT's first stage has 2 channels per head (1 for q and k); the width
+    # pass of a strided block pools after attention.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(1, 16, 8, 8))
+    params = random_attention_params(rng, 16, 16, 8, 8)
+    expected = axial_attention(x, params, 8, True, True, gates=GATES, stride=2)
+    x_nhwc = x.transpose(0, 2, 3, 1)
+    layer = _keras_layer(params, x_nhwc, 8, "width", True, True, strides=2)
+    y = np.asarray(layer(x_nhwc, training=True)).transpose(0, 3, 1, 2)
+    assert y.shape == (1, 16, 4, 4)
+    np.testing.assert_allclose(y, expected, rtol=0, atol=1e-11 * np.abs(expected).max())
+
+
+def test_span_mismatch_is_a_clear_error():
+    layer = AxialAttention(8, num_heads=2, span=16, axis="height")
+    with pytest.raises(ValueError, match="height is 8 but the positional encodings span 16"):
+        layer.build((None, 8, 8, 8))
+
+
+def test_without_positional_encoding_any_size_and_non_square():
+    layer = AxialAttention(8, num_heads=2, axis="width", positional_encoding=False)
+    y = layer(np.random.default_rng(0).normal(size=(2, 5, 12, 4)).astype("float32"))
+    assert y.shape == (2, 5, 12, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(filters=10, num_heads=4), "divisible by num_heads"),
+        (dict(filters=6, num_heads=2), "must be even"),
+        (dict(filters=8, num_heads=2, gated=True, positional_encoding=False), "gated=True needs"),
+        (dict(filters=8, num_heads=2, axis="depth"), "axis must be"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AxialAttention(**kwargs)
+
+
+def test_gates_frozen_by_default_and_trainable_on_request():
+    frozen = AxialAttention(8, num_heads=2, gated=True)
+    frozen.build((None, 4, 4, 8))
+    assert not frozen.gate_query_position.trainable
+    assert all("gate" not in v.path for v in frozen.trainable_variables)
+    free = AxialAttention(8, num_heads=2, gated=True, gates_trainable=True)
+    free.build((None, 4, 4, 8))
+    assert sum("gate" in v.path for v in free.trainable_variables) == 4
+
+
+def test_serialization_round_trip():
+    layer = AxialAttention(8, num_heads=2, axis="width", strides=2, gated=True, name="attn")
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert isinstance(restored, AxialAttention)
+    assert restored.get_config() == layer.get_config()

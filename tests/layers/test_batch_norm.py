@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+
+import keras
+
+import medt_keras
+from medt_keras.layers import BatchNorm
+from tests.official_reference import batch_norm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def x64():
+    medt_keras.enable_float64()
+
+
+def _random_params(rng, shape):
+    return {
+        "weight": rng.uniform(0.5, 1.5, shape),
+        "bias": rng.normal(0, 0.2, shape),
+        "running_mean": rng.normal(0, 0.3, shape),
+        "running_var": rng.uniform(0.5, 2.0, shape),
+    }
+
+
+def _layer(params, shape, **kwargs):
+    layer = BatchNorm(dtype="float64", **kwargs)
+    layer.build(shape)
+    layer.gamma.assign(params["weight"].reshape(layer.gamma.shape))
+    layer.beta.assign(params["beta"] if "beta" in params else params["bias"].reshape(layer.gamma.shape))
+    layer.moving_mean.assign(params["running_mean"].reshape(layer.gamma.shape))
+    layer.moving_variance.assign(params["running_var"].reshape(layer.gamma.shape))
+    return layer
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_matches_torch_batchnorm_including_unbiased_running_variance(training):
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, (3, 5, 6, 4))
+    params = _random_params(rng, 4)
+    layer = _layer(params, x.shape)
+    y = np.asarray(layer(x, training=training))
+    expected, stats = batch_norm(x.transpose(0, 3, 1, 2), params, training)
+    np.testing.assert_allclose(y, expected.transpose(0, 2, 3, 1), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), stats["running_mean"], atol=1e-14)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), stats["running_var"], atol=1e-14)
+    assert int(layer.num_batches_tracked.numpy()) == (1 if training else 0)
+
+
+def test_epsilon_is_pytorchs():
+    assert BatchNorm().epsilon == 1e-5
+
+
+def test_batch_groups_equal_one_call_per_group_in_order():
+    rng = np.random.default_rng(1)
+    groups, per_group = 4, 2
+    x = rng.normal(0.5, 1.5, (groups * per_group, 3, 3, 5))
+    params = _random_params(rng, 5)
+    grouped = _layer(params, x.shape, batch_groups=groups)
+    y = np.asarray(grouped(x, training=True))
+
+    sequential = _layer(params, x.shape)
+    parts = [
+        np.asarray(sequential(x[g * per_group : (g + 1) * per_group], training=True))
+        for g in range(groups)
+    ]
+    np.testing.assert_allclose(y, np.concatenate(parts), atol=1e-12)
+    np.testing.assert_allclose(
+        grouped.moving_mean.numpy(), sequential.moving_mean.numpy(), atol=1e-14
+    )
+    np.testing.assert_allclose(
+        grouped.moving_variance.numpy(), sequential.moving_variance.numpy(), atol=1e-14
+    )
+    assert int(grouped.num_batches_tracked.numpy()) == groups
+
+
+def test_multi_axis_channels_flatten_in_official_order():
+    # Channels laid out (term, head) must normalise like torch's flat term*G + g.
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 3, 3, 2, 4, 4))  # (batch, lines, term, head, i, j)
+    params = _random_params(rng, 6)
+    layer = _layer(params, x.shape, axis=(2, 3))
+    y = np.asarray(layer(x, training=True))
+    flat = x.reshape(6, 6, 4, 4)  # (batch*lines, term*head, i, j)
+    expected, stats = batch_norm(flat, params, True)
+    np.testing.assert_allclose(y.reshape(flat.shape), expected, atol=1e-12)
+    np.testing.assert_allclose(layer.moving_mean.numpy().reshape(-1), stats["running_mean"], atol=1e-14)
+
+
+def test_config_round_trip():
+    layer = BatchNorm(axis=(2, 3), momentum=0.8, epsilon=1e-4, batch_groups=16)
+    clone = BatchNorm.from_config(layer.get_config())
+    assert clone.axis == (2, 3) and clone.batch_groups == 16
+    assert clone.momentum == 0.8 and clone.epsilon == 1e-4
+    assert keras.saving.get_registered_object("medt_keras>BatchNorm") is BatchNorm

@@ -1,0 +1,73 @@
+"""Command line: ``python -m weights_converter SRC.pth DST.keras`` (or DST.weights.h5)."""
+
+import argparse
+import os
+import sys
+
+
+def count_official_parameters(model):
+    """Parameters as PyTorch counts them: everything but BatchNorm statistics and counters."""
+    return sum(
+        int(v.numpy().size)
+        for v in model.weights
+        if not v.path.endswith(("moving_mean", "moving_variance", "num_batches_tracked"))
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m weights_converter",
+        description=(
+            "Convert an official MedT checkpoint (a PyTorch state_dict .pth, or .safetensors) "
+            "into a Keras model (.keras) or weights file (.weights.h5). PyTorch is not needed."
+        ),
+    )
+    parser.add_argument("source", help="official checkpoint: .pth/.pt written by torch.save(state_dict), or .safetensors")
+    parser.add_argument("destination", help="output: DST.keras (whole model) or DST.weights.h5 (weights only)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    args = parser.parse_args(argv)
+
+    if not args.destination.endswith((".keras", ".weights.h5")):
+        print(
+            f"error: {args.destination}: the destination must end in .keras or .weights.h5",
+            file=sys.stderr,
+        )
+        return 2
+
+    from weights_converter.convert import build_model, infer_architecture, load_state_dict_into
+    from weights_converter.state_dict_io import CheckpointError, read_state_dict
+
+    try:
+        state_dict = read_state_dict(args.source)
+        name, hyperparameters = infer_architecture(state_dict, source=args.source)
+        print(f"read {args.source}: {len(state_dict)} tensors")
+        print(f"architecture: {name}")
+        for key, value in hyperparameters.items():
+            print(f"  {key} = {value}")
+        model = build_model(name, dtype=args.dtype, **hyperparameters)
+        load_state_dict_into(model, state_dict, source=args.source)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Keras model: {type(model).__name__}, {count_official_parameters(model):,} parameters")
+    directory = os.path.dirname(os.path.abspath(args.destination))
+    os.makedirs(directory, exist_ok=True)
+    # Write beside the destination, then rename: a killed run never leaves
+    # a half-written file under the destination's name.
+    suffix = ".keras" if args.destination.endswith(".keras") else ".weights.h5"
+    partial = f"{args.destination[: -len(suffix)]}.partial-{os.getpid()}{suffix}"
+    try:
+        if suffix == ".keras":
+            model.save(partial)
+        else:
+            model.save_weights(partial)
+        os.replace(partial, args.destination)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    print(f"wrote {args.destination}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

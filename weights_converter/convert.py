@@ -1,0 +1,165 @@
+"""Official MedT checkpoints to Keras models and back."""
+
+import collections
+import re
+
+import numpy as np
+
+import medt_keras
+from medt_keras._backend import enable_float64
+from weights_converter.mapping import official_entries
+from weights_converter.state_dict_io import CheckpointError, read_state_dict
+
+ARCHITECTURES = {
+    "axialunet": medt_keras.AxialUNet,
+    "gated": medt_keras.GatedAxialUNet,
+    "medt": medt_keras.MedT,
+    "logo": medt_keras.LoGo,
+}
+
+
+def _require(state_dict, key, source):
+    if key not in state_dict:
+        raise CheckpointError(
+            f"{source}: key {key!r} is missing; it is needed to tell the architecture. "
+            "Is this a checkpoint of the official axialunet, gated, MedT or logo model?"
+        )
+    return state_dict[key]
+
+
+def infer_architecture(state_dict, source="state_dict"):
+    """Which official model a state_dict belongs to, and its hyperparameters.
+
+    Returns ``(name, hyperparameters)`` with name one of ``ARCHITECTURES``
+    and the keyword arguments of that Keras class.
+    """
+    conv1 = _require(state_dict, "conv1.weight", source)
+    head = _require(state_dict, "adjust.weight", source)
+    stem_width = conv1.shape[0]
+    width_scale = stem_width / 64.0
+    local = "conv1_p.weight" in state_dict
+    attention = "layer1.0.hight_block"
+    gated = f"{attention}.f_qr" in state_dict
+    if local:
+        name = "medt" if gated else "logo"
+    else:
+        name = "gated" if gated else "axialunet"
+
+    relative = _require(state_dict, f"{attention}.relative", source)
+    img_size = relative.shape[1] + 1  # layer1 attends over img_size / 2 positions
+    similarity = _require(state_dict, f"{attention}.bn_similarity.weight", source)
+    groups = similarity.shape[0] // 3
+
+    pattern = re.compile(r"layer([1-4])\.(\d+)\.")
+    counts = collections.Counter()
+    seen = set()
+    for key in state_dict:
+        match = pattern.match(key)
+        if match and match.group(0) not in seen:
+            seen.add(match.group(0))
+            counts[int(match.group(1))] += 1
+    if local:
+        # The global branch has only stages 1-2; the local one all four.
+        pattern = re.compile(r"layer([1-4])_p\.(\d+)\.")
+        counts = collections.Counter()
+        seen = set()
+        for key in state_dict:
+            match = pattern.match(key)
+            if match and match.group(0) not in seen:
+                seen.add(match.group(0))
+                counts[int(match.group(1))] += 1
+    blocks = tuple(counts[i] for i in range(1, 5))
+    if min(blocks) < 1:
+        raise CheckpointError(f"{source}: could not find blocks of every stage; found {blocks} per stage.")
+    return name, dict(
+        img_size=int(img_size),
+        in_channels=int(conv1.shape[1]),
+        num_classes=int(head.shape[0]),
+        width_scale=width_scale,
+        groups=int(groups),
+        blocks=blocks,
+    )
+
+
+def build_model(name, dtype="float32", **hyperparameters):
+    """Builds the Keras twin of official model ``name`` ("axialunet", "gated", "medt", "logo")."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}.")
+    if dtype == "float64":
+        enable_float64()
+    return ARCHITECTURES[name](dtype=dtype, **hyperparameters)
+
+
+def load_state_dict_into(model, state_dict, source="state_dict"):
+    """Assigns every official tensor to its Keras variable, strictly.
+
+    Raises ``CheckpointError`` listing every missing key, unexpected key and
+    shape mismatch (with the expected and the found shape); nothing is
+    assigned unless everything matches.
+    """
+    entries = official_entries(model)
+    expected = {entry.key for entry in entries}
+    problems = []
+    for entry in entries:
+        if entry.key not in state_dict:
+            problems.append(f"missing key {entry.key!r} (expected shape {entry.official_shape})")
+            continue
+        found = tuple(np.shape(state_dict[entry.key]))
+        if found != tuple(entry.official_shape):
+            problems.append(
+                f"key {entry.key!r}: expected shape {tuple(entry.official_shape)}, found {found}"
+            )
+        elif entry.variable is None and not np.array_equal(state_dict[entry.key], entry.derived):
+            problems.append(f"key {entry.key!r}: buffer differs from the one this architecture computes")
+    for key in state_dict:
+        if key not in expected:
+            problems.append(f"unexpected key {key!r} (shape {tuple(np.shape(state_dict[key]))})")
+    if problems:
+        listing = "\n  ".join(problems)
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__} "
+            f"({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n  {listing}"
+        )
+    for entry in entries:
+        if entry.variable is not None:
+            value = entry.to_keras(np.asarray(state_dict[entry.key]))
+            entry.variable.assign(value.astype(entry.variable.dtype))
+    return model
+
+
+def load_official_checkpoint(path, dtype="float32", **overrides):
+    """Builds the Keras model an official checkpoint describes and loads it.
+
+    The architecture (axialunet, gated, medt or logo) and its
+    hyperparameters are inferred from the state_dict's keys and shapes;
+    ``overrides`` replace inferred hyperparameters. ``dtype="float64"``
+    turns on JAX's x64 mode.
+
+    Raises ``CheckpointError`` naming the file and every key at fault.
+    """
+    state_dict = read_state_dict(path)
+    name, hyperparameters = infer_architecture(state_dict, source=str(path))
+    hyperparameters.update(overrides)
+    model = build_model(name, dtype=dtype, **hyperparameters)
+    return load_state_dict_into(model, state_dict, source=str(path))
+
+
+def export_official_state_dict(model):
+    """The model's weights as an official state_dict (key -> numpy, PyTorch layouts).
+
+    Keys, shapes and dtypes (float32 parameters, int64 counters and index
+    buffers) are those of the official code, so
+    ``model.load_state_dict({k: torch.from_numpy(v) ...})`` works there with
+    ``strict=True``. Float parameters are written as float32, like the
+    official code's; pass a float64 model to get float64 values.
+    """
+    state_dict = collections.OrderedDict()
+    for entry in official_entries(model):
+        if entry.variable is None:
+            state_dict[entry.key] = entry.derived.copy()
+            continue
+        value = entry.to_official(np.asarray(entry.variable.numpy()))
+        if value.dtype.kind == "f" and value.dtype != np.float64:
+            value = value.astype(np.float32)
+        state_dict[entry.key] = np.array(value, order="C")
+    return state_dict

@@ -1,0 +1,246 @@
+"""Parity of converted checkpoints with the official PyTorch code, measured.
+
+Each case is an official checkpoint ``CASE.pth`` and, beside it,
+``CASE.npz`` with what the official code computed from it (input, eval
+logits in float32 and float64, train-mode logits, loss, every gradient and
+the BatchNorm running statistics after one train-mode forward; see
+``shared/fixtures/README.md``). ``measure_case`` converts the checkpoint
+and recomputes all of these with the Keras model.
+
+Run ``python -m weights_converter.parity [CASE.pth | DIR ...]`` (or
+``medt-parity``) for a report; with no argument it checks the fixtures
+shipped in ``tests/fixtures/official`` and the full-size ones in
+``../shared/fixtures/official/full`` when they exist.
+"""
+
+import argparse
+import dataclasses
+import glob
+import os
+import sys
+import time
+
+import numpy as np
+
+from medt_keras._backend import enable_float64
+from weights_converter.convert import load_official_checkpoint
+from weights_converter.mapping import official_entries
+
+# Tolerances of the parity contract (relative to the reference's magnitude).
+TOLERANCES = {
+    "eval32": 1e-5,  # max |diff| / max |ref|, float32
+    "eval64": 1e-10,  # float64 from here on
+    "train64": 1e-10,
+    "loss64": 1e-10,  # |diff| / |ref|
+    "grad64": 1e-8,  # worst relative L2 error over all parameters (see ZERO_GRADIENT_FLOOR)
+    "stats64": 1e-10,  # worst max |diff| / max |ref| over BN running stats
+}
+
+# Some gradients are zero in exact arithmetic: a BatchNorm bias feeding a
+# softmax (shift-invariant per head) or a train-mode BatchNorm. The official
+# float64 run reports them as rounding noise of about 1e-19, which no port
+# can reproduce, so a gradient's L2 error is taken relative to its own norm
+# or, where that is smaller, to this fraction of the whole gradient's norm.
+ZERO_GRADIENT_FLOOR = 1e-9
+
+
+@dataclasses.dataclass
+class CaseResult:
+    case: str
+    architecture: str
+    eval32: float
+    eval64: float
+    train64: float
+    loss64: float
+    grad64: float
+    grad64_worst_key: str
+    stats64: float
+    stats64_worst_key: str
+    counters_equal: bool
+    grads_compared: int
+    stats_compared: int
+    seconds: float
+
+    def failures(self):
+        failed = [name for name, tol in TOLERANCES.items() if not getattr(self, name) <= tol]
+        if not self.counters_equal:
+            failed.append("num_batches_tracked")
+        return failed
+
+
+def _nhwc(a):
+    return np.transpose(a, (0, 2, 3, 1))
+
+
+def _nchw(a):
+    return np.transpose(np.asarray(a), (0, 3, 1, 2))
+
+
+def _relative_max(ours, reference):
+    return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
+
+
+def _jitted_forward(model, training):
+    import jax
+
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    @jax.jit
+    def forward(trainable, non_trainable, x):
+        return model.stateless_call(trainable, non_trainable, x, training=training)[0]
+
+    return lambda x: forward(trainable, non_trainable, x)
+
+
+def cross_entropy(logits, target):
+    """``F.cross_entropy`` (the official LogNLLLoss): mean over pixels, logits NHWC."""
+    import jax
+    import jax.numpy as jnp
+
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probs, target[..., None], axis=-1)
+    return -jnp.mean(picked)
+
+
+def measure_case(pth_path, npz_path=None):
+    """Converts ``pth_path`` and compares it with its ``.npz`` in every way."""
+    import jax
+
+    start = time.perf_counter()
+    npz_path = npz_path or os.path.splitext(pth_path)[0] + ".npz"
+    ref = np.load(npz_path)
+    x = _nhwc(ref["x"])
+
+    model32 = load_official_checkpoint(pth_path, dtype="float32")
+    architecture = type(model32).__name__
+    y_eval32 = _nchw(_jitted_forward(model32, training=False)(x.astype(np.float32)))
+    eval32 = _relative_max(y_eval32, ref["y_eval"])
+    del model32
+
+    enable_float64()
+    model = load_official_checkpoint(pth_path, dtype="float64")
+    x64 = x.astype(np.float64)
+    eval64 = _relative_max(_nchw(_jitted_forward(model, training=False)(x64)), ref["y_eval64"])
+
+    # Every official parameter gets a gradient, the frozen gates included.
+    entries = official_entries(model)
+    for entry in entries:
+        if entry.variable is not None and entry.variable.dtype.startswith("float"):
+            if not entry.key.endswith(("running_mean", "running_var")) and "unused" not in entry.variable.path:
+                entry.variable.trainable = True
+    trainable_vars = model.trainable_variables
+    non_trainable_vars = model.non_trainable_variables
+    target = ref["target"].astype(np.int32)
+
+    def loss_fn(trainable, non_trainable):
+        logits, new_non_trainable = model.stateless_call(trainable, non_trainable, x64, training=True)
+        return cross_entropy(logits, target), (logits, new_non_trainable)
+
+    step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    (loss, (logits, new_non_trainable)), grads = step(
+        [v.value for v in trainable_vars], [v.value for v in non_trainable_vars]
+    )
+    train64 = _relative_max(_nchw(logits), ref["y_train"])
+    loss64 = float(abs(float(loss) - float(ref["loss"])) / abs(float(ref["loss"])))
+
+    grad_of = {id(v): g for v, g in zip(trainable_vars, grads)}
+    after_of = {id(v): a for v, a in zip(non_trainable_vars, new_non_trainable)}
+    reference_norm = np.sqrt(sum(np.sum(ref[k] ** 2) for k in ref.files if k.startswith("grad/")))
+    grad_errors, stats_errors = {}, {}
+    counters_equal = True
+    for entry in entries:
+        if entry.variable is None:
+            continue
+        grad_key, after_key = "grad/" + entry.key, "after/" + entry.key
+        if grad_key in ref.files:
+            ours = entry.to_official(np.asarray(grad_of[id(entry.variable)]))
+            reference = ref[grad_key]
+            scale = max(np.linalg.norm(reference), ZERO_GRADIENT_FLOOR * reference_norm)
+            grad_errors[entry.key] = float(np.linalg.norm(ours - reference) / scale)
+        if after_key in ref.files:
+            ours = entry.to_official(np.asarray(after_of[id(entry.variable)]))
+            if entry.key.endswith("num_batches_tracked"):
+                counters_equal &= int(ours) == int(ref[after_key])
+            else:
+                stats_errors[entry.key] = _relative_max(ours, ref[after_key])
+    grad_worst = max(grad_errors, key=grad_errors.get)
+    stats_worst = max(stats_errors, key=stats_errors.get)
+    missing_grads = [k for k in ref.files if k.startswith("grad/")]
+    if len(grad_errors) != len(missing_grads):
+        raise AssertionError(
+            f"{npz_path}: {len(missing_grads) - len(grad_errors)} reference gradients have no Keras variable"
+        )
+    return CaseResult(
+        case=os.path.basename(os.path.splitext(pth_path)[0]),
+        architecture=architecture,
+        eval32=eval32,
+        eval64=eval64,
+        train64=train64,
+        loss64=loss64,
+        grad64=grad_errors[grad_worst],
+        grad64_worst_key=grad_worst,
+        stats64=stats_errors[stats_worst],
+        stats64_worst_key=stats_worst,
+        counters_equal=bool(counters_equal),
+        grads_compared=len(grad_errors),
+        stats_compared=len(stats_errors),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def default_case_paths():
+    """The shipped tiny fixtures, plus the shared full-size ones where present."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    repo = os.path.dirname(here)
+    folders = [
+        os.path.join(repo, "tests", "fixtures", "official"),
+        os.path.join(repo, "..", "shared", "fixtures", "official", "full"),
+    ]
+    return [p for folder in folders for p in sorted(glob.glob(os.path.join(folder, "*.pth")))]
+
+
+def _expand(paths):
+    result = []
+    for path in paths:
+        if os.path.isdir(path):
+            result += sorted(glob.glob(os.path.join(path, "*.pth")))
+        else:
+            result.append(path)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="medt-parity",
+        description="Convert official MedT checkpoints and measure parity with the official outputs.",
+    )
+    parser.add_argument("paths", nargs="*", help=".pth files or folders of CASE.pth + CASE.npz")
+    args = parser.parse_args(argv)
+    paths = _expand(args.paths) if args.paths else default_case_paths()
+    if not paths:
+        print("no cases found", file=sys.stderr)
+        return 2
+    header = (
+        f"{'case':<52} {'model':<15} {'eval f32':>9} {'eval f64':>9} {'train f64':>9} "
+        f"{'loss f64':>9} {'grad f64':>9} {'BN stats':>9} {'time':>6}"
+    )
+    print(header)
+    print(f"{'tolerance':<52} {'':<15} " + " ".join(f"{TOLERANCES[k]:>9.0e}" for k in TOLERANCES))
+    failed = 0
+    for path in paths:
+        r = measure_case(path)
+        bad = r.failures()
+        failed += bool(bad)
+        print(
+            f"{r.case:<52} {r.architecture:<15} {r.eval32:>9.1e} {r.eval64:>9.1e} {r.train64:>9.1e} "
+            f"{r.loss64:>9.1e} {r.grad64:>9.1e} {r.stats64:>9.1e} {r.seconds:>5.0f}s"
+            + ("  FAIL: " + ", ".join(bad) if bad else ""),
+            flush=True,
+        )
+    print(f"{len(paths) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
