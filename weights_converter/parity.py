@@ -36,12 +36,18 @@ TOLERANCES = {
     "stats64": 1e-10,  # worst max |diff| / max |ref| over BN running stats
 }
 
-# Some gradients are zero in exact arithmetic: a BatchNorm bias feeding a
-# softmax (shift-invariant per head) or a train-mode BatchNorm. The official
-# float64 run reports them as rounding noise of about 1e-19, which no port
-# can reproduce, so a gradient's L2 error is taken relative to its own norm
-# or, where that is smaller, to this fraction of the whole gradient's norm.
-ZERO_GRADIENT_FLOOR = 1e-9
+# Some gradients are tiny and come from cancellation: the four gates of a
+# gated attention layer act only through BatchNorm's epsilon (BN(f x) is
+# BN(x) but for eps), and a BatchNorm bias feeding a softmax or a train-mode
+# BatchNorm has zero gradient in exact arithmetic. They are 1e-7..1e-22 of
+# the whole gradient's norm and their float64 values carry rounding noise
+# of about 1e-16 of that norm: the official run reports the zero ones as
+# values near 1e-19, and merely reversing the batch order in our own model
+# moves a gate's gradient by up to 1e-9 of itself. So each gradient's L2
+# error is taken relative to its own norm or, where that is smaller, to
+# this fraction of the whole gradient's norm (an absolute error of at most
+# 1e-14 of the whole gradient for these). ``--worst`` shows the raw ratios.
+ZERO_GRADIENT_FLOOR = 1e-6
 
 
 @dataclasses.dataclass
@@ -60,6 +66,9 @@ class CaseResult:
     grads_compared: int
     stats_compared: int
     seconds: float
+    grad_errors: dict = dataclasses.field(default_factory=dict, repr=False)
+    stats_errors: dict = dataclasses.field(default_factory=dict, repr=False)
+    raw_grad_errors: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def failures(self):
         failed = [name for name, tol in TOLERANCES.items() if not getattr(self, name) <= tol]
@@ -147,7 +156,7 @@ def measure_case(pth_path, npz_path=None):
     grad_of = {id(v): g for v, g in zip(trainable_vars, grads)}
     after_of = {id(v): a for v, a in zip(non_trainable_vars, new_non_trainable)}
     reference_norm = np.sqrt(sum(np.sum(ref[k] ** 2) for k in ref.files if k.startswith("grad/")))
-    grad_errors, stats_errors = {}, {}
+    grad_errors, stats_errors, raw_grad_errors = {}, {}, {}
     counters_equal = True
     for entry in entries:
         if entry.variable is None:
@@ -156,8 +165,10 @@ def measure_case(pth_path, npz_path=None):
         if grad_key in ref.files:
             ours = entry.to_official(np.asarray(grad_of[id(entry.variable)]))
             reference = ref[grad_key]
+            error = np.linalg.norm(ours - reference)
             scale = max(np.linalg.norm(reference), ZERO_GRADIENT_FLOOR * reference_norm)
-            grad_errors[entry.key] = float(np.linalg.norm(ours - reference) / scale)
+            grad_errors[entry.key] = float(error / scale)
+            raw_grad_errors[entry.key] = float(error / max(np.linalg.norm(reference), 1e-300))
         if after_key in ref.files:
             ours = entry.to_official(np.asarray(after_of[id(entry.variable)]))
             if entry.key.endswith("num_batches_tracked"):
@@ -186,6 +197,9 @@ def measure_case(pth_path, npz_path=None):
         grads_compared=len(grad_errors),
         stats_compared=len(stats_errors),
         seconds=time.perf_counter() - start,
+        grad_errors=grad_errors,
+        stats_errors=stats_errors,
+        raw_grad_errors=raw_grad_errors,
     )
 
 
@@ -216,6 +230,9 @@ def main(argv=None):
         description="Convert official MedT checkpoints and measure parity with the official outputs.",
     )
     parser.add_argument("paths", nargs="*", help=".pth files or folders of CASE.pth + CASE.npz")
+    parser.add_argument(
+        "--worst", type=int, default=0, metavar="N", help="also list the N worst gradients and statistics"
+    )
     args = parser.parse_args(argv)
     paths = _expand(args.paths) if args.paths else default_case_paths()
     if not paths:
@@ -238,6 +255,13 @@ def main(argv=None):
             + ("  FAIL: " + ", ".join(bad) if bad else ""),
             flush=True,
         )
+        for title, errors in (
+            ("gradient", r.grad_errors),
+            ("raw gradient", r.raw_grad_errors),
+            ("BN statistic", r.stats_errors),
+        ):
+            for key in sorted(errors, key=errors.get, reverse=True)[: args.worst]:
+                print(f"    {title:<12} {key:<60} {errors[key]:.1e}")
     print(f"{len(paths) - failed} passed, {failed} failed")
     return 1 if failed else 0
 

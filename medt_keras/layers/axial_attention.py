@@ -5,6 +5,7 @@ import math
 import keras
 from keras import ops
 
+from medt_keras.initializers import Normal
 from medt_keras.layers.batch_norm import BatchNorm
 
 _AXES = ("height", "width")
@@ -128,7 +129,7 @@ class AxialAttention(keras.layers.Layer):
         self.qkv_kernel = self.add_weight(
             name="qkv_kernel",
             shape=(channels, 2 * self.filters),
-            initializer=keras.initializers.RandomNormal(stddev=math.sqrt(1.0 / channels)),
+            initializer=Normal(math.sqrt(1.0 / channels)),
         )
         if self.positional_encoding:
             # Rows are offsets i - j + span - 1; columns are the query (d/2),
@@ -136,7 +137,7 @@ class AxialAttention(keras.layers.Layer):
             self.relative_embedding = self.add_weight(
                 name="relative_embedding",
                 shape=(2 * self.span - 1, 2 * d),
-                initializer=keras.initializers.RandomNormal(stddev=math.sqrt(1.0 / d)),
+                initializer=Normal(math.sqrt(1.0 / d)),
             )
         if self.gated:
             for name, value in (

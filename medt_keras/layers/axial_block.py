@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from medt_keras.initializers import FanInUniform
 from medt_keras.layers.axial_attention import AxialAttention
 from medt_keras.layers.batch_norm import BatchNorm
 
@@ -68,9 +69,8 @@ class AxialBlock(keras.layers.Layer):
             batch_groups=self.batch_groups,
             **common,
         )
-        self.reduce_conv = keras.layers.Conv2D(
-            self.filters, 1, use_bias=False, name="reduce_conv", **common
-        )
+        conv = dict(use_bias=False, kernel_initializer=FanInUniform(), **common)
+        self.reduce_conv = keras.layers.Conv2D(self.filters, 1, name="reduce_conv", **conv)
         self.reduce_norm = BatchNorm(name="reduce_norm", **norm)
         self.height_attention = AxialAttention(
             self.filters, axis="height", name="height_attention", **attention
@@ -78,9 +78,7 @@ class AxialBlock(keras.layers.Layer):
         self.width_attention = AxialAttention(
             self.filters, axis="width", strides=self.strides, name="width_attention", **attention
         )
-        self.expand_conv = keras.layers.Conv2D(
-            out_channels, 1, use_bias=False, name="expand_conv", **common
-        )
+        self.expand_conv = keras.layers.Conv2D(out_channels, 1, name="expand_conv", **conv)
         self.expand_norm = BatchNorm(name="expand_norm", **norm)
 
     def build(self, input_shape):
@@ -101,6 +99,7 @@ class AxialBlock(keras.layers.Layer):
                 1,
                 strides=self.strides,
                 use_bias=False,
+                kernel_initializer=FanInUniform(),
                 name="shortcut_conv",
                 dtype=self.dtype_policy,
             )

@@ -7,6 +7,7 @@ The official ``ResAxialAttentionUNet`` (builders ``axialunet`` and
 import keras
 
 from medt_keras import _backend  # noqa: F401
+from medt_keras.initializers import FanInUniform
 from medt_keras.layers import AxialBlock, BatchNorm
 
 
@@ -48,6 +49,9 @@ class _GraphBuilder:
             strides=strides,
             padding=mode,
             use_bias=use_bias,
+            # PyTorch's default initialisation, which the official model keeps.
+            kernel_initializer=FanInUniform(),
+            bias_initializer=FanInUniform(fan_in=kernel_size * kernel_size * x.shape[-1]),
             name=self.prefix + name,
             dtype=self.dtype,
         )(x)
@@ -112,7 +116,8 @@ def axial_unet_features(x, builder, width_scale, blocks, block_config, stem_widt
 def image_input(img_size, in_channels, dtype, multiple):
     if int(img_size) % multiple:
         raise ValueError(f"img_size {img_size} must be divisible by {multiple}.")
-    return keras.Input((img_size, img_size, in_channels), dtype=dtype, name="image")
+    compute_dtype = None if dtype is None else keras.dtype_policies.get(dtype).compute_dtype
+    return keras.Input((img_size, img_size, in_channels), dtype=compute_dtype, name="image")
 
 
 class OfficialModel(keras.Model):
@@ -122,8 +127,8 @@ class OfficialModel(keras.Model):
     which become attributes and the model's config.
     """
 
-    def __init__(self, inputs, outputs, hyperparameters, **kwargs):
-        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+    def __init__(self, inputs, outputs, hyperparameters, dtype=None, **kwargs):
+        super().__init__(inputs=inputs, outputs=outputs, dtype=dtype, **kwargs)
         self.hyperparameters = dict(hyperparameters)
         for key, value in self.hyperparameters.items():
             setattr(self, key, value)
@@ -132,14 +137,14 @@ class OfficialModel(keras.Model):
         config = {"name": self.name, "trainable": self.trainable}
         config.update(self.hyperparameters)
         config["blocks"] = list(config["blocks"])
-        config["dtype"] = keras.dtype_policies.serialize(self.dtype_policy)
+        config["dtype"] = self.dtype_policy.name
         return config
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        if isinstance(config.get("dtype"), dict):
-            config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
+        if isinstance(config.get("dtype"), dict):  # a serialized policy
+            config["dtype"] = keras.dtype_policies.deserialize(config["dtype"]).name
         return cls(**config)
 
 
@@ -201,7 +206,7 @@ class AxialUNet(OfficialModel):
             blocks=blocks,
             gates_trainable=bool(gates_trainable),
         )
-        super().__init__(inputs, outputs, hyperparameters, **kwargs)
+        super().__init__(inputs, outputs, hyperparameters, dtype=dtype, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="medt_keras")

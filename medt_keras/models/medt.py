@@ -111,7 +111,7 @@ class LoGo(OfficialModel):
             gates_trainable=bool(gates_trainable),
             patch_grid=int(patch_grid),
         )
-        super().__init__(inputs, outputs, hyperparameters, **kwargs)
+        super().__init__(inputs, outputs, hyperparameters, dtype=dtype, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="medt_keras")

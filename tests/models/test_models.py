@@ -1,0 +1,106 @@
+import numpy as np
+import pytest
+
+import keras
+
+import medt_keras
+from weights_converter.__main__ import count_official_parameters
+
+TINY = dict(width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1))
+
+
+def test_default_medt_has_the_official_parameter_count():
+    # Measured on the official code: MedT(img_size=128) has 1,560,140
+    # parameters (35,570 of them dead, kept for exact round trips).
+    model = medt_keras.MedT()
+    assert count_official_parameters(model) == 1_560_140
+    gates = [v for v in model.weights if "gate" in v.path]
+    assert len(gates) == 24 and not any(v.trainable for v in gates)
+
+
+@pytest.mark.parametrize(
+    "cls,img_size,local",
+    [
+        (medt_keras.AxialUNet, 32, False),
+        (medt_keras.GatedAxialUNet, 64, False),
+        (medt_keras.MedT, 128, True),
+        (medt_keras.LoGo, 128, True),
+    ],
+)
+def test_output_is_logits_at_input_resolution(cls, img_size, local):
+    model = cls(img_size=img_size, in_channels=1, num_classes=3, **TINY)
+    assert model.input_shape == (None, img_size, img_size, 1)
+    assert model.output_shape == (None, img_size, img_size, 3)
+    assert any(layer.name.startswith("local_") for layer in model.layers) == local
+
+
+def _blocks(model):
+    return [layer for layer in model.layers if isinstance(layer, medt_keras.layers.AxialBlock)]
+
+
+def test_gated_and_positional_layers_are_where_the_official_code_puts_them():
+    medt = _blocks(medt_keras.MedT(**TINY))
+    global_blocks = [b for b in medt if not b.name.startswith("local_")]
+    local_blocks = [b for b in medt if b.name.startswith("local_")]
+    assert len(global_blocks) == 2 and len(local_blocks) == 4
+    assert all(b.gated and b.positional_encoding and b.batch_groups == 1 for b in global_blocks)
+    assert all(not b.gated and not b.positional_encoding and b.batch_groups == 16 for b in local_blocks)
+    logo = _blocks(medt_keras.LoGo(**TINY))
+    assert all(b.positional_encoding and not b.gated for b in logo)
+
+
+def test_gates_trainable_option():
+    model = medt_keras.GatedAxialUNet(img_size=32, gates_trainable=True, **TINY)
+    assert sum("gate" in v.path for v in model.trainable_variables) == 4 * 2 * 4
+
+
+def test_local_branch_runs_one_graph_for_all_patches():
+    # Each local BatchNorm counts 16 updates per train-mode forward, one
+    # per patch, from a single call.
+    model = medt_keras.MedT(**TINY)
+    x = np.random.default_rng(0).normal(size=(2, 128, 128, 3)).astype("float32")
+    _, new = model.stateless_call(
+        [v.value for v in model.trainable_variables],
+        [v.value for v in model.non_trainable_variables],
+        x,
+        training=True,
+    )
+    counters = {
+        v.path: int(n)
+        for v, n in zip(model.non_trainable_variables, new)
+        if v.path.endswith("num_batches_tracked")
+    }
+    assert counters["local_stem_norm1/num_batches_tracked"] == 16
+    assert counters["stem_norm1/num_batches_tracked"] == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(img_size=100), "divisible by 32"),
+        (dict(blocks=(1, 2, 3)), "four positive block counts"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        medt_keras.AxialUNet(**{**TINY, **kwargs})
+
+
+def test_medt_needs_image_divisible_by_patch_grid_times_32():
+    with pytest.raises(ValueError, match="divisible by 128"):
+        medt_keras.MedT(img_size=96, **TINY)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = medt_keras.MedT(in_channels=1, num_classes=3, **TINY)
+    x = np.random.default_rng(1).normal(size=(1, 128, 128, 1)).astype("float32")
+    path = tmp_path / "medt.keras"
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    assert type(restored) is medt_keras.MedT
+    assert restored.get_config() == model.get_config()
+    np.testing.assert_array_equal(np.asarray(restored(x)), np.asarray(model(x)))
+
+
+def test_backend_defaults_to_jax():
+    assert keras.backend.backend() == "jax"
