@@ -27,6 +27,16 @@ def _require(state_dict, key, source):
     return state_dict[key]
 
 
+def _blocks_per_stage(state_dict, suffix):
+    pattern = re.compile(rf"layer([1-4]){suffix}\.(\d+)\.")
+    blocks = collections.defaultdict(set)
+    for key in state_dict:
+        match = pattern.match(key)
+        if match:
+            blocks[int(match.group(1))].add(int(match.group(2)))
+    return tuple(len(blocks[stage]) for stage in range(1, 5))
+
+
 def infer_architecture(state_dict, source="state_dict"):
     """Which official model a state_dict belongs to, and its hyperparameters.
 
@@ -35,9 +45,12 @@ def infer_architecture(state_dict, source="state_dict"):
     """
     conv1 = _require(state_dict, "conv1.weight", source)
     head = _require(state_dict, "adjust.weight", source)
-    stem_width = conv1.shape[0]
-    width_scale = stem_width / 64.0
     local = "conv1_p.weight" in state_dict
+    # Widths are int(k * s) for k = 64 ... 2048 (powers of two); the widest,
+    # decoder1's int(2048 * s), pins s down closely enough to give every
+    # other width exactly, even for an s whose stem width is rounded.
+    widest = _require(state_dict, "decoder1_p.weight" if local else "decoder1.weight", source)
+    width_scale = widest.shape[0] / 2048.0
     attention = "layer1.0.hight_block"
     gated = f"{attention}.f_qr" in state_dict
     if local:
@@ -50,25 +63,8 @@ def infer_architecture(state_dict, source="state_dict"):
     similarity = _require(state_dict, f"{attention}.bn_similarity.weight", source)
     groups = similarity.shape[0] // 3
 
-    pattern = re.compile(r"layer([1-4])\.(\d+)\.")
-    counts = collections.Counter()
-    seen = set()
-    for key in state_dict:
-        match = pattern.match(key)
-        if match and match.group(0) not in seen:
-            seen.add(match.group(0))
-            counts[int(match.group(1))] += 1
-    if local:
-        # The global branch has only stages 1-2; the local one all four.
-        pattern = re.compile(r"layer([1-4])_p\.(\d+)\.")
-        counts = collections.Counter()
-        seen = set()
-        for key in state_dict:
-            match = pattern.match(key)
-            if match and match.group(0) not in seen:
-                seen.add(match.group(0))
-                counts[int(match.group(1))] += 1
-    blocks = tuple(counts[i] for i in range(1, 5))
+    # MedT/LoGo's global branch has only stages 1-2; their local one has all four.
+    blocks = _blocks_per_stage(state_dict, "_p" if local else "")
     if min(blocks) < 1:
         raise CheckpointError(f"{source}: could not find blocks of every stage; found {blocks} per stage.")
     return name, dict(

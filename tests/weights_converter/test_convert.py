@@ -69,13 +69,16 @@ def _write(tmp_path, name, state_dict):
     return str(path)
 
 
+def _load_error(tmp_path, name, state_dict):
+    with pytest.raises(CheckpointError) as error:
+        load_official_checkpoint(_write(tmp_path, name, state_dict))
+    return str(error.value)
+
+
 def test_missing_key_is_named(tmp_path):
     state_dict = read_state_dict(GATED)
     del state_dict["layer2.0.hight_block.bn_qkv.running_var"]
-    path = _write(tmp_path, "missing.pth", state_dict)
-    with pytest.raises(CheckpointError) as error:
-        load_official_checkpoint(path)
-    message = str(error.value)
+    message = _load_error(tmp_path, "missing.pth", state_dict)
     assert "missing.pth" in message
     assert "missing key 'layer2.0.hight_block.bn_qkv.running_var' (expected shape (16,))" in message
 
@@ -84,10 +87,7 @@ def test_unexpected_key_and_wrong_shape_are_named(tmp_path):
     state_dict = read_state_dict(GATED)
     state_dict["layer9.0.conv_down.weight"] = np.zeros((2, 2, 1, 1), np.float32)
     state_dict["decoder2.weight"] = np.zeros((5, 128, 3, 3), np.float32)
-    path = _write(tmp_path, "bad.pth", state_dict)
-    with pytest.raises(CheckpointError) as error:
-        load_official_checkpoint(path)
-    message = str(error.value)
+    message = _load_error(tmp_path, "bad.pth", state_dict)
     assert "unexpected key 'layer9.0.conv_down.weight' (shape (2, 2, 1, 1))" in message
     assert "key 'decoder2.weight': expected shape (32, 64, 3, 3), found (5, 128, 3, 3)" in message
     assert "2 problems" in message
@@ -99,9 +99,8 @@ def test_override_that_does_not_fit_is_an_error():
 
 
 def test_not_a_medt_checkpoint(tmp_path):
-    path = _write(tmp_path, "other.pth", {"fc.weight": np.zeros((2, 2), np.float32)})
-    with pytest.raises(CheckpointError, match="'conv1.weight' is missing"):
-        load_official_checkpoint(path)
+    message = _load_error(tmp_path, "other.pth", {"fc.weight": np.zeros((2, 2), np.float32)})
+    assert "'conv1.weight' is missing" in message
 
 
 def test_flatten_index_is_recomputed_and_checked():
@@ -160,3 +159,21 @@ def test_cli_bad_input_exits_nonzero(tmp_path, capsys):
     assert "broken.pth" in capsys.readouterr().err
     assert convert_main([GATED, str(tmp_path / "x.h5")]) == 2
     assert not (tmp_path / "x.keras").exists()
+
+
+@pytest.mark.parametrize(
+    "cls,name",
+    [
+        (medt_keras.AxialUNet, "axialunet"),
+        (medt_keras.GatedAxialUNet, "gated"),
+        (medt_keras.MedT, "medt"),
+        (medt_keras.LoGo, "logo"),
+    ],
+)
+def test_architecture_inference_inverts_export_for_unusual_hyperparameters(cls, name):
+    hyperparameters = dict(
+        img_size=128, in_channels=2, num_classes=3, width_scale=0.140625, groups=3, blocks=(2, 1, 3, 1)
+    )
+    inferred_name, inferred = infer_architecture(export_official_state_dict(cls(**hyperparameters)))
+    assert inferred_name == name
+    assert inferred == hyperparameters

@@ -11,6 +11,13 @@ from weights_converter import CheckpointError, read_state_dict
 GATED = os.path.join(OFFICIAL_TINY, "gated_img32_c3_k2_b2_s3_w0.03125_g2_l1-1-1-1.pth")
 
 
+def assert_same_tensors(ours, reference):
+    assert list(ours) == list(reference)
+    for key in reference:
+        np.testing.assert_array_equal(ours[key], reference[key])
+        assert ours[key].dtype == reference[key].dtype
+
+
 @pytest.fixture(scope="module")
 def gated():
     return read_state_dict(GATED)
@@ -29,11 +36,7 @@ def test_reads_official_checkpoint(gated):
 def test_zip_written_here_reads_back_identically(tmp_path, gated):
     path = tmp_path / "copy.pth"
     path.write_bytes(torch_zip_bytes(gated))
-    again = read_state_dict(path)
-    assert list(again) == list(gated)
-    for key in gated:
-        np.testing.assert_array_equal(again[key], gated[key])
-        assert again[key].dtype == gated[key].dtype
+    assert_same_tensors(read_state_dict(path), gated)
 
 
 def test_strips_dataparallel_prefix(tmp_path, gated):
@@ -53,21 +56,14 @@ def test_unwraps_checkpoint_dict(tmp_path, gated):
 def test_legacy_format_matches_zip_format(gated):
     # Written by torch.save(..., _use_new_zipfile_serialization=False), the
     # format of PyTorch < 1.6, which the official code was released with.
-    legacy = read_state_dict(os.path.join(FIXTURES, "legacy_format_gated_tiny.pth"))
-    assert list(legacy) == list(gated)
-    for key in gated:
-        np.testing.assert_array_equal(legacy[key], gated[key])
-        assert legacy[key].dtype == gated[key].dtype
+    assert_same_tensors(read_state_dict(os.path.join(FIXTURES, "legacy_format_gated_tiny.pth")), gated)
 
 
 def test_safetensors(tmp_path, gated):
     path = tmp_path / "w.safetensors"
     subset = {k: v for k, v in list(gated.items())[:6]}
     path.write_bytes(safetensors_bytes(subset))
-    again = read_state_dict(path)
-    for key in subset:
-        np.testing.assert_array_equal(again[key], subset[key])
-        assert again[key].dtype == subset[key].dtype
+    assert_same_tensors(read_state_dict(path), subset)
 
 
 class _RunsCode:
