@@ -1,6 +1,5 @@
-"""Training MedT-family models with ``model.fit`` (the official recipe).
+"""Training and benchmarking MedT-family models.
 
-The package is declared here so the project installs its three modules;
-its training entry points are the subject of the training work item and
-are not written yet.
+``training.benchmark`` is the ``medt-bench`` command. Training with
+``model.fit`` on TFDS data (the official recipe) is the next work item.
 """

@@ -59,11 +59,12 @@ FORMS = [
 @pytest.mark.parametrize("positional,gated", FORMS)
 @pytest.mark.parametrize("axis", ["height", "width"])
 @pytest.mark.parametrize("training", [False, True])
-def test_matches_official_formulas(positional, gated, axis, training):
+@pytest.mark.parametrize("filters", [8, 16], ids=["2-query-channels", "4-query-channels"])
+def test_matches_official_formulas(positional, gated, axis, training, filters):
+    # Over 2 heads, queries and keys get filters / 4 channels each.
     rng = np.random.default_rng(0)
-    # 8 channels over 2 heads: 4 per head, so queries and keys have 2 each.
-    x = rng.normal(size=(2, 8, 6, 6))  # NCHW, square as the official code needs
-    params = random_attention_params(rng, 8, 8, 2, 6, positional=positional)
+    x = rng.normal(size=(2, filters, 6, 6))  # NCHW, square as the official code needs
+    params = random_attention_params(rng, filters, filters, 2, 6, positional=positional)
     expected = axial_attention(
         x, params, 2, axis == "width", training, gates=GATES if gated else None, positional=positional
     )

@@ -1,0 +1,253 @@
+"""``medt-bench``: training and inference speed, compile time, memory and FLOPs.
+
+For each model it times, after compilation, a training step through
+``model.train_on_batch`` (forward, backward, Adam) and inference through
+``model.predict_on_batch``, as the median of ``--repeats`` runs, and
+reports images/s, compile time, peak memory, FLOPs per image (XLA's cost
+analysis of the same computation) and the achieved fraction of the
+device's measured peak (a large float32 matrix product). Each measurement
+runs in a fresh process so its peak memory is its own.
+
+With ``--official PATH`` (a checkout of the official MedT repository; none
+of its code is part of this project) the official PyTorch model is timed
+on the same inputs in the same run, and the ratio printed.
+
+Example: ``medt-bench --models medt gated --sizes 128 --json benchmarks/cpu.json``
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+MODELS = {"medt": "MedT", "logo": "LoGo", "gated": "GatedAxialUNet", "axialunet": "AxialUNet"}
+
+
+def _peak_rss_gib():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _median_seconds(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_keras(model_name, size, batch, infer_batch, repeats):
+    import numpy as np
+
+    import medt_keras  # noqa: F401  (JAX backend)
+    import jax
+    import keras
+
+    cls = getattr(medt_keras, MODELS[model_name])
+    model = cls(img_size=size)
+    rng = np.random.default_rng(0)
+    x = rng.random((batch, size, size, 3), dtype=np.float32)
+    y = rng.integers(0, 2, (batch, size, size)).astype("int32")
+    x_infer = rng.random((infer_batch, size, size, 3), dtype=np.float32)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    start = time.perf_counter()
+    model.train_on_batch(x, y)
+    compile_train = time.perf_counter() - start
+    train = _median_seconds(lambda: model.train_on_batch(x, y), repeats)
+
+    start = time.perf_counter()
+    np.asarray(model.predict_on_batch(x_infer))
+    compile_infer = time.perf_counter() - start
+    infer = _median_seconds(lambda: np.asarray(model.predict_on_batch(x_infer)), repeats)
+
+    # FLOPs and XLA memory from the same computations, lowered directly.
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def loss_fn(t, n, x, y):
+        logits, n = model.stateless_call(t, n, x, training=True)
+        return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)), n
+
+    grad_step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    compiled_train = grad_step.lower(trainable, non_trainable, x, y).compile()
+    forward = jax.jit(lambda t, n, x: model.stateless_call(t, n, x, training=False)[0])
+    compiled_infer = forward.lower(trainable, non_trainable, x_infer).compile()
+
+    def flops(compiled):
+        analysis = compiled.cost_analysis()
+        if isinstance(analysis, list):
+            analysis = analysis[0]
+        return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+    def temp_gib(compiled):
+        memory = compiled.memory_analysis()
+        return None if memory is None else memory.temp_size_in_bytes / 2**30
+
+    return {
+        "implementation": "medt-keras",
+        "train_seconds": train,
+        "infer_seconds": infer,
+        "train_images_per_second": batch / train,
+        "infer_images_per_second": infer_batch / infer,
+        "compile_seconds": compile_train + compile_infer,
+        "train_flops_per_image": flops(compiled_train) / batch,
+        "infer_flops_per_image": flops(compiled_infer) / infer_batch,
+        "xla_train_temp_gib": temp_gib(compiled_train),
+        "peak_rss_gib": _peak_rss_gib(),
+        "device": str(jax.devices()[0].device_kind),
+    }
+
+
+def measure_official(checkout, model_name, size, batch, infer_batch, repeats):
+    import types
+
+    import numpy as np
+    import torch
+
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        sys.modules.setdefault(name, types.ModuleType(name))  # imported, never used
+    lib = types.ModuleType("lib")  # skip lib/__init__, which imports torchvision
+    lib.__path__ = [os.path.join(checkout, "lib")]
+    sys.modules["lib"] = lib
+    from lib.models import axialnet
+
+    torch.set_num_threads(os.cpu_count())
+    builder = {"medt": axialnet.MedT, "logo": axialnet.logo, "gated": axialnet.gated, "axialunet": axialnet.axialunet}
+    model = builder[model_name](img_size=size, imgchan=3)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.random((batch, 3, size, size), dtype=np.float32))
+    y = torch.from_numpy(rng.integers(0, 2, (batch, size, size)))
+    x_infer = torch.from_numpy(rng.random((infer_batch, 3, size, size), dtype=np.float32))
+
+    def step():
+        model.train()
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    def infer():
+        model.eval()
+        with torch.no_grad():
+            model(x_infer)
+
+    step()
+    train = _median_seconds(step, repeats)
+    infer()
+    inference = _median_seconds(infer, repeats)
+    return {
+        "implementation": "official PyTorch " + torch.__version__,
+        "train_seconds": train,
+        "infer_seconds": inference,
+        "train_images_per_second": batch / train,
+        "infer_images_per_second": infer_batch / inference,
+        "peak_rss_gib": _peak_rss_gib(),
+    }
+
+
+def measure_peak_gflops():
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(a).block_until_ready()
+    seconds = _median_seconds(lambda: matmul(a).block_until_ready(), 5)
+    return 2 * n**3 / seconds / 1e9
+
+
+def _run_child(spec):
+    """One measurement in a fresh Python process; returns its JSON result."""
+    out = subprocess.run(
+        [sys.executable, "-m", "training.benchmark", "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"measurement {spec} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="medt-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["medt", "gated"], choices=sorted(MODELS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[128])
+    parser.add_argument("--batch", type=int, default=4, help="training batch size")
+    parser.add_argument("--infer-batch", type=int, default=8, help="inference batch size")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--official", metavar="PATH", help="checkout of the official MedT repository")
+    parser.add_argument("--json", metavar="FILE", help="write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        spec = json.loads(args.child)
+        kind = spec.pop("kind")
+        result = {"keras": measure_keras, "official": measure_official, "peak": measure_peak_gflops}[kind](**spec)
+        print(json.dumps(result))
+        return 0
+
+    peak = _run_child({"kind": "peak"})
+    print(f"device peak (float32 2048^3 matmul): {peak:.0f} GFLOP/s", flush=True)
+    rows = []
+    header = (
+        f"{'model':<10} {'size':>4} {'implementation':<28} {'train img/s':>11} {'infer img/s':>11} "
+        f"{'compile s':>9} {'peak RSS GiB':>12} {'XLA temp GiB':>12} {'fwd GFLOP':>9} {'% peak':>6}"
+    )
+    print(header)
+    for model in args.models:
+        for size in args.sizes:
+            for kind in ["keras"] + (["official"] if args.official else []):
+                spec = dict(kind=kind, model_name=model, size=size, batch=args.batch,
+                            infer_batch=args.infer_batch, repeats=args.repeats)
+                if kind == "official":
+                    spec["checkout"] = args.official
+                result = _run_child(spec)
+                result.update(model=model, size=size, batch=args.batch, infer_batch=args.infer_batch)
+                if kind == "keras":
+                    train_gflops = result["train_flops_per_image"] * result["train_images_per_second"] / 1e9
+                    result["train_fraction_of_peak"] = train_gflops / peak
+                rows.append(result)
+                name = result["implementation"]
+                xla = result.get("xla_train_temp_gib")
+                print(
+                    f"{model:<10} {size:>4} {name:<28} {result['train_images_per_second']:>11.2f} "
+                    f"{result['infer_images_per_second']:>11.2f} {result.get('compile_seconds', float('nan')):>9.1f} "
+                    f"{result['peak_rss_gib']:>12.2f} {'' if xla is None else f'{xla:.2f}':>12} "
+                    f"{result.get('infer_flops_per_image', float('nan')) / 1e9:>9.2f} "
+                    f"{100 * result.get('train_fraction_of_peak', float('nan')):>6.1f}",
+                    flush=True,
+                )
+            ours = [r for r in rows if r["model"] == model and r["size"] == size]
+            if args.official and len(ours) == 2:
+                k, o = ours
+                print(
+                    f"{'':<10} {'':>4} {'speed-up over official':<28} "
+                    f"{o['train_seconds'] / k['train_seconds']:>10.2f}x {o['infer_seconds'] / k['infer_seconds']:>10.2f}x"
+                )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"machine": platform.platform(), "cpus": os.cpu_count(), "peak_gflops": peak, "results": rows},
+                f,
+                indent=2,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
