@@ -66,6 +66,8 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_unused):
     if isinstance(storage, _DeferredStorage):
         return _DeferredTensor(storage, (storage_offset, size, stride))
     size, stride = tuple(size), tuple(stride)
+    if len(size) != len(stride):
+        raise CheckpointError(f"a tensor has shape {size} but strides {stride}")
     itemsize = storage.dtype.itemsize
     needed = storage_offset + (
         1 + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else 0
