@@ -1,5 +1,6 @@
 """Training and benchmarking MedT-family models.
 
-``training.benchmark`` is the ``medt-bench`` command. Training with
-``model.fit`` on TFDS data (the official recipe) is the next work item.
+``training.benchmark`` is the ``medt-bench`` command; ``training.optimizers``
+has the official optimiser (PyTorch's Adam with coupled L2 and frozen
+gates). Training with ``model.fit`` on TFDS data is the next work item.
 """
