@@ -14,6 +14,16 @@ def count_official_parameters(model):
     )
 
 
+def _parse_size(text):
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise SystemExit(f"error: --img-size {text!r}: expected N or HxW, e.g. 256 or 256x384")
+    return parts[0] if len(parts) == 1 else parts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m weights_converter",
@@ -25,6 +35,16 @@ def main(argv=None):
     parser.add_argument("source", help="official checkpoint: .pth/.pt written by torch.save(state_dict), or .safetensors")
     parser.add_argument("destination", help="output: DST.keras (whole model) or DST.weights.h5 (weights only)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument(
+        "--img-size",
+        metavar="SIZE",
+        help="build for another input size, N or HxW (needs --resample-positions for positional models)",
+    )
+    parser.add_argument(
+        "--resample-positions",
+        action="store_true",
+        help="interpolate the relative-position tables to --img-size (an approximation)",
+    )
     args = parser.parse_args(argv)
 
     if not args.destination.endswith((".keras", ".weights.h5")):
@@ -41,11 +61,15 @@ def main(argv=None):
         state_dict = read_state_dict(args.source)
         name, hyperparameters = infer_architecture(state_dict, source=args.source)
         print(f"read {args.source}: {len(state_dict)} tensors")
+        if args.img_size:
+            hyperparameters["img_size"] = _parse_size(args.img_size)
         print(f"architecture: {name}")
         for key, value in hyperparameters.items():
             print(f"  {key} = {value}")
         model = build_model(name, dtype=args.dtype, **hyperparameters)
-        load_state_dict_into(model, state_dict, source=args.source)
+        load_state_dict_into(
+            model, state_dict, source=args.source, resample_positions=args.resample_positions
+        )
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

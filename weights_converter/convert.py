@@ -58,8 +58,10 @@ def infer_architecture(state_dict, source="state_dict"):
     else:
         name = "gated" if gated else "axialunet"
 
-    relative = _require(state_dict, f"{attention}.relative", source)
-    img_size = relative.shape[1] + 1  # layer1 attends over img_size / 2 positions
+    # layer1 attends over img_size / 2 positions along each axis.
+    height = _require(state_dict, f"{attention}.relative", source).shape[1] + 1
+    width = _require(state_dict, "layer1.0.width_block.relative", source).shape[1] + 1
+    img_size = height if height == width else [height, width]
     similarity = _require(state_dict, f"{attention}.bn_similarity.weight", source)
     groups = similarity.shape[0] // 3
 
@@ -68,7 +70,7 @@ def infer_architecture(state_dict, source="state_dict"):
     if min(blocks) < 1:
         raise CheckpointError(f"{source}: could not find blocks of every stage; found {blocks} per stage.")
     return name, dict(
-        img_size=int(img_size),
+        img_size=img_size,
         in_channels=int(conv1.shape[1]),
         num_classes=int(head.shape[0]),
         width_scale=width_scale,
@@ -86,14 +88,47 @@ def build_model(name, dtype="float32", **hyperparameters):
     return ARCHITECTURES[name](dtype=dtype, **hyperparameters)
 
 
-def load_state_dict_into(model, state_dict, source="state_dict"):
+def resample_relative_table(table, span):
+    """A relative-position table ``(channels, 2K - 1)`` resampled to ``(channels, 2 * span - 1)``.
+
+    Linear interpolation over the offsets, the extreme offsets mapped onto
+    each other, as if the image had been resized by ``span / K``. An
+    approximation: the official model was trained at one size only.
+    """
+    old = table.shape[1]
+    new = 2 * span - 1
+    if old == new:
+        return table
+    source = np.linspace(0.0, old - 1.0, new)
+    return np.stack([np.interp(source, np.arange(old), row) for row in table]).astype(table.dtype)
+
+
+def _resample_positions(entries, state_dict):
+    resampled = dict(state_dict)
+    for entry in entries:
+        value = state_dict.get(entry.key)
+        if value is None or tuple(value.shape) == tuple(entry.official_shape):
+            continue
+        if entry.key.endswith(".relative") and value.shape[0] == entry.official_shape[0]:
+            resampled[entry.key] = resample_relative_table(value, (entry.official_shape[1] + 1) // 2)
+        elif entry.key.endswith(".flatten_index"):
+            resampled[entry.key] = entry.derived  # an index buffer, recomputed for the new span
+    return resampled
+
+
+def load_state_dict_into(model, state_dict, source="state_dict", resample_positions=False):
     """Assigns every official tensor to its Keras variable, strictly.
 
     Raises ``CheckpointError`` listing every missing key, unexpected key and
     shape mismatch (with the expected and the found shape); nothing is
-    assigned unless everything matches.
+    assigned unless everything matches. With ``resample_positions=True``,
+    relative-position tables of another span are resampled to the model's
+    (see ``resample_relative_table``), so a checkpoint trained at one image
+    size runs at another.
     """
     entries = official_entries(model)
+    if resample_positions:
+        state_dict = _resample_positions(entries, state_dict)
     expected = {entry.key for entry in entries}
     problems = []
     for entry in entries:
@@ -112,9 +147,15 @@ def load_state_dict_into(model, state_dict, source="state_dict"):
             problems.append(f"unexpected key {key!r} (shape {tuple(np.shape(state_dict[key]))})")
     if problems:
         listing = "\n  ".join(problems)
+        hint = ""
+        if any(".relative'" in problem for problem in problems):
+            hint = (
+                "\nThe positional encodings were trained for another image size; "
+                "resample_positions=True (--resample-positions) interpolates them, an approximation."
+            )
         raise CheckpointError(
             f"{source} does not fit {type(model).__name__} "
-            f"({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n  {listing}"
+            f"({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n  {listing}{hint}"
         )
     for entry in entries:
         if entry.variable is not None:
@@ -123,13 +164,16 @@ def load_state_dict_into(model, state_dict, source="state_dict"):
     return model
 
 
-def load_official_checkpoint(path, dtype="float32", **overrides):
+def load_official_checkpoint(path, dtype="float32", resample_positions=False, **overrides):
     """Builds the Keras model an official checkpoint describes and loads it.
 
     The architecture (axialunet, gated, medt or logo) and its
     hyperparameters are inferred from the state_dict's keys and shapes;
-    ``overrides`` replace inferred hyperparameters. ``dtype="float64"``
-    turns on JAX's x64 mode.
+    ``overrides`` replace inferred hyperparameters, e.g. ``img_size=(256,
+    384)`` together with ``resample_positions=True`` to run a checkpoint
+    trained at 128 on other sizes (an approximation; see
+    ``resample_relative_table``). ``dtype="float64"`` turns on JAX's x64
+    mode.
 
     Raises ``CheckpointError`` naming the file and every key at fault.
     """
@@ -137,7 +181,9 @@ def load_official_checkpoint(path, dtype="float32", **overrides):
     name, hyperparameters = infer_architecture(state_dict, source=str(path))
     hyperparameters.update(overrides)
     model = build_model(name, dtype=dtype, **hyperparameters)
-    return load_state_dict_into(model, state_dict, source=str(path))
+    return load_state_dict_into(
+        model, state_dict, source=str(path), resample_positions=resample_positions
+    )
 
 
 def export_official_state_dict(model):

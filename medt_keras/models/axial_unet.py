@@ -113,11 +113,21 @@ def axial_unet_features(x, builder, width_scale, blocks, block_config, stem_widt
     return builder.decode(x, 5, int(128 * s))
 
 
+def image_size(img_size):
+    """``img_size`` as the config keeps it: an int when square, else [height, width]."""
+    if isinstance(img_size, (list, tuple)):
+        height, width = (int(v) for v in img_size)
+        return height if height == width else [height, width]
+    return int(img_size)
+
+
 def image_input(img_size, in_channels, dtype, multiple):
-    if int(img_size) % multiple:
-        raise ValueError(f"img_size {img_size} must be divisible by {multiple}.")
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    for size, axis in ((height, "height"), (width, "width")):
+        if size % multiple:
+            raise ValueError(f"img_size: {axis} {size} must be divisible by {multiple}.")
     compute_dtype = None if dtype is None else keras.dtype_policies.get(dtype).compute_dtype
-    return keras.Input((img_size, img_size, in_channels), dtype=compute_dtype, name="image")
+    return keras.Input((height, width, in_channels), dtype=compute_dtype, name="image")
 
 
 class OfficialModel(keras.Model):
@@ -156,10 +166,13 @@ class AxialUNet(OfficialModel):
     relative positional encodings (strides 1, 2, 2, 2), five decoder
     convolutions with bilinear upsampling and additive skips, and a 1x1
     head. The attention span of each block is the feature size it sees
-    (img_size / 2, / 4, / 8, / 16), as the official ``kernel_size``.
+    (img_size / 2, / 4, / 8, / 16), as the official ``kernel_size``; the
+    height and width attention layers each span their own axis, so
+    non-square inputs work.
 
     Args:
-        img_size: square input size, divisible by 32.
+        img_size: input size, an int (square, as the official code) or a
+            (height, width) pair; each divisible by 32.
         in_channels: input channels (3 for BGR images, 1 for grayscale).
         num_classes: output channels (logits).
         width_scale: the official ``s``; channel widths scale with it.
@@ -168,8 +181,8 @@ class AxialUNet(OfficialModel):
         gates_trainable: for the gated models, whether the gates train.
         dtype: dtype or policy of every layer ("float64" needs JAX x64).
 
-    Input: ``(batch, img_size, img_size, in_channels)`` float.
-    Output: logits ``(batch, img_size, img_size, num_classes)``.
+    Input: ``(batch, height, width, in_channels)`` float.
+    Output: logits ``(batch, height, width, num_classes)``.
     """
 
     gated = False
@@ -187,6 +200,7 @@ class AxialUNet(OfficialModel):
         **kwargs,
     ):
         blocks = check_blocks(blocks)
+        img_size = image_size(img_size)
         inputs = image_input(img_size, in_channels, dtype, 32)
         builder = _GraphBuilder(dtype)
         block_config = dict(
@@ -198,7 +212,7 @@ class AxialUNet(OfficialModel):
         x = axial_unet_features(inputs, builder, width_scale, blocks, block_config)
         outputs = builder.conv(builder.relu(x), num_classes, 1, "head")
         hyperparameters = dict(
-            img_size=int(img_size),
+            img_size=img_size,
             in_channels=int(in_channels),
             num_classes=int(num_classes),
             width_scale=float(width_scale),

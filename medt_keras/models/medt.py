@@ -10,6 +10,7 @@ from medt_keras.models.axial_unet import (
     axial_unet_features,
     check_blocks,
     image_input,
+    image_size,
 )
 
 
@@ -43,10 +44,10 @@ class LoGo(OfficialModel):
     moving statistics once per patch position, as the official loop does.
     The two branches are added, then a 3x3 convolution and the 1x1 head.
 
-    Args: as ``AxialUNet``, plus ``patch_grid`` (patches per side; img_size
-    must be divisible by 32 * patch_grid).
-    Input: ``(batch, img_size, img_size, in_channels)``.
-    Output: logits ``(batch, img_size, img_size, num_classes)``.
+    Args: as ``AxialUNet``, plus ``patch_grid`` (patches per side; height
+    and width must be divisible by 32 * patch_grid).
+    Input: ``(batch, height, width, in_channels)``.
+    Output: logits ``(batch, height, width, num_classes)``.
     """
 
     gated = False
@@ -67,6 +68,7 @@ class LoGo(OfficialModel):
     ):
         blocks = check_blocks(blocks)
         s = width_scale
+        img_size = image_size(img_size)
         inputs = image_input(img_size, in_channels, dtype, 32 * int(patch_grid))
 
         global_builder = _GraphBuilder(dtype)
@@ -102,7 +104,7 @@ class LoGo(OfficialModel):
         )(x)
         outputs = global_builder.conv(global_builder.relu(x), num_classes, 1, "head")
         hyperparameters = dict(
-            img_size=int(img_size),
+            img_size=img_size,
             in_channels=int(in_channels),
             num_classes=int(num_classes),
             width_scale=float(s),

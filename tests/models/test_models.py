@@ -106,3 +106,26 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_backend_defaults_to_jax():
     assert keras.backend.backend() == "jax"
+
+
+@pytest.mark.parametrize(
+    "cls,size",
+    [(medt_keras.GatedAxialUNet, (64, 96)), (medt_keras.MedT, (128, 256)), (medt_keras.LoGo, (256, 128))],
+)
+def test_non_square_inputs(cls, size):
+    model = cls(img_size=size, **TINY)
+    assert model.output_shape == (None, *size, 2)
+    spans = {
+        (block.height_attention.span, block.width_attention.span)
+        for block in _blocks(model)
+        if block.positional_encoding and not block.name.startswith("local_")
+    }
+    assert (size[0] // 2, size[1] // 2) in spans  # each axis attends over its own length
+    assert model.get_config()["img_size"] == list(size)
+    x = np.random.default_rng(0).normal(size=(1, *size, 3)).astype("float32")
+    assert model.predict(x, verbose=0).shape == (1, *size, 2)
+
+
+def test_non_square_size_not_divisible_names_the_axis():
+    with pytest.raises(ValueError, match="width 100 must be divisible by 32"):
+        medt_keras.AxialUNet(img_size=(64, 100), **TINY)

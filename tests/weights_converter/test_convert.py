@@ -177,3 +177,45 @@ def test_architecture_inference_inverts_export_for_unusual_hyperparameters(cls, 
     inferred_name, inferred = infer_architecture(export_official_state_dict(cls(**hyperparameters)))
     assert inferred_name == name
     assert inferred == hyperparameters
+
+
+def test_architecture_inference_reads_non_square_sizes():
+    hyperparameters = dict(
+        img_size=[64, 96], in_channels=1, num_classes=2, width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1)
+    )
+    model = medt_keras.GatedAxialUNet(**hyperparameters)
+    assert infer_architecture(export_official_state_dict(model)) == ("gated", hyperparameters)
+
+
+def test_other_image_size_needs_explicit_resampling():
+    with pytest.raises(CheckpointError) as error:
+        load_official_checkpoint(GATED, img_size=64)
+    message = str(error.value)
+    assert "key 'layer1.0.hight_block.relative': expected shape (4, 63), found (4, 31)" in message
+    assert "resample_positions=True" in message
+
+
+def test_resampled_positions_run_at_another_size():
+    from weights_converter.convert import resample_relative_table
+
+    table = np.random.default_rng(0).normal(size=(4, 31)).astype("float32")
+    wide = resample_relative_table(table, 32)
+    assert wide.shape == (4, 63)
+    np.testing.assert_allclose(wide[:, [0, 31, 62]], table[:, [0, 15, 30]], atol=1e-6)
+    assert resample_relative_table(table, 16) is table
+
+    model = load_official_checkpoint(GATED, img_size=(64, 96), resample_positions=True)
+    assert model.output_shape == (None, 64, 96, 2)
+    same = load_official_checkpoint(GATED, resample_positions=True)
+    original = read_state_dict(GATED)
+    exported = export_official_state_dict(same)
+    for key in original:
+        np.testing.assert_array_equal(exported[key], original[key])
+
+
+def test_cli_other_size(tmp_path, capsys):
+    destination = tmp_path / "wide.weights.h5"
+    assert convert_main([GATED, str(destination), "--img-size", "64x96"]) == 1
+    assert "--resample-positions" in capsys.readouterr().err
+    assert convert_main([GATED, str(destination), "--img-size", "64x96", "--resample-positions"]) == 0
+    assert "img_size = [64, 96]" in capsys.readouterr().out
