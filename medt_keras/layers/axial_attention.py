@@ -188,6 +188,7 @@ class AxialAttention(keras.layers.Layer):
         q, k, v = qkv[..., :half], qkv[..., half:d], qkv[..., d:]
 
         qk = ops.einsum("nbigc,nbjgc->nbgij", q, k)
+        terms = [qk]
         if self.positional_encoding:
             table = ops.cast(self._relative_table(length), self.compute_dtype)
             q_table, k_table, v_table = table[..., :half], table[..., half:d], table[..., d:]
@@ -197,24 +198,22 @@ class AxialAttention(keras.layers.Layer):
             if self.gated:
                 qr = qr * ops.cast(self.gate_query_position, self.compute_dtype)
                 kr = kr * ops.cast(self.gate_key_position, self.compute_dtype)
-            similarity = ops.stack([qk, qr, kr], axis=2)
-            similarity = ops.sum(self.similarity_norm(similarity, training=training), axis=2)
-        else:
-            similarity = self.similarity_norm(qk, training=training)
+            terms += [qr, kr]
+        # Similarity: the per-(term, head) BatchNorm of each term, summed.
+        similarity = self._normalized_sum(self.similarity_norm, terms, training, term_axis=0)
         weights = ops.softmax(similarity, axis=-1)
 
         sv = ops.einsum("nbgij,nbjgc->nbigc", weights, v)
+        terms = [ops.reshape(sv, (batch, lines, length, self.filters))]
         if self.positional_encoding:
             sve = ops.einsum("nbgij,ijc->nbigc", weights, v_table)
+            sve = ops.reshape(sve, (batch, lines, length, self.filters))
             if self.gated:
-                sv = sv * ops.cast(self.gate_value, self.compute_dtype)
+                terms[0] = terms[0] * ops.cast(self.gate_value, self.compute_dtype)
                 sve = sve * ops.cast(self.gate_value_position, self.compute_dtype)
-            out = ops.stack([sv, sve], axis=-1)
-            out = ops.reshape(out, (batch, lines, length, self.filters, 2))
-            out = ops.sum(self.output_norm(out, training=training), axis=-1)
-        else:
-            out = ops.reshape(sv, (batch, lines, length, self.filters))
-            out = self.output_norm(out, training=training)
+            terms.append(sve)
+        # Output: the per-(channel, term) BatchNorm of s.v and s.r^v, summed.
+        out = self._normalized_sum(self.output_norm, terms, training, term_axis=-1)
 
         if self.axis == "height":
             out = ops.transpose(out, (0, 2, 1, 3))
@@ -223,6 +222,35 @@ class AxialAttention(keras.layers.Layer):
                 out, pool_size=self.strides, strides=self.strides, padding="valid"
             )
         return out
+
+    def _normalized_sum(self, norm, terms, training, term_axis):
+        """``sum_t BN(terms)[t]``: each term normalised with its own channels, then summed.
+
+        Similarity: terms ``(n, b, G, L, L)``, ``norm`` parameters
+        ``(term, G)`` (``term_axis=0``). Output: terms ``(n, b, L, F)``,
+        parameters ``(F, term)`` (``term_axis=-1``); a single term has no
+        term axis. In training the terms are stacked for the BatchNorm; in
+        inference it is affine, so it is folded into a weighted sum and the
+        stacked tensor (3x the attention map) is never built.
+        """
+        stack_axis = 2 if term_axis == 0 else -1
+        if training:
+            if len(terms) == 1:
+                return norm(terms[0], training=True)
+            stacked = norm(ops.stack(terms, axis=stack_axis), training=True)
+            return ops.sum(stacked, axis=stack_axis)
+        scale, shift = norm.inference_affine()
+        if len(terms) > 1:
+            scales = ops.unstack(scale, axis=term_axis)
+            shift = ops.sum(shift, axis=term_axis)
+        else:
+            scales = [scale]
+        broadcast = (-1, 1, 1) if term_axis == 0 else (-1,)
+        dtype = self.compute_dtype
+        total = ops.reshape(ops.cast(shift, dtype), broadcast)
+        for term, term_scale in zip(terms, scales):
+            total = total + term * ops.reshape(ops.cast(term_scale, dtype), broadcast)
+        return total
 
     def compute_output_shape(self, input_shape):
         batch, height, width, _ = input_shape

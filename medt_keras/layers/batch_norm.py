@@ -102,6 +102,18 @@ class BatchNorm(keras.layers.Layer):
         # float64 in a float64 model), never in float16/bfloat16.
         return self.variable_dtype
 
+    def inference_affine(self):
+        """``(scale, shift)`` with ``BN(x) = x * scale + shift`` in inference, in the parameter shape.
+
+        Lets a caller fold this normalisation into neighbouring arithmetic
+        (e.g. a sum of normalised terms) instead of materialising its input.
+        """
+        scale = ops.cast(self.gamma, self._stat_dtype) * ops.rsqrt(
+            ops.cast(self.moving_variance, self._stat_dtype) + self.epsilon
+        )
+        shift = ops.cast(self.beta, self._stat_dtype) - ops.cast(self.moving_mean, self._stat_dtype) * scale
+        return scale, shift
+
     def call(self, inputs, training=False):
         x = ops.cast(inputs, self._stat_dtype)
         if not training:

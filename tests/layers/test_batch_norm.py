@@ -92,3 +92,13 @@ def test_config_round_trip():
     assert clone.axis == (2, 3) and clone.batch_groups == 16
     assert clone.momentum == 0.8 and clone.epsilon == 1e-4
     assert keras.saving.get_registered_object("medt_keras>BatchNorm") is BatchNorm
+
+
+def test_inference_affine_is_the_eval_transform():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 3, 3, 2, 4))
+    params = _random_params(rng, 8)
+    layer = _layer(params, x.shape, axis=(-2, -1))
+    scale, shift = (np.asarray(t) for t in layer.inference_affine())
+    assert scale.shape == shift.shape == (2, 4)
+    np.testing.assert_allclose(x * scale + shift, np.asarray(layer(x, training=False)), atol=1e-13)
