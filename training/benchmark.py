@@ -4,7 +4,8 @@ For each model it times, after compilation, a training step through
 ``model.train_on_batch`` (forward, backward, Adam) and inference through
 ``model.predict_on_batch``, as the median of ``--repeats`` runs, and
 reports images/s, compile time, peak memory, FLOPs per image (XLA's cost
-analysis of the same computation) and the achieved fraction of the
+analysis of the same forward, and of forward plus backward for training:
+the optimiser update is left out, a negligible share) and the achieved fraction of the
 device's measured peak (a large float32 matrix product). Each measurement
 runs in a fresh process so its peak memory is its own.
 

@@ -1,6 +1,7 @@
 """Command line: ``python -m weights_converter SRC.pth DST.keras`` (or DST.weights.h5)."""
 
 import argparse
+import math
 import os
 import sys
 
@@ -8,7 +9,7 @@ import sys
 def count_official_parameters(model):
     """Parameters as PyTorch counts them: everything but BatchNorm statistics and counters."""
     return sum(
-        int(v.numpy().size)
+        math.prod(v.shape)
         for v in model.weights
         if not v.path.endswith(("moving_mean", "moving_variance", "num_batches_tracked"))
     )

@@ -155,7 +155,8 @@ def measure_case(pth_path, npz_path=None):
 
     grad_of = {id(v): g for v, g in zip(trainable_vars, grads)}
     after_of = {id(v): a for v, a in zip(non_trainable_vars, new_non_trainable)}
-    reference_norm = np.sqrt(sum(np.sum(ref[k] ** 2) for k in ref.files if k.startswith("grad/")))
+    reference_grads = [k for k in ref.files if k.startswith("grad/")]
+    reference_norm = np.sqrt(sum(np.sum(ref[k] ** 2) for k in reference_grads))
     grad_errors, stats_errors, raw_grad_errors = {}, {}, {}
     counters_equal = True
     for entry in entries:
@@ -177,10 +178,9 @@ def measure_case(pth_path, npz_path=None):
                 stats_errors[entry.key] = _relative_max(ours, ref[after_key])
     grad_worst = max(grad_errors, key=grad_errors.get)
     stats_worst = max(stats_errors, key=stats_errors.get)
-    missing_grads = [k for k in ref.files if k.startswith("grad/")]
-    if len(grad_errors) != len(missing_grads):
+    if len(grad_errors) != len(reference_grads):
         raise AssertionError(
-            f"{npz_path}: {len(missing_grads) - len(grad_errors)} reference gradients have no Keras variable"
+            f"{npz_path}: {len(reference_grads) - len(grad_errors)} reference gradients have no Keras variable"
         )
     return CaseResult(
         case=os.path.basename(os.path.splitext(pth_path)[0]),
