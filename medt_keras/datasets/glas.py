@@ -1,0 +1,229 @@
+"""``glas``: the GlaS (Gland Segmentation) challenge data, MICCAI 2015, Warwick QU.
+
+The archive is downloaded by hand (the challenge asks for registration):
+``Warwick QU Dataset (Released 2016_07_08).zip``. This module also holds
+the archive handling that the ``monuseg`` builder shares: finding the
+archive, its extracted folder or the loose files in the manual directory,
+and extracting a zip with Python's ``zipfile`` (TFDS's own
+``dl_manager.extract`` needs TensorFlow, which this package does not use).
+"""
+
+import os
+import re
+import shutil
+import zipfile
+from typing import ClassVar
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from medt_keras.datasets.images import (
+    DatasetError,
+    check_same_size,
+    encode_png,
+    read_image,
+)
+from medt_keras.datasets.segmentation import (
+    SegmentationBuilder,
+    SegmentationConfig,
+    hold_out,
+)
+
+ARCHIVE = "Warwick QU Dataset (Released 2016_07_08).zip"
+FOLDER = "Warwick QU Dataset (Released 2016_07_08)"
+VALIDATION_FRACTION = 0.1
+IMAGE_PATTERN = re.compile(r"^(train|testA|testB)_(\d+)\.bmp$")
+ANNOTATION_PATTERN = re.compile(r"^(train|testA|testB)_(\d+)_anno\.bmp$")
+SOURCE_SPLITS = ("train", "testA", "testB")
+
+
+# --- archive handling (shared with monuseg) ---------------------------------------------------
+
+
+def manual_directory(dl_manager):
+    """The manual directory as a path string, even when TFDS finds it missing or empty."""
+    try:
+        return os.fspath(dl_manager.manual_dir)
+    except AssertionError:  # TFDS asserts on a missing or empty manual dir; we report the archive instead
+        folder = getattr(dl_manager, "_manual_dir", None)
+        return os.fspath(folder) if folder is not None else "<no manual directory>"
+
+
+def extract_zip(archive_path, extract_root):
+    """Extracts ``archive_path`` once under ``extract_root``; returns the extracted folder.
+
+    A marker file records the archive's size and modification time: a
+    changed archive is extracted again, an unchanged one is reused.
+    """
+    stem = os.path.splitext(os.path.basename(archive_path))[0]
+    target = os.path.join(extract_root, "medt_" + re.sub(r"[^\w.-]+", "_", stem))
+    marker = os.path.join(target, ".medt_extracted")
+    stat = os.stat(archive_path)
+    signature = f"{stat.st_size}:{stat.st_mtime_ns}"
+    if os.path.isfile(marker):
+        with open(marker) as handle:
+            if handle.read() == signature:
+                return target
+    partial = target + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(archive_path) as archive:
+            archive.extractall(partial)  # zipfile drops absolute paths and ".." components
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise DatasetError(f"{archive_path}: cannot extract the zip archive ({error}).") from error
+    with open(os.path.join(partial, ".medt_extracted"), "w") as handle:
+        handle.write(signature)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+    return target
+
+
+def archive_folder(manual_dir, archive, folder, extract_root, holds_data):
+    """The folder holding a dataset archive's files, looked for in ``manual_dir``.
+
+    In order: the extracted folder ``manual_dir/folder``; the archive
+    ``manual_dir/archive`` (extracted under ``extract_root``, where its
+    top folder ``folder`` or the files themselves are expected); the files
+    put directly in ``manual_dir``. ``holds_data(path)`` says whether a
+    folder holds the files. Nothing found is a ``DatasetError`` naming the
+    manual directory and the archive.
+    """
+    extracted = os.path.join(manual_dir, folder)
+    if os.path.isdir(extracted) and holds_data(extracted):
+        return extracted
+    archive_path = os.path.join(manual_dir, archive)
+    if os.path.isfile(archive_path):
+        root = extract_zip(archive_path, extract_root)
+        for candidate in (os.path.join(root, folder), root):
+            if os.path.isdir(candidate) and holds_data(candidate):
+                return candidate
+        raise DatasetError(f"{archive_path}: the archive does not hold the expected folder {folder!r}.")
+    if os.path.isdir(manual_dir) and holds_data(manual_dir):
+        return manual_dir
+    raise DatasetError(
+        f"{manual_dir}: {archive!r} not found there (nor its extracted folder {folder!r}). "
+        "Download the archive and put it in this manual directory (see MANUAL_DOWNLOAD_INSTRUCTIONS)."
+    )
+
+
+def visible_files(folder):
+    """The file names in ``folder``, without hidden files (``.DS_Store``, macOS ``._*`` copies)."""
+    names = (f for f in os.listdir(folder) if not f.startswith("."))
+    return sorted(f for f in names if os.path.isfile(os.path.join(folder, f)))
+
+
+# --- GlaS --------------------------------------------------------------------------------------
+
+
+def read_instance_mask(path):
+    """``(height, width, 1)`` uint8: 1 where the instance label image is > 0 (any gland), else 0.
+
+    The label values are read as stored: the palette indices of an indexed
+    BMP, not the colours the palette maps them to, so that instance ``k`` is
+    foreground whatever colour a viewer would show it in.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("P", "PA", "LA"):
+                image = image.getchannel(0)
+            array = np.asarray(image)
+    except (OSError, UnidentifiedImageError, SyntaxError) as error:
+        raise DatasetError(f"{path}: cannot read the annotation image ({error}).") from error
+    if array.ndim == 3:  # colour-coded labels: any non-black colour is a gland
+        array = array[:, :, :3].max(axis=-1)
+    return (array > 0).astype(np.uint8)[:, :, None]
+
+
+def glas_pairs(folder):
+    """``{source split: [(name, image_path, annotation_path), ...]}``, each sorted by image number."""
+    files = visible_files(folder)
+    present = set(files)
+    pairs = {split: [] for split in SOURCE_SPLITS}
+    annotations = set()
+    for filename in files:
+        match = IMAGE_PATTERN.match(filename)
+        if match is None:
+            continue
+        stem = os.path.splitext(filename)[0]
+        annotation = stem + "_anno.bmp"
+        if annotation not in present:
+            raise DatasetError(
+                f"{os.path.join(folder, filename)}: no annotation; expected {os.path.join(folder, annotation)}."
+            )
+        annotations.add(annotation)
+        image_path, annotation_path = os.path.join(folder, filename), os.path.join(folder, annotation)
+        pairs[match.group(1)].append((int(match.group(2)), stem, image_path, annotation_path))
+    for filename in files:
+        if ANNOTATION_PATTERN.match(filename) and filename not in annotations:
+            raise DatasetError(f"{os.path.join(folder, filename)}: annotation without its image in {folder}.")
+    for split, found in pairs.items():
+        if not found:
+            raise DatasetError(
+                f"{folder}: no {split}_<n>.bmp images; the GlaS archive has 85 train, 60 testA, 20 testB."
+            )
+    return {split: [entry[1:] for entry in sorted(found)] for split, found in pairs.items()}
+
+
+def holds_glas(folder):
+    return any(IMAGE_PATTERN.match(f) for f in os.listdir(folder))
+
+
+class Glas(SegmentationBuilder):
+    """GlaS: H&E colon histology (Warwick QU, 165 images) with binary gland masks.
+
+    The MICCAI 2015 Gland Segmentation challenge data: ``train_<n>.bmp``
+    (85), ``testA_<n>.bmp`` (60) and ``testB_<n>.bmp`` (20), each with an
+    instance label image ``<stem>_anno.bmp`` (0 = background, 1..k = the
+    glands). The mask is foreground = label > 0, not the official loader's
+    > 127 (which suits 0/255 masks, not instance labels).
+
+    Splits: ``train``, the train images less a validation split of 10% of
+    them (9, chosen with a fixed seed); ``validation``; ``test``, testA and
+    testB together (the 80 images the paper evaluates on); ``test_a`` and
+    ``test_b``, the two parts alone. Configs: ``rgb`` (default) and
+    ``gray`` (luminance), both binary.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict] = {"1.0.0": "First release."}
+    BUILDER_CONFIGS: ClassVar[list] = [
+        SegmentationConfig(name="rgb", channels=3, binary=True, version="1.0.0",
+                           description="RGB images, masks: gland (instance label > 0) = 1."),
+        SegmentationConfig(name="gray", channels=1, binary=True, version="1.0.0",
+                           description="Grayscale images (luminance), masks: gland (instance label > 0) = 1."),
+    ]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
+    Download `{ARCHIVE}` from the GlaS challenge page of the University of
+    Warwick (https://warwick.ac.uk/fac/cross_fac/tia/data/glascontest/download/)
+    and put it, as it is, in the manual directory. The folder it extracts to,
+    `{FOLDER}/`, or the loose train_*/testA_*/testB_* .bmp files, are
+    accepted there too.
+    """
+
+    def _split_generators(self, dl_manager):
+        manual_dir = manual_directory(dl_manager)
+        folder = archive_folder(
+            manual_dir, ARCHIVE, FOLDER, os.path.join(os.fspath(dl_manager.download_dir), "extracted"), holds_glas
+        )
+        pairs = glas_pairs(folder)
+        train, validation = hold_out(pairs["train"], VALIDATION_FRACTION)
+        return {
+            "train": self._generate_examples(train),
+            "validation": self._generate_examples(validation),
+            "test": self._generate_examples(pairs["testA"] + pairs["testB"]),
+            "test_a": self._generate_examples(pairs["testA"]),
+            "test_b": self._generate_examples(pairs["testB"]),
+        }
+
+    def _generate_examples(self, pairs):
+        channels = self.builder_config.channels
+        for name, image_path, annotation_path in pairs:
+            image = read_image(image_path, channels)
+            mask = read_instance_mask(annotation_path)
+            check_same_size(image, mask, image_path, annotation_path)
+            yield name, {"image": encode_png(image), "mask": encode_png(mask), "name": name}

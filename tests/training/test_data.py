@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+import medt_keras  # noqa: F401
+
+from medt_keras.datasets import DatasetError
+from training.data import SegmentationBatches, to_model_input
+
+
+def _source(count, size=6, channels=3):
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "image": rng.integers(0, 256, (size, size, channels)).astype(np.uint8),
+            "mask": (rng.random((size, size, 1)) < 0.5).astype(np.uint8),
+            "name": f"ex{i}".encode(),
+        }
+        for i in range(count)
+    ]
+
+
+def test_batches_are_a_pure_function_of_seed_epoch_and_index():
+    source = _source(10)
+    a = SegmentationBatches(source, 4, 6, shuffle=True, flip_probability=0.5, seed=3)
+    b = SegmentationBatches(source, 4, 6, shuffle=True, flip_probability=0.5, seed=3)
+    assert a.num_batches == 3 and a[2][0].shape == (2, 6, 6, 3)  # last batch keeps the remainder
+    for epoch in (0, 1, 5):
+        a.epoch = b.epoch = epoch
+        for index in (2, 0, 1):  # any order, any process: same batch
+            np.testing.assert_array_equal(a[index][0], b[index][0])
+    a.epoch = 0
+    first = np.concatenate([a[i][1] for i in range(3)])
+    a.epoch = 1
+    second = np.concatenate([a[i][1] for i in range(3)])
+    assert not np.array_equal(first, second)  # a new order each epoch
+
+
+def test_flip_moves_image_and_mask_together_and_channel_order():
+    source = _source(1)
+    flipped = SegmentationBatches(source, 1, 6, shuffle=True, flip_probability=1.0)
+    image, mask = flipped[0]
+    expected = source[0]["image"][:, ::-1, ::-1].astype(np.float32) / 255  # flipped, BGR
+    np.testing.assert_allclose(image[0], expected)
+    np.testing.assert_array_equal(mask[0], source[0]["mask"][:, ::-1, 0])
+    rgb = to_model_input(source[0]["image"], "rgb")
+    np.testing.assert_allclose(rgb, source[0]["image"] / 255.0, rtol=1e-6)
+
+
+def test_examples_per_epoch_draws_a_fresh_sample():
+    source = _source(12)
+    batches = SegmentationBatches(source, 2, 6, shuffle=True, examples_per_epoch=4)
+    assert batches.num_batches == 2
+    seen = set()
+    for epoch in range(4):
+        batches.epoch = epoch
+        seen |= {m.tobytes() for i in range(2) for m in batches[i][1]}
+    assert len(seen) > 4
+
+
+def test_crop_and_resize_to_the_model_size():
+    source = _source(2, size=16)
+    cropped = SegmentationBatches(source, 2, 8, shuffle=True, crop_size=8)
+    image, mask = cropped[0]
+    assert image.shape == (2, 8, 8, 3) and mask.shape == (2, 8, 8)
+    resized = SegmentationBatches(source, 2, 8)
+    assert resized[0][0].shape == (2, 8, 8, 3) and set(np.unique(resized[0][1])) <= {0, 1}
+
+
+def test_split_errors_name_the_split():
+    with pytest.raises(DatasetError, match="hela train: the split is empty"):
+        SegmentationBatches([], 4, 6, name="hela train")
+    with pytest.raises(DatasetError, match="hela train: 3 example.*one batch of 4"):
+        SegmentationBatches(_source(3), 4, 6, shuffle=True, name="hela train")
+    bad = _source(1)
+    bad[0]["mask"] = bad[0]["mask"][:5]
+    with pytest.raises(DatasetError, match="ex0"):
+        SegmentationBatches(bad, 1, 6, name="x")[0]

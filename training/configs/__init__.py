@@ -1,0 +1,1 @@
+"""Training configurations, one module per config; ``medt-train --list-configs`` lists them."""

@@ -1,0 +1,349 @@
+"""``medt-train``: train a MedT-family model with ``model.fit`` and the official recipe.
+
+    medt-train --config gated_hela              # the README's demo
+    medt-train --config medt_hela --epochs 5    # any config field can be overridden
+    medt-train --config medt_hela --resume      # continue a killed run where it stopped
+
+A run writes into its output directory (default ``runs/<config>``):
+``log.csv`` (one row per epoch), ``run_state.npz`` (everything resuming
+needs, rewritten atomically after every epoch), ``best.weights.h5`` (best
+validation F1), ``checkpoints/epoch_NNNN.weights.h5`` (every
+``checkpoint_every`` epochs), and after training ``model.keras`` (the best
+weights), ``test_metrics.json`` and ``test_predictions.png``.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import medt_keras  # noqa: F401  (selects the JAX backend before keras is imported)
+
+import numpy as np
+
+import keras
+
+from medt_keras import AxialUNet, GatedAxialUNet, LoGo, MedT
+from medt_keras.datasets import DatasetError, load
+from training import checkpoint
+from training.config import TrainConfig, apply_overrides, config_names, load_config, parser_with_overrides
+from training.data import SegmentationBatches
+from training.metrics import ForegroundF1, ForegroundIoU, official_protocol_scores, pooled_scores
+from training.optimizers import OfficialAdam
+from training.visualize import prediction_grid
+
+MODEL_CLASSES = {"medt": MedT, "logo": LoGo, "gated": GatedAxialUNet, "axialunet": AxialUNet}
+SPLITS = ("train", "validation", "test")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def gate_variables(model):
+    return [v for v in model.trainable_variables if v.path.rsplit("/", 1)[-1].startswith("gate_")]
+
+
+class GateSchedule(keras.callbacks.Callback):
+    """Holds the gates still before ``unfreeze_epoch`` (official: frozen until epoch index 10 has finished)."""
+
+    def __init__(self, optimizer, gates, unfreeze_epoch):
+        super().__init__()
+        self.optimizer, self.gates, self.unfreeze_epoch = optimizer, gates, unfreeze_epoch
+
+    def apply(self, epoch):
+        if epoch >= self.unfreeze_epoch:
+            self.optimizer.unfreeze(self.gates)
+        else:
+            self.optimizer.freeze(self.gates)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.apply(epoch)
+
+
+class EpochData(keras.callbacks.Callback):
+    """Tells the training batches which epoch it is, so order and flips follow (seed, epoch)."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.epoch = epoch
+
+
+class RunKeeper(keras.callbacks.Callback):
+    """After each completed epoch: best and periodic weights, the resumable state, the CSV log.
+
+    A NaN or infinite loss stops training before the epoch's checkpoint, so
+    the last good state stays on disk.
+    """
+
+    def __init__(self, directory, optimizer, config, meta, test_batches=None):
+        super().__init__()
+        self.directory, self.optimizer, self.config, self.meta = directory, optimizer, config, meta
+        self.test_batches = test_batches
+        self.diverged = None
+        self._epoch = 0
+        self._started = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._started = time.time()
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.diverged = (self._epoch, batch, float(loss))
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.diverged is not None:
+            return
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        if self.test_batches is not None:
+            # Reported only, never used for choosing: the official table evaluated the test set every epoch.
+            results = self.model.evaluate(self.test_batches, verbose=0, return_dict=True)
+            logs.update(test_f1=float(results["f1"]), test_iou=float(results["iou"]))
+        row = {"epoch": epoch + 1, **logs, "seconds": round(time.time() - self._started, 2)}
+        self.meta["history"].append(row)
+        score = logs.get("val_f1")
+        if score is not None and score > self.meta["best_val_f1"]:
+            self.meta["best_val_f1"], self.meta["best_epoch"] = score, epoch + 1
+            checkpoint.save_weights(self.model, os.path.join(self.directory, "best.weights.h5"))
+        if (epoch + 1) % self.config.checkpoint_every == 0 or epoch + 1 == self.config.epochs:
+            checkpoint.save_weights(
+                self.model, os.path.join(self.directory, "checkpoints", f"epoch_{epoch + 1:04d}.weights.h5")
+            )
+        self.meta["next_epoch"] = epoch + 1
+        checkpoint.save_run_state(self.directory, self.model, self.optimizer, self.meta)
+        write_csv(os.path.join(self.directory, "log.csv"), self.meta["history"])
+
+
+def write_csv(path, rows):
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    lines = [",".join(columns)] + [",".join(_format(row.get(c, "")) for c in columns) for row in rows]
+    checkpoint.atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _format(value):
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def build_model(config, in_channels):
+    model_class = MODEL_CLASSES[config.model]
+    return model_class(
+        img_size=config.img_size,
+        in_channels=in_channels,
+        num_classes=config.num_classes,
+        gates_trainable=True,
+        dtype=config.dtype,
+        **config.model_args,
+    )
+
+
+def make_batches(config, sources):
+    missing = [s for s in SPLITS if s not in sources]
+    if missing:
+        raise DatasetError(f"{config.dataset}: no {', '.join(missing)} split (has: {', '.join(sources)}).")
+    common = dict(image_size=config.img_size, channel_order=config.channel_order, seed=config.seed)
+    train = SegmentationBatches(
+        sources["train"], config.batch_size, shuffle=True, flip_probability=config.flip_probability,
+        crop_size=config.crop_size, limit=config.max_train_examples,
+        examples_per_epoch=config.examples_per_epoch, name=f"{config.dataset} train", **common,
+    )
+    validation = SegmentationBatches(
+        sources["validation"], config.batch_size, limit=config.max_eval_examples,
+        name=f"{config.dataset} validation", **common,
+    )
+    test = SegmentationBatches(
+        sources["test"], config.batch_size, limit=config.max_eval_examples, name=f"{config.dataset} test", **common
+    )
+    return train, validation, test
+
+
+def _resolve_resume(config, directory, resume):
+    """The config to run: on resume the saved one (only ``epochs`` may change)."""
+    saved = checkpoint.read_run_state(directory)
+    if saved is None:
+        if resume:
+            print(f"medt-train: no run state in {directory}; starting from the beginning.", flush=True)
+        return config, None
+    if not resume:
+        raise SystemExit(
+            f"medt-train: {directory} already holds a run (epoch {saved['next_epoch']} done). "
+            "Pass --resume to continue it, or --output-dir for a new run."
+        )
+    saved_config = TrainConfig(**saved["config"])
+    differences = [
+        f"{f.name}: saved {getattr(saved_config, f.name)!r}, now {getattr(config, f.name)!r}"
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in ("epochs", "output_dir") and getattr(saved_config, f.name) != getattr(config, f.name)
+    ]
+    if differences:
+        raise SystemExit(
+            f"medt-train: --resume with a config that differs from the saved run in {directory}: "
+            + "; ".join(differences)
+        )
+    return dataclasses.replace(saved_config, epochs=config.epochs, output_dir=config.output_dir), saved
+
+
+def train(config, resume=False, verbose="auto"):
+    """Trains, evaluates on the test split and writes the run's files; returns the test report (a dict)."""
+    directory = config.output_dir or os.path.join("runs", "run")
+    config = dataclasses.replace(config, output_dir=directory)
+    config, saved = _resolve_resume(config, directory, resume)
+    os.makedirs(directory, exist_ok=True)
+    started = time.time()
+
+    keras.utils.set_random_seed(config.seed)
+    sources = load(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
+    train_batches, validation_batches, test_batches = make_batches(config, sources)
+    in_channels = int(np.asarray(sources["train"][0]["image"]).shape[-1])
+
+    model = build_model(config, in_channels)
+    optimizer = OfficialAdam(learning_rate=config.learning_rate, l2=config.weight_decay)
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[ForegroundF1(config.num_classes), ForegroundIoU(config.num_classes)],
+    )
+    optimizer.build(model.trainable_variables)
+    gates = GateSchedule(optimizer, gate_variables(model), config.gate_unfreeze_epoch)
+
+    meta = dict(config=dataclasses.asdict(config), next_epoch=0, best_val_f1=-1.0, best_epoch=0, history=[])
+    if saved is not None:
+        meta = checkpoint.restore_run_state(directory, model, optimizer)
+        meta["config"] = dataclasses.asdict(config)
+        print(f"medt-train: resuming {directory} at epoch {meta['next_epoch'] + 1}.", flush=True)
+    gates.apply(meta["next_epoch"])
+    keeper = RunKeeper(directory, optimizer, config, meta, test_batches if config.test_each_epoch else None)
+
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+    print(
+        f"medt-train: {config.model} on {config.dataset}: {train_batches.size} train / "
+        f"{validation_batches.size} validation / {test_batches.size} test examples, "
+        f"{config.img_size}x{config.img_size}x{in_channels}, {sum(int(np.prod(v.shape)) for v in model.trainable_variables):,} parameters, "
+        f"epochs {meta['next_epoch'] + 1}..{config.epochs}, output {directory}",
+        flush=True,
+    )
+    if meta["next_epoch"] < config.epochs:
+        model.fit(
+            train_batches,
+            validation_data=validation_batches,
+            epochs=config.epochs,
+            initial_epoch=meta["next_epoch"],
+            callbacks=[EpochData(train_batches), gates, keeper],
+            shuffle=False,
+            verbose=verbose,
+        )
+    if keeper.diverged is not None:
+        epoch, batch, loss = keeper.diverged
+        raise TrainingDiverged(
+            f"loss became {loss} in epoch {epoch + 1}, batch {batch + 1}; training stopped. The last good state "
+            f"(after epoch {meta['next_epoch']}) is in {directory}; lower --learning-rate and --resume."
+        )
+    train_seconds = time.time() - started
+
+    best = os.path.join(directory, "best.weights.h5")
+    if os.path.isfile(best):
+        model.load_weights(best)
+    report = evaluate_test(model, test_batches, config, directory)
+    report.update(
+        best_epoch=meta["best_epoch"],
+        best_val_f1=meta["best_val_f1"],
+        epochs=config.epochs,
+        seconds_total=round(time.time() - started, 1),
+        seconds_training=round(train_seconds, 1),
+    )
+    checkpoint.save_model(model, os.path.join(directory, "model.keras"))
+    checkpoint.atomic_write_text(os.path.join(directory, "test_metrics.json"), json.dumps(report, indent=2) + "\n")
+    print(
+        f"medt-train: test F1 {report['f1']:.4f}  IoU {report['iou']:.4f}  "
+        f"(official protocol, per-image mean: F1 {report['official_f1']:.4f} IoU {report['official_iou']:.4f}) "
+        f"with the best validation epoch {report['best_epoch']}; "
+        f"{report['seconds_total']:.0f} s; files in {directory}",
+        flush=True,
+    )
+    return report
+
+
+def evaluate_test(model, batches, config, directory):
+    """Pooled F1/IoU (Keras metrics), the official per-image protocol, and the prediction picture."""
+    results = model.evaluate(batches, verbose=0, return_dict=True)
+    predictions, masks, images, logit_threshold = [], [], [], []
+    for index in range(batches.num_batches):
+        x, y = batches[index]
+        logits = np.asarray(model.predict_on_batch(x))
+        predictions.append(np.argmax(logits, axis=-1))
+        if config.num_classes == 2:
+            logit_threshold.append(logits[..., 1] >= 0.5)
+        masks.append(y)
+        if sum(len(i) for i in images) < config.preview_images:
+            images.append(x)
+    predictions, masks = np.concatenate(predictions), np.concatenate(masks)
+    f1, iou = pooled_scores(predictions, masks, config.num_classes)
+    report = dict(
+        f1=float(results["f1"]),
+        iou=float(results["iou"]),
+        loss=float(results["loss"]),
+        f1_numpy_check=f1,
+        iou_numpy_check=iou,
+        examples=int(len(masks)),
+    )
+    if config.num_classes == 2:
+        report["official_f1"], report["official_iou"] = official_protocol_scores(predictions, masks)
+        report["official_f1_tp0_as_0"], report["official_iou_tp0_as_0"] = official_protocol_scores(
+            predictions, masks, tp_zero_scores_one=False
+        )
+        threshold = np.concatenate(logit_threshold)
+        report["official_logit_threshold_f1"], report["official_logit_threshold_iou"] = official_protocol_scores(
+            threshold, masks
+        )
+    else:
+        report["official_f1"], report["official_iou"] = f1, iou
+    count = min(config.preview_images, len(masks))
+    if count:
+        # Show the test examples with the most foreground: the interesting ones.
+        chosen = np.sort(np.argsort([-(m > 0).sum() for m in masks])[:count])
+        shown = np.concatenate(images)[: len(masks)]
+        if len(shown) < len(masks):
+            shown = np.concatenate([batches[i][0] for i in range(batches.num_batches)])
+        names = batches.names()
+        prediction_grid(
+            shown[chosen], masks[chosen], predictions[chosen], os.path.join(directory, "test_predictions.png"),
+            names=[names[i] for i in chosen],
+        )
+    return report
+
+
+def main(argv=None):
+    parser = parser_with_overrides(prog="medt-train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="gated_hela", help=f"one of: {', '.join(config_names())}, or a .py file")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the output directory")
+    parser.add_argument("--verbose", default="auto", help="Keras verbosity: auto, 0, 1 (progress bar) or 2")
+    parser.add_argument("--list-configs", action="store_true")
+    args = parser.parse_args(argv)
+    if args.list_configs:
+        for name in config_names():
+            print(name)
+        return 0
+    try:
+        config = apply_overrides(load_config(args.config), args)
+        if config.output_dir is None:
+            config = dataclasses.replace(config, output_dir=os.path.join("runs", os.path.basename(args.config).removesuffix(".py")))
+        verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
+        train(config, resume=args.resume, verbose=verbose)
+    except (DatasetError, TrainingDiverged, ValueError) as error:
+        print(f"medt-train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
