@@ -12,7 +12,7 @@ from xml.etree import ElementTree
 import numpy as np
 import tensorflow_datasets as tfds
 
-from medt_keras.datasets.glas import archive_folder, manual_directory, visible_files
+from medt_keras.datasets.archives import archive_folder, manual_directory, visible_files
 from medt_keras.datasets.images import DatasetError, encode_png, read_image
 from medt_keras.datasets.segmentation import (
     SegmentationBuilder,

@@ -129,7 +129,7 @@ def test_glas_image_without_annotation(tmp_path):
 
 
 def test_glas_archive_is_reused_and_reextracted_when_changed(tmp_path):
-    from medt_keras.datasets.glas import extract_zip
+    from medt_keras.datasets.archives import extract_zip
 
     archive = write_archive(tmp_path / "manual")
     first = extract_zip(archive, tmp_path / "extracted")
