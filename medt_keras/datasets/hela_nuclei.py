@@ -119,3 +119,28 @@ class HelaNuclei(SegmentationBuilder):
                     "mask": encode_png(mask[y : y + size, x : x + size]),
                     "name": name,
                 }
+
+
+def export_frames(directory, split="test", manual_dir=None):
+    """Writes a split's whole frames: ``images/frameNN.tif`` (raw uint16) and ``masks/frameNN.png`` (0/255).
+
+    For ``medt-predict`` / ``medt-evaluate`` on full 700 x 1100 frames; the
+    predictor's default normalisation of 16-bit images is this dataset's.
+    """
+    import tifffile
+
+    from training.checkpoint import atomic_path
+
+    frames, labels = read_stacks(manual_dir)
+    os.makedirs(os.path.join(directory, "images"), exist_ok=True)
+    os.makedirs(os.path.join(directory, "masks"), exist_ok=True)
+    written = []
+    for index in SPLIT_FRAMES[split]:
+        with atomic_path(os.path.join(directory, "images", f"frame{index:02d}.tif")) as temporary:
+            tifffile.imwrite(temporary, frames[index])
+        with atomic_path(os.path.join(directory, "masks", f"frame{index:02d}.png")) as temporary:
+            with open(temporary, "wb") as handle:
+                handle.write(encode_png(((labels[index] > 0) * 255).astype(np.uint8)))
+        written.append(index)
+    return written
+

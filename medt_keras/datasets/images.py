@@ -98,3 +98,38 @@ def tile_grid(height, width, tile_size):
         for row in range(height // tile_height)
         for col in range(width // tile_width)
     ]
+
+
+def read_image_native(path):
+    """Reads PNG, JPEG, BMP or TIFF (8- or 16-bit, gray, RGB or RGBA) as ``(height, width, channels)``, native dtype.
+
+    The alpha channel of RGBA images is dropped; palette images become RGB.
+    A TIFF with several pages gives its first page.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: file not found.")
+    try:
+        if path.lower().endswith((".tif", ".tiff")):
+            import tifffile
+
+            array = np.asarray(tifffile.imread(path, key=0))
+        else:
+            with Image.open(path) as image:
+                image.load()
+                if image.mode in ("P", "PA", "LA", "CMYK", "YCbCr", "1"):
+                    image = image.convert("RGBA" if "A" in image.mode else "RGB")
+                array = np.asarray(image)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"{path}: cannot read the image ({error}).") from error
+    except Exception as error:  # tifffile raises several types for broken files
+        raise DatasetError(f"{path}: cannot read the image ({type(error).__name__}: {error}).") from error
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise DatasetError(f"{path}: expected a 2-D gray, RGB or RGBA image, got an array of shape {array.shape}.")
+    if array.shape[-1] == 4:
+        array = array[..., :3]
+    return array

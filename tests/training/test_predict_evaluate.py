@@ -1,0 +1,119 @@
+"""``medt-predict`` and ``medt-evaluate``: files in, masks and reports out, bad files reported and skipped."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import medt_keras
+
+from medt_keras.inference import softmax
+from training import evaluate, predict
+
+TINY = dict(width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    model = medt_keras.GatedAxialUNet(img_size=32, in_channels=3, **TINY)
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    model.save(path)
+    return model, os.fspath(path)
+
+
+def test_predict_writes_masks_and_skips_bad_files(saved_model, tmp_path, capsys):
+    import tifffile
+
+    model, path = saved_model
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    good = rng.integers(0, 256, (40, 50, 3)).astype(np.uint8)
+    Image.fromarray(good).save(inputs / "good.png")
+    Image.fromarray(np.zeros((32, 32, 4), np.uint8)).save(inputs / "rgba.png")  # alpha dropped
+    (inputs / "broken.png").write_bytes(b"\x89PNG but not really")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(inputs / "gray.png")
+    tifffile.imwrite(inputs / "nan.tif", np.full((32, 32, 3), np.nan, np.float32), photometric="rgb")
+    output = tmp_path / "out"
+
+    status = predict.main([path, os.fspath(inputs), "-o", os.fspath(output), "--probabilities", "--overlay", "--quiet"])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "2 of 5 images segmented" in captured.out and "3 failed" in captured.out
+    assert f"{inputs / 'broken.png'}: cannot read the image" in captured.err
+    assert f"{inputs / 'gray.png'}: 1 channel(s), but the model takes 3" in captured.err
+    assert f"{inputs / 'nan.tif'}: the image has NaN or infinite pixel values" in captured.err
+
+    mask = np.asarray(Image.open(output / "good.png"))
+    probabilities = np.load(output / "good_probabilities.npy")
+    assert mask.shape == (40, 50) and set(np.unique(mask)) <= {0, 255}
+    # Softmax + argmax, in the official BGR channel order; never a raw-logit threshold.
+    np.testing.assert_array_equal(mask, (probabilities.argmax(-1) * 255).astype(np.uint8))
+    tile = good[:32, :32, ::-1].astype(np.float32)[None] / 255
+    assert probabilities[:32, :32].shape == softmax(model.predict_on_batch(tile))[0].shape
+    assert (output / "good_overlay.png").is_file() and (output / "rgba.png").is_file()
+
+
+def test_predict_on_a_model_size_image_equals_the_model(saved_model, tmp_path):
+    model, path = saved_model
+    image = np.random.default_rng(1).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    assert predict.main([path, os.fspath(tmp_path / "x.png"), "-o", os.fspath(tmp_path / "o"), "--quiet",
+                         "--probabilities"]) == 0
+    direct = softmax(model.predict_on_batch(image[None, :, :, ::-1].astype(np.float32) / 255))[0]
+    np.testing.assert_array_equal(np.load(tmp_path / "o" / "x_probabilities.npy"), direct)
+
+
+def test_predict_errors_for_empty_folder_and_bad_checkpoint(saved_model, tmp_path, capsys):
+    _, path = saved_model
+    (tmp_path / "empty").mkdir()
+    assert predict.main([path, os.fspath(tmp_path / "empty"), "-o", os.fspath(tmp_path / "o")]) == 2
+    assert f"{tmp_path / 'empty'}: no images" in capsys.readouterr().err
+    assert predict.main([os.fspath(tmp_path / "missing.keras"), os.fspath(tmp_path), "-o", "x"]) == 2
+    assert "missing.keras: checkpoint not found" in capsys.readouterr().err
+
+
+def _mask(path, array):
+    Image.fromarray(array.astype(np.uint8)).save(path)
+
+
+def test_evaluate_scores_reports_and_official_protocol(tmp_path, capsys):
+    predictions, truth = tmp_path / "pred", tmp_path / "gt"
+    predictions.mkdir()
+    truth.mkdir()
+    a_truth, a_pred = np.zeros((8, 8)), np.zeros((8, 8))
+    a_truth[0, :8], a_truth[1, :2] = 255, 255  # 10 foreground pixels
+    a_pred[0, :5], a_pred[2, :5] = 255, 255  # 5 hits, 5 false positives, 5 misses
+    b_truth = np.zeros((8, 8))
+    b_truth[5, 5] = 255  # a total miss: TP = 0
+    _mask(truth / "a.png", a_truth)
+    _mask(predictions / "a.png", a_pred)
+    _mask(truth / "b.png", b_truth)
+    _mask(predictions / "b.png", np.zeros((8, 8)))
+    _mask(predictions / "b_overlay.png", np.zeros((8, 8, 3)))  # medt-predict's extras are skipped
+    assert evaluate.main([os.fspath(predictions), os.fspath(truth), "--official-protocol",
+                          "--report", os.fspath(tmp_path / "r")]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["images"] == 2
+    assert summary["mean_f1"] == pytest.approx((0.5 + 0.0) / 2)
+    assert summary["official_mean_f1"] == pytest.approx((0.5 + 1.0) / 2)  # TP = 0 scores 1
+    assert summary["pooled_f1"] == pytest.approx(2 * 5 / (2 * 5 + 5 + 6))
+    assert summary["mean_iou"] == pytest.approx((1 / 3) / 2)
+    rows = (tmp_path / "r" / "per_image.csv").read_text().splitlines()
+    assert rows[0].startswith("name,f1,iou,tp,fp,fn") and rows[1].startswith("a,0.500000,0.333333,5,5,5")
+    assert (tmp_path / "r" / "report.png").is_file()
+
+
+def test_evaluate_errors_name_the_file(tmp_path, capsys):
+    predictions, truth = tmp_path / "pred", tmp_path / "gt"
+    predictions.mkdir()
+    truth.mkdir()
+    _mask(predictions / "a.png", np.zeros((8, 8)))
+    _mask(truth / "b.png", np.zeros((8, 8)))
+    assert evaluate.main([os.fspath(predictions), os.fspath(truth)]) == 2
+    assert f"{predictions / 'a.png'}: no ground truth named a.*" in capsys.readouterr().err
+    _mask(truth / "a.png", np.zeros((9, 8)))
+    assert evaluate.main([os.fspath(predictions), os.fspath(truth)]) == 2
+    assert "a.png: 8x8 but the ground truth" in capsys.readouterr().err

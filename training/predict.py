@@ -1,0 +1,192 @@
+"""``medt-predict``: segment images of any size with a trained or converted model.
+
+    medt-predict runs/gated_hela/model.keras frames/ --output predictions/
+    medt-predict official_medt.pth image.png --output out/ --probabilities --overlay
+
+The checkpoint is a ``.keras`` model (what ``medt-train`` writes) or an
+official PyTorch ``.pth`` state_dict (converted on the fly, no PyTorch
+needed). Images of any size are segmented with overlapping tiles of the
+model's size, blended (``medt_keras.inference``). Masks come from the
+softmax: argmax, or for two classes ``--threshold`` on the foreground
+probability, never the official scripts' threshold on raw logits (which
+gives the all-black masks users reported).
+
+Each input gives ``<stem>.png`` (binary: 0/255; more classes: class
+indices), and on request ``<stem>_probabilities.npy`` (height, width,
+classes) float32 and ``<stem>_overlay.png``. A file that fails is reported
+and skipped; the others are still processed; the exit status is 1 if any
+failed.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import medt_keras  # noqa: F401  (selects the JAX backend before keras is imported)
+
+import numpy as np
+
+from medt_keras.datasets.images import DatasetError, encode_png, percentile_normalize, read_image_native
+from medt_keras.inference import BLENDS, sliding_window_probabilities
+from training.checkpoint import atomic_path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def load_model(path, dtype="float32"):
+    """A ``.keras`` model, or an official ``.pth`` converted on the fly."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: checkpoint not found.")
+    if path.endswith(".keras"):
+        import keras
+
+        import training.metrics  # noqa: F401  (registers the metrics a saved model may name)
+
+        return keras.saving.load_model(path, compile=False)
+    if path.endswith((".pth", ".pt", ".safetensors")):
+        from weights_converter.convert import load_official_checkpoint
+
+        return load_official_checkpoint(path, dtype=dtype)
+    raise DatasetError(f"{path}: expected a .keras model or an official .pth / .safetensors checkpoint.")
+
+
+def collect_inputs(paths):
+    """Image files from files and folders (sorted, one level deep); an empty folder is an error."""
+    files = []
+    for path in paths:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            found = sorted(
+                os.path.join(path, f) for f in os.listdir(path)
+                if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")
+            )
+            if not found:
+                raise DatasetError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder.")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def prepare_image(path, channels, channel_order="bgr", normalize="auto"):
+    """Reads ``path`` as the model's input: ``(height, width, channels)`` float32 in [0, 1].
+
+    ``normalize``: ``"dtype"`` divides by the type's maximum (255 for 8-bit,
+    as training does); ``"percentile"`` maps the image's 1st / 99.8th
+    percentiles to 0 / 1 (the ``hela_nuclei`` preparation, for 16-bit
+    microscopy); ``"auto"``: dtype for 8-bit images, percentile otherwise.
+    """
+    array = read_image_native(path)
+    if not np.all(np.isfinite(array)):
+        raise DatasetError(f"{path}: the image has NaN or infinite pixel values.")
+    if array.shape[-1] != channels:
+        raise DatasetError(
+            f"{path}: {array.shape[-1]} channel(s), but the model takes {channels}. "
+            + ("Convert the image to grayscale." if channels == 1 else "Convert the image to RGB.")
+        )
+    mode = normalize
+    if mode == "auto":
+        mode = "dtype" if array.dtype == np.uint8 else "percentile"
+    if mode == "dtype":
+        if array.dtype.kind in "ui":
+            image = array.astype(np.float32) / float(np.iinfo(array.dtype).max)
+        else:
+            image = array.astype(np.float32)
+    elif mode == "percentile":
+        image = np.stack([percentile_normalize(array[..., c]) for c in range(channels)], axis=-1)
+    else:
+        raise ValueError(f"normalize: {normalize!r}; use auto, dtype or percentile.")
+    if channels == 3 and channel_order == "bgr":
+        image = image[..., ::-1]
+    return np.ascontiguousarray(image)
+
+
+def mask_from_probabilities(probabilities, threshold=None):
+    """Class indices ``(height, width)``: argmax, or foreground probability >= ``threshold`` (two classes)."""
+    if threshold is None:
+        return np.argmax(probabilities, axis=-1).astype(np.uint8)
+    if probabilities.shape[-1] != 2:
+        raise ValueError("--threshold needs a two-class model; use argmax for more classes.")
+    return (probabilities[..., 1] >= threshold).astype(np.uint8)
+
+
+def write_png(path, array):
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            handle.write(encode_png(array))
+
+
+def predict_files(model, files, output, *, channel_order="bgr", normalize="auto", overlap=0.25, batch_size=8,
+                  blend="gaussian", threshold=None, probabilities=False, overlay=False, progress=True):
+    """Segments each file; returns ``(written stems, {file: error message})``."""
+    from training.visualize import overlay as overlay_picture
+
+    os.makedirs(output, exist_ok=True)
+    channels = int(model.input_shape[-1])
+    done, failed = [], {}
+    for number, path in enumerate(files, 1):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        try:
+            image = prepare_image(path, channels, channel_order, normalize)
+            if progress:
+                print(f"[{number}/{len(files)}] {path} {image.shape[0]}x{image.shape[1]}", flush=True)
+            probs = sliding_window_probabilities(model, image, overlap=overlap, batch_size=batch_size, blend=blend,
+                                                 progress=progress)
+            mask = mask_from_probabilities(probs, threshold)
+            binary = probs.shape[-1] == 2
+            write_png(os.path.join(output, f"{stem}.png"), mask * 255 if binary else mask)
+            if probabilities:
+                with atomic_path(os.path.join(output, f"{stem}_probabilities.npy")) as temporary:
+                    with open(temporary, "wb") as handle:
+                        np.save(handle, probs)
+            if overlay:
+                shown = image[..., ::-1] if channels == 3 and channel_order == "bgr" else image
+                picture = overlay_picture(shown, np.zeros_like(mask), mask, alpha=0.45)
+                write_png(os.path.join(output, f"{stem}_overlay.png"), picture.astype(np.uint8))
+            done.append(stem)
+        except (DatasetError, ValueError) as error:
+            failed[path] = str(error)
+            print(f"medt-predict: error: {error}", file=sys.stderr, flush=True)
+    return done, failed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="medt-predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help=".keras model or official .pth state_dict")
+    parser.add_argument("inputs", nargs="+", help="image files or folders")
+    parser.add_argument("--output", "-o", required=True, help="folder for the masks")
+    parser.add_argument("--channel-order", choices=("bgr", "rgb"), default="bgr",
+                        help="order the model expects colour channels in (official: bgr)")
+    parser.add_argument("--normalize", choices=("auto", "dtype", "percentile"), default="auto")
+    parser.add_argument("--overlap", type=float, default=0.25, help="fraction of a tile shared with its neighbour")
+    parser.add_argument("--blend", choices=BLENDS, default="gaussian")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="two classes: foreground probability threshold instead of argmax")
+    parser.add_argument("--probabilities", action="store_true", help="also write <stem>_probabilities.npy")
+    parser.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    started = time.time()
+    try:
+        model = load_model(args.checkpoint)
+        files = collect_inputs(args.inputs)
+    except (DatasetError, ValueError) as error:
+        print(f"medt-predict: error: {error}", file=sys.stderr)
+        return 2
+    done, failed = predict_files(
+        model, files, args.output, channel_order=args.channel_order, normalize=args.normalize, overlap=args.overlap,
+        batch_size=args.batch_size, blend=args.blend, threshold=args.threshold, probabilities=args.probabilities,
+        overlay=args.overlay, progress=not args.quiet,
+    )
+    print(f"medt-predict: {len(done)} of {len(files)} images segmented into {args.output} "
+          f"in {time.time() - started:.1f} s" + (f"; {len(failed)} failed:" if failed else "."))
+    for path, message in failed.items():
+        print(f"  {message}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
