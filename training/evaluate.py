@@ -103,8 +103,12 @@ def evaluate_folders(predictions_dir, truth_dir, num_classes=2, threshold=127, o
     return rows, summary, predictions, truths
 
 
-def write_report(rows, predictions, truths, num_classes, threshold, path, images_dir=None, count=3):
-    """``report.png``: the ``count`` best and worst images by F1, as image | ground truth | overlay."""
+def write_report(rows, predictions, truths, num_classes, threshold, path, images_dir=None, count=3, width=1200):
+    """``report.png``: the ``count`` best and worst images by F1, as image | ground truth | overlay.
+
+    Images wider than a third of ``width`` pixels are shown subsampled by an
+    integer factor, so a report of whole histology images stays small.
+    """
     from training.visualize import prediction_grid
 
     ordered = sorted(rows, key=lambda r: r["f1"])
@@ -130,8 +134,10 @@ def write_report(rows, predictions, truths, num_classes, threshold, path, images
         masks.append(truth)
         preds.append(prediction)
         names.append(f"{row['name']}  F1 {row['f1']:.3f}")
-    scale = 1 if max(size) >= 256 else None
-    return prediction_grid(np.stack(pictures), np.stack(masks), np.stack(preds), path, names=names, scale=scale)
+    step = max(1, -(-size[1] * 3 // width))
+    pictures, masks, preds = (np.stack(a)[:, ::step, ::step] for a in (pictures, masks, preds))
+    scale = 1 if max(masks.shape[1:]) >= 256 else None
+    return prediction_grid(pictures, masks, preds, path, names=names, scale=scale)
 
 
 def main(argv=None):
@@ -143,6 +149,7 @@ def main(argv=None):
     parser.add_argument("--official-protocol", action="store_true",
                         help="also the paper's per-image mean with TP = 0 scored 1")
     parser.add_argument("--images", help="folder of the input images, shown in the report")
+    parser.add_argument("--report-width", type=int, default=1200, help="report.png width in pixels, about")
     parser.add_argument("--report", help="folder for per_image.csv, summary.json and report.png (default: predictions)")
     args = parser.parse_args(argv)
     report_dir = args.report or args.predictions
@@ -161,7 +168,7 @@ def main(argv=None):
     atomic_write_text(os.path.join(report_dir, "per_image.csv"), "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(report_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     write_report(rows, predictions, truths, args.num_classes, args.mask_threshold,
-                 os.path.join(report_dir, "report.png"), args.images)
+                 os.path.join(report_dir, "report.png"), args.images, width=args.report_width)
     text = (f"medt-evaluate: {summary['images']} images: pooled F1 {summary['pooled_f1']:.4f} IoU "
             f"{summary['pooled_iou']:.4f}; per-image mean F1 {summary['mean_f1']:.4f} IoU {summary['mean_iou']:.4f}")
     if args.official_protocol:
