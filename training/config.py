@@ -50,6 +50,7 @@ class TrainConfig:
     max_eval_examples: typing.Optional[int] = None
     examples_per_epoch: typing.Optional[int] = None
     test_each_epoch: bool = False
+    distribution: str = "none"
     checkpoint_every: int = 10
     preview_images: int = 6
     output_dir: typing.Optional[str] = None

@@ -64,6 +64,15 @@ class SegmentationBatches(keras.utils.PyDataset):
             each epoch) instead of all of them.
         flip_probability: random horizontal flip (official default 0.5).
         name: the split's name, for error messages.
+        process_index, process_count: in a multi-process (multi-host) run,
+            each process yields only its share of every global batch:
+            examples ``[i * b / n, (i + 1) * b / n)`` of it, for process
+            ``i`` of ``n`` and global batch ``b``.
+        drop_remainder: drop the last batch if it is not full (data-parallel
+            training needs every batch to divide over the devices).
+        pad_remainder: fill the last batch up to ``batch_size`` with copies
+            whose pixels get sample weight 0, and yield ``(images, masks,
+            weights)`` for every batch (data-parallel evaluation).
     """
 
     def __init__(
@@ -80,6 +89,10 @@ class SegmentationBatches(keras.utils.PyDataset):
         limit=None,
         examples_per_epoch=None,
         name="split",
+        process_index=0,
+        process_count=1,
+        drop_remainder=False,
+        pad_remainder=False,
     ):
         super().__init__()
         self.source = source
@@ -101,9 +114,15 @@ class SegmentationBatches(keras.utils.PyDataset):
         self.seed = int(seed)
         self.name = name
         self.epoch = 0
+        if self.batch_size % process_count:
+            raise DatasetError(f"{name}: batch size {self.batch_size} does not divide over {process_count} processes.")
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        self.drop_remainder, self.pad_remainder = bool(drop_remainder), bool(pad_remainder)
 
     @property
     def num_batches(self):
+        if self.drop_remainder:
+            return self.epoch_size // self.batch_size
         return -(-self.epoch_size // self.batch_size)
 
     def __len__(self):
@@ -140,9 +159,20 @@ class SegmentationBatches(keras.utils.PyDataset):
         if batch_index >= self.num_batches:
             raise IndexError(batch_index)
         order, flips, crops = self._epoch_plan()
-        positions = range(batch_index * self.batch_size, min((batch_index + 1) * self.batch_size, self.epoch_size))
-        pairs = [self.example(order[p], flips[p], crops[p] if self.shuffle else None) for p in positions]
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        start = batch_index * self.batch_size
+        positions = list(range(start, min(start + self.batch_size, self.epoch_size)))
+        real = len(positions)
+        if self.pad_remainder:
+            positions += [positions[-1]] * (self.batch_size - real)
+        share = len(positions) // self.process_count
+        mine = range(self.process_index * share, (self.process_index + 1) * share)
+        pairs = [self.example(order[positions[k]], flips[positions[k]], crops[positions[k]] if self.shuffle else None)
+                 for k in mine]
+        images, masks = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        if not self.pad_remainder:
+            return images, masks
+        weights = np.array([1.0 if k < real else 0.0 for k in mine], np.float32)
+        return images, masks, np.broadcast_to(weights[:, None, None], masks.shape).copy()
 
     def names(self):
         return [_name(self.source[i]) for i in range(self.size)]

@@ -34,6 +34,9 @@ class _ForegroundCounts(keras.metrics.Metric):
         classes = ops.arange(1, self.num_classes, dtype="int32")[None, :]
         truth = ops.cast(labels[:, None] == classes, "float32")
         guess = ops.cast(ops.cast(predicted, "int32")[:, None] == classes, "float32")
+        if sample_weight is not None:  # per-pixel weights; 0 leaves a pixel out (padding)
+            weight = ops.cast(ops.reshape(sample_weight, (-1, 1)), "float32")
+            truth, guess = truth * weight, guess * weight
         self.true_positives.assign_add(ops.sum(truth * guess, axis=0))
         self.false_positives.assign_add(ops.sum((1.0 - truth) * guess, axis=0))
         self.false_negatives.assign_add(ops.sum(truth * (1.0 - guess), axis=0))

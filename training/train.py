@@ -16,7 +16,9 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import medt_keras  # noqa: F401  (selects the JAX backend before keras is imported)
@@ -27,7 +29,7 @@ import keras
 
 from medt_keras import AxialUNet, GatedAxialUNet, LoGo, MedT
 from medt_keras.datasets import DatasetError, load
-from training import checkpoint
+from training import checkpoint, distribution
 from training.config import TrainConfig, apply_overrides, config_names, load_config, parser_with_overrides
 from training.data import SegmentationBatches
 from training.metrics import ForegroundF1, ForegroundIoU, official_protocol_scores, pooled_scores
@@ -110,14 +112,16 @@ class RunKeeper(keras.callbacks.Callback):
         row = {"epoch": epoch + 1, **logs, "seconds": round(time.time() - self._started, 2)}
         self.meta["history"].append(row)
         score = logs.get("val_f1")
-        if score is not None and score > self.meta["best_val_f1"]:
+        improved = score is not None and score > self.meta["best_val_f1"]
+        if improved:
             self.meta["best_val_f1"], self.meta["best_epoch"] = score, epoch + 1
+        self.meta["next_epoch"] = epoch + 1
+        if improved:
             checkpoint.save_weights(self.model, os.path.join(self.directory, "best.weights.h5"))
         if (epoch + 1) % self.config.checkpoint_every == 0 or epoch + 1 == self.config.epochs:
             checkpoint.save_weights(
                 self.model, os.path.join(self.directory, "checkpoints", f"epoch_{epoch + 1:04d}.weights.h5")
             )
-        self.meta["next_epoch"] = epoch + 1
         checkpoint.save_run_state(self.directory, self.model, self.optimizer, self.meta)
         write_csv(os.path.join(self.directory, "log.csv"), self.meta["history"])
 
@@ -146,22 +150,26 @@ def build_model(config, in_channels):
     )
 
 
-def make_batches(config, sources):
+def make_batches(config, sources, process_index=0, process_count=1, distributed=False):
     missing = [s for s in SPLITS if s not in sources]
     if missing:
         raise DatasetError(f"{config.dataset}: no {', '.join(missing)} split (has: {', '.join(sources)}).")
-    common = dict(image_size=config.img_size, channel_order=config.channel_order, seed=config.seed)
+    common = dict(image_size=config.img_size, channel_order=config.channel_order, seed=config.seed,
+                  process_index=process_index, process_count=process_count)
+    # Data-parallel batches must divide over the devices: training drops a
+    # last partial batch, evaluation pads it with zero-weight copies.
     train = SegmentationBatches(
         sources["train"], config.batch_size, shuffle=True, flip_probability=config.flip_probability,
-        crop_size=config.crop_size, limit=config.max_train_examples,
+        crop_size=config.crop_size, limit=config.max_train_examples, drop_remainder=distributed,
         examples_per_epoch=config.examples_per_epoch, name=f"{config.dataset} train", **common,
     )
     validation = SegmentationBatches(
-        sources["validation"], config.batch_size, limit=config.max_eval_examples,
+        sources["validation"], config.batch_size, limit=config.max_eval_examples, pad_remainder=distributed,
         name=f"{config.dataset} validation", **common,
     )
     test = SegmentationBatches(
-        sources["test"], config.batch_size, limit=config.max_eval_examples, name=f"{config.dataset} test", **common
+        sources["test"], config.batch_size, limit=config.max_eval_examples, pad_remainder=distributed,
+        name=f"{config.dataset} test", **common
     )
     return train, validation, test
 
@@ -192,17 +200,31 @@ def _resolve_resume(config, directory, resume):
     return dataclasses.replace(saved_config, epochs=config.epochs, output_dir=config.output_dir), saved
 
 
-def train(config, resume=False, verbose="auto"):
-    """Trains, evaluates on the test split and writes the run's files; returns the test report (a dict)."""
+def train(config, resume=False, verbose="auto", multi_process=None):
+    """Trains, evaluates on the test split and writes the run's files; returns the test report (a dict).
+
+    ``multi_process``: ``configure`` arguments of ``training.distribution``
+    for a multi-host run (``coordinator_address``, ``num_processes``,
+    ``process_id``, ``cloud_tpu``).
+    """
     directory = config.output_dir or os.path.join("runs", "run")
     config = dataclasses.replace(config, output_dir=directory)
     config, saved = _resolve_resume(config, directory, resume)
+    process_index, process_count, device_count = distribution.configure(
+        config.distribution, config.batch_size, **(multi_process or {})
+    )
+    chief = process_index == 0
     os.makedirs(directory, exist_ok=True)
+    # Saving gathers replicated variables, a collective every process must
+    # join; processes other than 0 write to a scratch folder, deleted at the end.
+    write_dir = directory if chief else tempfile.mkdtemp(prefix=f"medt-train-process{process_index}-")
     started = time.time()
 
     keras.utils.set_random_seed(config.seed)
     sources = load(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
-    train_batches, validation_batches, test_batches = make_batches(config, sources)
+    train_batches, validation_batches, test_batches = make_batches(
+        config, sources, process_index, process_count, distributed=config.distribution != "none"
+    )
     in_channels = int(np.asarray(sources["train"][0]["image"]).shape[-1])
 
     model = build_model(config, in_channels)
@@ -221,7 +243,7 @@ def train(config, resume=False, verbose="auto"):
         meta["config"] = dataclasses.asdict(config)
         print(f"medt-train: resuming {directory} at epoch {meta['next_epoch'] + 1}.", flush=True)
     gates.apply(meta["next_epoch"])
-    keeper = RunKeeper(directory, optimizer, config, meta, test_batches if config.test_each_epoch else None)
+    keeper = RunKeeper(write_dir, optimizer, config, meta, test_batches if config.test_each_epoch else None)
 
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
@@ -229,7 +251,9 @@ def train(config, resume=False, verbose="auto"):
         f"medt-train: {config.model} on {config.dataset}: {train_batches.size} train / "
         f"{validation_batches.size} validation / {test_batches.size} test examples, "
         f"{config.img_size}x{config.img_size}x{in_channels}, {sum(int(np.prod(v.shape)) for v in model.trainable_variables):,} parameters, "
-        f"epochs {meta['next_epoch'] + 1}..{config.epochs}, output {directory}",
+        f"epochs {meta['next_epoch'] + 1}..{config.epochs}, output {directory}"
+        + (f", data-parallel over {device_count} devices in {process_count} process(es)"
+           if config.distribution != "none" else ""),
         flush=True,
     )
     if meta["next_epoch"] < config.epochs:
@@ -253,7 +277,7 @@ def train(config, resume=False, verbose="auto"):
     best = os.path.join(directory, "best.weights.h5")
     if os.path.isfile(best):
         model.load_weights(best)
-    report = evaluate_test(model, test_batches, config, directory)
+    report = evaluate_test(model, test_batches, config, write_dir, full=process_count == 1)
     report.update(
         best_epoch=meta["best_epoch"],
         best_val_f1=meta["best_val_f1"],
@@ -261,7 +285,10 @@ def train(config, resume=False, verbose="auto"):
         seconds_total=round(time.time() - started, 1),
         seconds_training=round(train_seconds, 1),
     )
-    checkpoint.save_model(model, os.path.join(directory, "model.keras"))
+    checkpoint.save_model(model, os.path.join(write_dir, "model.keras"))
+    if not chief:
+        shutil.rmtree(write_dir, ignore_errors=True)
+        return report
     checkpoint.atomic_write_text(os.path.join(directory, "test_metrics.json"), json.dumps(report, indent=2) + "\n")
     print(
         f"medt-train: test F1 {report['f1']:.4f}  IoU {report['iou']:.4f}  "
@@ -273,12 +300,22 @@ def train(config, resume=False, verbose="auto"):
     return report
 
 
-def evaluate_test(model, batches, config, directory):
-    """Pooled F1/IoU (Keras metrics), the official per-image protocol, and the prediction picture."""
+def evaluate_test(model, batches, config, directory, full=True):
+    """Pooled F1/IoU (Keras metrics), the official per-image protocol, and the prediction picture.
+
+    ``full=False`` (a multi-process run, where no process holds whole
+    predictions): the Keras metrics only.
+    """
     results = model.evaluate(batches, verbose=0, return_dict=True)
+    if not full:
+        return dict(f1=float(results["f1"]), iou=float(results["iou"]), loss=float(results["loss"]),
+                    official_f1=float("nan"), official_iou=float("nan"))
     predictions, masks, images, logit_threshold = [], [], [], []
     for index in range(batches.num_batches):
-        x, y = batches[index]
+        x, y, *weights = batches[index]
+        if weights:  # padded copies out
+            keep = weights[0].reshape(len(y), -1)[:, 0] > 0
+            x, y = x[keep], y[keep]
         logits = np.asarray(model.predict_on_batch(x))
         predictions.append(np.argmax(logits, axis=-1))
         if config.num_classes == 2:
@@ -313,7 +350,7 @@ def evaluate_test(model, batches, config, directory):
         chosen = np.sort(np.argsort([-(m > 0).sum() for m in masks])[:count])
         shown = np.concatenate(images)[: len(masks)]
         if len(shown) < len(masks):
-            shown = np.concatenate([batches[i][0] for i in range(batches.num_batches)])
+            shown = np.concatenate([batches[i][0] for i in range(batches.num_batches)])[: len(masks)]
         names = batches.names()
         prediction_grid(
             shown[chosen], masks[chosen], predictions[chosen], os.path.join(directory, "test_predictions.png"),
@@ -328,6 +365,11 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue the run in the output directory")
     parser.add_argument("--verbose", default="auto", help="Keras verbosity: auto, 0, 1 (progress bar) or 2")
     parser.add_argument("--list-configs", action="store_true")
+    hosts = parser.add_argument_group("multi-process (multi-host) runs, with --distribution data_parallel")
+    hosts.add_argument("--coordinator-address", help="host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
+    hosts.add_argument("--num-processes", type=int, help="(or JAX_NUM_PROCESSES)")
+    hosts.add_argument("--process-id", type=int, help="(or JAX_PROCESS_ID)")
+    hosts.add_argument("--cloud-tpu", action="store_true", help="Cloud TPU: process arguments from the environment")
     args = parser.parse_args(argv)
     if args.list_configs:
         for name in config_names():
@@ -338,7 +380,9 @@ def main(argv=None):
         if config.output_dir is None:
             config = dataclasses.replace(config, output_dir=os.path.join("runs", os.path.basename(args.config).removesuffix(".py")))
         verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
-        train(config, resume=args.resume, verbose=verbose)
+        multi_process = dict(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                             process_id=args.process_id, cloud_tpu=args.cloud_tpu)
+        train(config, resume=args.resume, verbose=verbose, multi_process=multi_process)
     except (DatasetError, TrainingDiverged, ValueError) as error:
         print(f"medt-train: error: {error}", file=sys.stderr)
         return 2

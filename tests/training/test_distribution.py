@@ -1,0 +1,76 @@
+"""Data parallelism through the Keras distribution API, on 8 CPU devices and on 2 processes.
+
+Both run in subprocesses: the device count is fixed when JAX starts.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from medt_keras import datasets
+from training import checkpoint
+from tests.synthetic_data import write_medt_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _env(devices):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_eight_device_data_parallel_fit_equals_one_device():
+    result = subprocess.run([sys.executable, "-m", "tests.training.distributed_worker"], env=_env(8), cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 8 and report["same_variables"]
+    # MedT, float64, 2 epochs of 2 global batches of 8: the same loss curve (Keras
+    # tracks the loss in float32) and the same variables, BatchNorm statistics
+    # included: batch statistics are taken over the global batch (synchronised BN).
+    np.testing.assert_allclose(report["parallel_losses"], report["single_losses"], rtol=1e-6)
+    assert len(report["single_losses"]) == 4
+    worst = max(report["differences"].items(), key=lambda item: item[1])
+    assert worst[1] < 1e-8, worst
+    assert report["mismatch"] == "batch size 4 does not divide over 8 devices; use a multiple of 8 (e.g. --batch-size 8)."
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_processes_train_end_to_end(tmp_path):
+    manual = write_medt_folder(os.fspath(tmp_path / "manual"), {"train": 16, "validation": 6, "test": 6}, size=32)
+    data_dir = os.fspath(tmp_path / "tfds")
+    datasets.load("medt_folder", data_dir=data_dir, manual_dir=manual)  # prepared once, before the processes start
+    common = ["--model", "gated", "--model-args", '{"blocks": [1, 1, 1, 1], "groups": 2}', "--img-size", "32",
+              "--dataset", "medt_folder", "--manual-dir", manual, "--data-dir", data_dir, "--batch-size", "4",
+              "--epochs", "2", "--distribution", "data_parallel", "--verbose", "0", "--checkpoint-every", "1"]
+    address = f"127.0.0.1:{_free_port()}"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "training.train", *common, "--output-dir", os.fspath(tmp_path / "multi"),
+             "--coordinator-address", address, "--num-processes", "2", "--process-id", str(index)],
+            env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for index in range(2)
+    ]
+    outputs = [p.communicate(timeout=900) for p in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+    assert "data-parallel over 4 devices in 2 process(es)" in outputs[0][0]
+
+    for name in ("model.keras", "test_metrics.json", "log.csv", "best.weights.h5", checkpoint.STATE_FILE):
+        assert (tmp_path / "multi" / name).is_file(), name
+    meta = checkpoint.read_run_state(tmp_path / "multi")
+    assert [row["epoch"] for row in meta["history"]] == [1, 2]
+    assert all(np.isfinite(row["loss"]) for row in meta["history"])
+    report = json.loads((tmp_path / "multi" / "test_metrics.json").read_text())
+    assert 0.0 <= report["f1"] <= 1.0
