@@ -117,3 +117,40 @@ def test_evaluate_errors_name_the_file(tmp_path, capsys):
     _mask(truth / "a.png", np.zeros((9, 8)))
     assert evaluate.main([os.fspath(predictions), os.fspath(truth)]) == 2
     assert "a.png: 8x8 but the ground truth" in capsys.readouterr().err
+
+
+def test_predict_with_an_official_checkpoint_matches_the_official_outputs(tmp_path):
+    """An official .pth, converted on the fly, segments as the official PyTorch code did (softmax + argmax)."""
+    import tifffile
+
+    fixture = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "official",
+                           "gated_img32_c3_k2_b2_s3_w0.03125_g2_l1-1-1-1")
+    reference = np.load(fixture + ".npz")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, image in enumerate(reference["x"]):
+        # Float pixels kept as they are (--normalize dtype) and in the stored order (--channel-order rgb).
+        tifffile.imwrite(inputs / f"x{i}.tif", np.transpose(image, (1, 2, 0)), photometric="rgb")
+    assert predict.main([fixture + ".pth", os.fspath(inputs), "-o", os.fspath(tmp_path / "out"), "--quiet",
+                         "--normalize", "dtype", "--channel-order", "rgb", "--probabilities"]) == 0
+    for i, logits in enumerate(reference["y_eval64"]):
+        official = softmax(np.transpose(logits, (1, 2, 0)))
+        ours = np.load(tmp_path / "out" / f"x{i}_probabilities.npy")
+        np.testing.assert_allclose(ours, official, atol=1e-5)
+        mask = np.asarray(Image.open(tmp_path / "out" / f"x{i}.png"))
+        np.testing.assert_array_equal(mask > 0, official.argmax(-1) == 1)
+
+
+def test_predict_reads_16_bit_images(saved_model, tmp_path):
+    _, path = saved_model
+    gray16 = (np.random.default_rng(4).random((36, 40)) * 60000).astype(np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "deep.png")
+    rgb = np.repeat(gray16[..., None], 3, axis=-1)
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "deep.tif", rgb, photometric="rgb")
+    output = tmp_path / "out"
+    assert predict.main([path, os.fspath(tmp_path / "deep.tif"), "-o", os.fspath(output), "--quiet"]) == 0
+    assert np.asarray(Image.open(output / "deep.png")).shape == (36, 40)
+    image = predict.prepare_image(tmp_path / "deep.png", 1)
+    assert image.dtype == np.float32 and image.min() == 0.0 and image.max() == 1.0  # percentile-normalised
