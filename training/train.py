@@ -210,6 +210,8 @@ def train(config, resume=False, verbose="auto", multi_process=None):
     directory = config.output_dir or os.path.join("runs", "run")
     config = dataclasses.replace(config, output_dir=directory)
     config, saved = _resolve_resume(config, directory, resume)
+    if config.dtype == "float64":
+        medt_keras.enable_float64()
     process_index, process_count, device_count = distribution.configure(
         config.distribution, config.batch_size, **(multi_process or {})
     )
