@@ -11,8 +11,10 @@ best-validation choice come every ~3 minutes. Tiles of 64 rather than the
 official protocol's 128 give over four times as many optimiser steps per
 minute on a CPU.
 
-Measured (README, "Train"): test foreground F1 / IoU and the wall time of
-the whole command on the 2-core machine are stated there.
+Measured on the project's 2-core CPU (README, "Train"): test foreground F1
+0.914, IoU 0.842 (official per-image protocol 0.907 / 0.850), best
+validation epoch 2, 8 min 9 s for the whole command from an empty TFDS
+folder, 2.1 GiB peak memory.
 """
 
 from training.config import TrainConfig
