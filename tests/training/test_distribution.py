@@ -88,3 +88,11 @@ def test_two_processes_train_end_to_end(tmp_path):
                 np.testing.assert_allclose(multi[key], one[key], rtol=1e-6, atol=1e-6, err_msg=key)
     reports = [json.loads((tmp_path / d / "test_metrics.json").read_text()) for d in ("multi", "single")]
     assert abs(reports[0]["f1"] - reports[1]["f1"]) < 1e-6
+
+    # The 2-process run's checkpoint resumes on another device count (one process, one device).
+    resumed = subprocess.run([sys.executable, "-m", "training.train", *common, "--output-dir",
+                              os.fspath(tmp_path / "multi"), "--resume", "--epochs", "3"], env=_env(1), cwd=ROOT,
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "epoch 3" in resumed.stdout
+    assert [row["epoch"] for row in checkpoint.read_run_state(tmp_path / "multi")["history"]] == [1, 2, 3]
