@@ -276,7 +276,7 @@ def train(config, resume=False, verbose="auto", multi_process=None):
         )
     train_seconds = time.time() - started
 
-    best = os.path.join(directory, "best.weights.h5")
+    best = os.path.join(write_dir, "best.weights.h5")  # each process its own copy: no race with process 0
     if os.path.isfile(best):
         model.load_weights(best)
     report = evaluate_test(model, test_batches, config, write_dir, full=process_count == 1)
