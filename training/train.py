@@ -276,7 +276,11 @@ def train(config, resume=False, verbose="auto", multi_process=None):
         )
     train_seconds = time.time() - started
 
-    best = os.path.join(write_dir, "best.weights.h5")  # each process its own copy: no race with process 0
+    # Each process reloads the copy it wrote itself (no race with process 0's
+    # writes); a best epoch from before a resume exists only in the shared folder.
+    best = os.path.join(write_dir, "best.weights.h5")
+    if not os.path.isfile(best):
+        best = os.path.join(directory, "best.weights.h5")
     if os.path.isfile(best):
         model.load_weights(best)
     report = evaluate_test(model, test_batches, config, write_dir, full=process_count == 1)
