@@ -57,6 +57,19 @@ def atomic_write_text(path, text):
             handle.write(text)
 
 
+def atomic_write_csv(path, rows, float_format="{:.6g}"):
+    """Rows (dicts) as CSV with a header of every key in first-seen order, atomically."""
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+
+    def cell(value):
+        return float_format.format(value) if isinstance(value, float) else str(value)
+
+    lines = [",".join(columns)] + [",".join(cell(row.get(c, "")) for c in columns) for row in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
 def save_weights(model, path):
     """``model.save_weights`` (``.weights.h5``), atomically."""
     with atomic_path(path) as temporary:

@@ -27,7 +27,7 @@ import sys
 import numpy as np
 
 from medt_keras.datasets.images import DatasetError, percentile_normalize, read_image_native
-from training.checkpoint import atomic_write_text
+from training.checkpoint import atomic_write_csv, atomic_write_text
 from training.metrics import official_protocol_scores, pooled_scores
 
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
@@ -124,7 +124,7 @@ def write_report(rows, predictions, truths, num_classes, threshold, path, images
             found = [c for c in candidates if os.path.isfile(c)]
             if found:
                 raw = read_image_native(found[0]).astype(np.float32)
-                image = np.stack([percentile_normalize(raw[..., c]) for c in range(raw.shape[-1])], -1)
+                image = percentile_normalize(raw, per_channel=True)
         size = size or truth.shape
         if truth.shape != size:  # the grid needs one size: crop or pad to the first image's
             pad = [(0, max(0, size[0] - truth.shape[0])), (0, max(0, size[1] - truth.shape[1]))]
@@ -161,11 +161,7 @@ def main(argv=None):
         print(f"medt-evaluate: error: {error}", file=sys.stderr)
         return 2
     os.makedirs(report_dir, exist_ok=True)
-    columns = list(rows[0])
-    lines = [",".join(columns)] + [
-        ",".join(f"{r[c]:.6f}" if isinstance(r[c], float) else str(r[c]) for c in columns) for r in rows
-    ]
-    atomic_write_text(os.path.join(report_dir, "per_image.csv"), "\n".join(lines) + "\n")
+    atomic_write_csv(os.path.join(report_dir, "per_image.csv"), rows, float_format="{:.6f}")
     atomic_write_text(os.path.join(report_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     write_report(rows, predictions, truths, args.num_classes, args.mask_threshold,
                  os.path.join(report_dir, "report.png"), args.images, width=args.report_width)

@@ -95,7 +95,7 @@ def prepare_image(path, channels, channel_order="bgr", normalize="auto"):
         else:
             image = array.astype(np.float32)
     elif mode == "percentile":
-        image = np.stack([percentile_normalize(array[..., c]) for c in range(channels)], axis=-1)
+        image = percentile_normalize(array, per_channel=True)
     else:
         raise ValueError(f"normalize: {normalize!r}; use auto, dtype or percentile.")
     if channels == 3 and channel_order == "bgr":

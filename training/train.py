@@ -123,19 +123,7 @@ class RunKeeper(keras.callbacks.Callback):
                 self.model, os.path.join(self.directory, "checkpoints", f"epoch_{epoch + 1:04d}.weights.h5")
             )
         checkpoint.save_run_state(self.directory, self.model, self.optimizer, self.meta)
-        write_csv(os.path.join(self.directory, "log.csv"), self.meta["history"])
-
-
-def write_csv(path, rows):
-    columns = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    lines = [",".join(columns)] + [",".join(_format(row.get(c, "")) for c in columns) for row in rows]
-    checkpoint.atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _format(value):
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
+        checkpoint.atomic_write_csv(os.path.join(self.directory, "log.csv"), self.meta["history"])
 
 
 def build_model(config, in_channels):

@@ -82,8 +82,14 @@ def encode_png(array):
     return buffer.getvalue()
 
 
-def percentile_normalize(frame, low=1.0, high=99.8):
-    """``clip((frame - p_low) / (p_high - p_low), 0, 1)`` as float32, from the frame's own percentiles."""
+def percentile_normalize(frame, low=1.0, high=99.8, per_channel=False):
+    """``clip((frame - p_low) / (p_high - p_low), 0, 1)`` as float32, from the frame's own percentiles.
+
+    ``per_channel=True``: a ``(height, width, channels)`` image, each channel
+    with its own percentiles.
+    """
+    if per_channel:
+        return np.stack([percentile_normalize(frame[..., c], low, high) for c in range(frame.shape[-1])], axis=-1)
     frame = np.asarray(frame, dtype=np.float64)
     p_low, p_high = np.percentile(frame, [low, high])
     scale = max(p_high - p_low, 1e-12)
