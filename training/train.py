@@ -315,8 +315,7 @@ def evaluate_test(model, batches, config, directory, full=True):
         if config.num_classes == 2:
             logit_threshold.append(logits[..., 1] >= 0.5)
         masks.append(y)
-        if sum(len(i) for i in images) < config.preview_images:
-            images.append(x)
+        images.append(x)  # kept for the picture: its examples are chosen after the loop
     predictions, masks = np.concatenate(predictions), np.concatenate(masks)
     f1, iou = pooled_scores(predictions, masks, config.num_classes)
     report = dict(
@@ -342,9 +341,7 @@ def evaluate_test(model, batches, config, directory, full=True):
     if count:
         # Show the test examples with the most foreground: the interesting ones.
         chosen = np.sort(np.argsort([-(m > 0).sum() for m in masks])[:count])
-        shown = np.concatenate(images)[: len(masks)]
-        if len(shown) < len(masks):
-            shown = np.concatenate([batches[i][0] for i in range(batches.num_batches)])[: len(masks)]
+        shown = np.concatenate(images)
         names = batches.names()
         prediction_grid(
             shown[chosen], masks[chosen], predictions[chosen], os.path.join(directory, "test_predictions.png"),

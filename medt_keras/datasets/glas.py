@@ -21,7 +21,7 @@ from medt_keras.datasets.images import (
 )
 from medt_keras.datasets.segmentation import (
     SegmentationBuilder,
-    SegmentationConfig,
+    binary_configs,
     hold_out,
 )
 
@@ -110,12 +110,7 @@ class Glas(SegmentationBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict] = {"1.0.0": "First release."}
-    BUILDER_CONFIGS: ClassVar[list] = [
-        SegmentationConfig(name="rgb", channels=3, binary=True, version="1.0.0",
-                           description="RGB images, masks: gland (instance label > 0) = 1."),
-        SegmentationConfig(name="gray", channels=1, binary=True, version="1.0.0",
-                           description="Grayscale images (luminance), masks: gland (instance label > 0) = 1."),
-    ]
+    BUILDER_CONFIGS: ClassVar[list] = binary_configs("gland (instance label > 0) = 1")
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
     Download `{ARCHIVE}` from the GlaS challenge page of the University of
     Warwick (https://warwick.ac.uk/fac/cross_fac/tia/data/glascontest/download/)

@@ -16,7 +16,7 @@ from medt_keras.datasets.archives import archive_folder, manual_directory, visib
 from medt_keras.datasets.images import DatasetError, encode_png, read_image
 from medt_keras.datasets.segmentation import (
     SegmentationBuilder,
-    SegmentationConfig,
+    binary_configs,
     hold_out,
 )
 
@@ -120,12 +120,7 @@ class Monuseg(SegmentationBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict] = {"1.0.0": "First release."}
-    BUILDER_CONFIGS: ClassVar[list] = [
-        SegmentationConfig(name="rgb", channels=3, binary=True, version="1.0.0",
-                           description="RGB images, masks: nucleus (inside an annotated polygon) = 1."),
-        SegmentationConfig(name="gray", channels=1, binary=True, version="1.0.0",
-                           description="Grayscale images (luminance), masks: nucleus = 1."),
-    ]
+    BUILDER_CONFIGS: ClassVar[list] = binary_configs("nucleus (inside an annotated polygon) = 1")
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
     Download both archives of the MoNuSeg challenge from
     https://monuseg.grand-challenge.org (Data page): `{TRAIN_ARCHIVE}` and

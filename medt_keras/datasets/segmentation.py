@@ -29,6 +29,16 @@ class SegmentationConfig(tfds.core.BuilderConfig):
         self.binary = binary
 
 
+def binary_configs(mask_rule, version="1.0.0"):
+    """``rgb`` (default) and ``gray`` (luminance) configs with binary masks; ``mask_rule`` says what is foreground."""
+    return [
+        SegmentationConfig(name="rgb", channels=3, binary=True, version=version,
+                           description=f"RGB images, masks: {mask_rule}."),
+        SegmentationConfig(name="gray", channels=1, binary=True, version=version,
+                           description=f"Grayscale images (luminance), masks: {mask_rule}."),
+    ]
+
+
 def segmentation_configs(version="1.0.0"):
     """The four configs of the image-file builders: rgb (default), gray, and their multi-class forms."""
     return [
