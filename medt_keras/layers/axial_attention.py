@@ -1,5 +1,6 @@
 """Axial self-attention along the height or width of a feature map."""
 
+import functools
 import math
 
 import keras
@@ -56,6 +57,13 @@ class AxialAttention(keras.layers.Layer):
         axis: "height" or "width".
         strides: average-pooling factor applied after attention.
         batch_groups: see ``BatchNorm``; used by MedT's local branch.
+        rematerialize: in training, keep only this layer's input for the
+            backward pass and recompute its attention maps there
+            (``keras.remat``): less memory for larger images, at the cost of
+            a second forward pass of the layer. Same results. (Keras'
+            ``RematScope`` cannot wrap this layer: its BatchNorms update
+            variables, which a rematerialised function may not; this option
+            rematerialises the computation and applies the updates outside.)
 
     Input shape: ``(batch, height, width, channels)``.
     Output shape: ``(batch, height // strides, width // strides, filters)``.
@@ -72,6 +80,7 @@ class AxialAttention(keras.layers.Layer):
         gated=False,
         gates_trainable=False,
         batch_groups=1,
+        rematerialize=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -96,6 +105,7 @@ class AxialAttention(keras.layers.Layer):
         self.gated = bool(gated)
         self.gates_trainable = bool(gates_trainable)
         self.batch_groups = int(batch_groups)
+        self.rematerialize = bool(rematerialize)
         self.head_channels = head_channels
 
         norm_kwargs = dict(batch_groups=self.batch_groups, dtype=self.dtype_policy)
@@ -174,6 +184,29 @@ class AxialAttention(keras.layers.Layer):
         return ops.take(self.relative_embedding, offsets, axis=0)
 
     def call(self, inputs, training=False):
+        if not training:
+            return self._forward(inputs, training=False)[0]
+        forward = functools.partial(self._forward, training=True)
+        if self.rematerialize:
+            # Recompute the attention maps in the backward pass instead of
+            # keeping them; the moving statistics are updated out here
+            # because a rematerialised function cannot assign variables.
+            forward = keras.remat(forward)
+        out, statistics = forward(inputs)
+        for norm, (mean, variance) in zip(self._norms(), statistics):
+            norm.update_moving_statistics(mean, variance)
+        return out
+
+    def _norms(self):
+        return (self.qkv_norm, self.similarity_norm, self.output_norm)
+
+    def _forward(self, inputs, training):
+        """The attention as a pure function: ``(outputs, batch statistics)``.
+
+        In training, ``batch statistics`` holds ``(group_mean,
+        group_variance)`` for each of ``_norms()``, in that order; in
+        inference it is empty and the moving statistics are used.
+        """
         x = inputs
         if self.axis == "height":
             # Lines are columns: (batch, width, height, channels).
@@ -181,39 +214,50 @@ class AxialAttention(keras.layers.Layer):
         batch, lines, length = ops.shape(x)[:3]
         heads, d = self.num_heads, self.head_channels
         half = d // 2
+        statistics = []
 
         qkv = ops.matmul(x, ops.cast(self.qkv_kernel, self.compute_dtype))
-        qkv = self.qkv_norm(qkv, training=training)
+        if training:
+            qkv, mean, variance = self.qkv_norm.normalize_batch(qkv)
+            qkv = ops.cast(qkv, self.compute_dtype)
+            statistics.append((mean, variance))
+        else:
+            qkv = self.qkv_norm(qkv, training=False)
         qkv = ops.reshape(qkv, (batch, lines, length, heads, 2 * d))
         q, k, v = qkv[..., :half], qkv[..., half:d], qkv[..., d:]
 
-        qk = ops.einsum("nbigc,nbjgc->nbgij", q, k)
-        terms = [qk]
+        tables = None
         if self.positional_encoding:
             table = ops.cast(self._relative_table(length), self.compute_dtype)
-            q_table, k_table, v_table = table[..., :half], table[..., half:d], table[..., d:]
-            qr = ops.einsum("nbigc,ijc->nbgij", q, q_table)
-            # k_j . r^k at offset j - i: the key's own position indexes the table.
-            kr = ops.einsum("nbjgc,jic->nbgij", k, k_table)
-            if self.gated:
-                qr = qr * ops.cast(self.gate_query_position, self.compute_dtype)
-                kr = kr * ops.cast(self.gate_key_position, self.compute_dtype)
-            terms += [qr, kr]
-        # Similarity: the per-(term, head) BatchNorm of each term, summed.
-        similarity = self._normalized_sum(self.similarity_norm, terms, training, term_axis=0)
+            tables = table[..., :half], table[..., half:d], table[..., d:]
+        if training:
+            similarity, mean, variance = self._normalized_similarity_training(q, k, tables)
+            statistics.append((mean, variance))
+        else:
+            similarity = self._normalized_sum(
+                self.similarity_norm, self._similarity_terms(q, k, tables), term_axis=0
+            )
         weights = ops.softmax(similarity, axis=-1)
 
         sv = ops.einsum("nbgij,nbjgc->nbigc", weights, v)
         terms = [ops.reshape(sv, (batch, lines, length, self.filters))]
         if self.positional_encoding:
-            sve = ops.einsum("nbgij,ijc->nbigc", weights, v_table)
+            sve = ops.einsum("nbgij,ijc->nbigc", weights, tables[2])
             sve = ops.reshape(sve, (batch, lines, length, self.filters))
             if self.gated:
-                terms[0] = terms[0] * ops.cast(self.gate_value, self.compute_dtype)
-                sve = sve * ops.cast(self.gate_value_position, self.compute_dtype)
+                terms[0] = terms[0] * self._gate(self.gate_value)
+                sve = sve * self._gate(self.gate_value_position)
             terms.append(sve)
         # Output: the per-(channel, term) BatchNorm of s.v and s.r^v, summed.
-        out = self._normalized_sum(self.output_norm, terms, training, term_axis=-1)
+        if training:
+            stacked = ops.stack(terms, axis=-1) if len(terms) > 1 else terms[0]
+            out, mean, variance = self.output_norm.normalize_batch(stacked)
+            if len(terms) > 1:
+                out = ops.sum(out, axis=-1)
+            out = ops.cast(out, self.compute_dtype)
+            statistics.append((mean, variance))
+        else:
+            out = self._normalized_sum(self.output_norm, terms, term_axis=-1)
 
         if self.axis == "height":
             out = ops.transpose(out, (0, 2, 1, 3))
@@ -221,24 +265,115 @@ class AxialAttention(keras.layers.Layer):
             out = ops.average_pool(
                 out, pool_size=self.strides, strides=self.strides, padding="valid"
             )
-        return out
+        return out, statistics
 
-    def _normalized_sum(self, norm, terms, training, term_axis):
-        """``sum_t BN(terms)[t]``: each term normalised with its own channels, then summed.
+    def _gate(self, gate, dtype=None):
+        return ops.cast(gate, dtype or self.compute_dtype)
+
+    def _similarity_terms(self, q, k, tables):
+        """The similarity terms ``q.k`` and, with positional encodings, ``q.r^q`` and ``k.r^k``, each ``(n, b, G, L, L)``."""
+        terms = [ops.einsum("nbigc,nbjgc->nbgij", q, k)]
+        if tables is not None:
+            q_table, k_table, _ = tables
+            qr = ops.einsum("nbigc,ijc->nbgij", q, q_table)
+            # k_j . r^k at offset j - i: the key's own position indexes the table.
+            kr = ops.einsum("nbjgc,jic->nbgij", k, k_table)
+            if self.gated:
+                qr = qr * self._gate(self.gate_query_position)
+                kr = kr * self._gate(self.gate_key_position)
+            terms += [qr, kr]
+        return terms
+
+    def _normalized_similarity_training(self, q, k, tables):
+        """``sum_t BN_t(term_t)`` in training, without materialising the terms.
+
+        Each similarity term is a bilinear form of small tensors (``q_i.k_j``,
+        ``q_i.r^q_ij``, ``k_j.r^k_ji``), so its batch mean and mean square over
+        ``(batch, lines, i, j)`` follow from sums and ``c x c`` outer products
+        of ``q``, ``k`` and the tables, never from the ``(n, b, G, L, L)``
+        maps. BatchNorm is then affine per (group, term, head), and its
+        scale is folded into the query or key before the one product per
+        term: the three maps are added as they are made, and the stacked
+        similarity (three maps, plus the BatchNorm's copies of it, in the
+        backward pass too) is never built. Same result as stacking the terms
+        and normalising them, up to rounding; the variance is
+        ``E[t^2] - E[t]^2``, clamped at zero.
+
+        Returns ``(similarity, group_mean, group_variance)``: similarity
+        ``(n, b, G, L, L)``, statistics ``(batch_groups, terms, G)`` (or
+        ``(batch_groups, G)`` with one term) for the moving averages.
+        """
+        norm = self.similarity_norm
+        stat_dtype = norm.variable_dtype
+        groups = self.batch_groups
+        batch, lines, length = ops.shape(q)[:3]
+        heads = self.num_heads
+        count = (batch // groups) * lines * length * length
+
+        def per_group(x):  # (n, b, G) -> (groups, G)
+            return ops.sum(ops.reshape(x, (groups, -1, heads)), axis=1)
+
+        def outer(x):  # (..., c) -> (..., c, c)
+            return x[..., :, None] * x[..., None, :]
+
+        qs, ks = ops.cast(q, stat_dtype), ops.cast(k, stat_dtype)
+        q_outer, k_outer = outer(qs), outer(ks)
+        # Sums over (i, j) per (n, b, G) of each term and of its square.
+        sums = [ops.sum(ops.sum(qs, axis=2) * ops.sum(ks, axis=2), axis=-1)]
+        squares = [ops.sum(ops.sum(q_outer, axis=2) * ops.sum(k_outer, axis=2), axis=(-2, -1))]
+        gates = [None]
+        if tables is not None:
+            q_table, k_table = (ops.cast(t, stat_dtype) for t in tables[:2])
+            # q.r^q: table rows are the query position i; k.r^k: the key position j.
+            for x, x_outer, table, gate in (
+                (qs, q_outer, q_table, "gate_query_position"),
+                (ks, k_outer, k_table, "gate_key_position"),
+            ):
+                scale = self._gate(getattr(self, gate), stat_dtype) if self.gated else 1.0
+                table_sum = ops.sum(table, axis=1)[:, None, :]
+                table_outer = ops.sum(outer(table), axis=1)[:, None]
+                sums.append(scale * ops.sum(x * table_sum, axis=(2, 4)))
+                squares.append(scale * scale * ops.sum(x_outer * table_outer, axis=(2, 4, 5)))
+                gates.append(gate if self.gated else None)
+        mean = ops.stack([per_group(t) for t in sums], axis=1) / count
+        mean_square = ops.stack([per_group(t) for t in squares], axis=1) / count
+        variance = ops.maximum(mean_square - ops.square(mean), 0.0)
+
+        gamma = ops.reshape(ops.cast(norm.gamma, stat_dtype), (len(sums), heads))
+        beta = ops.reshape(ops.cast(norm.beta, stat_dtype), (len(sums), heads))
+        scale = gamma * ops.rsqrt(variance + norm.epsilon)  # (groups, terms, G)
+        shift = ops.sum(beta - mean * scale, axis=1)  # (groups, G)
+        # Per example: groups are consecutive equal slices of the batch.
+        scale = ops.repeat(scale, batch // groups, axis=0)
+        shift = ops.repeat(shift, batch // groups, axis=0)
+
+        def term_scale(t):
+            s = scale[:, t]
+            if gates[t] is not None:
+                s = s * self._gate(getattr(self, gates[t]), stat_dtype)
+            return ops.reshape(ops.cast(s, self.compute_dtype), (batch, 1, 1, heads, 1))
+
+        similarity = ops.einsum("nbigc,nbjgc->nbgij", q * term_scale(0), k)
+        if tables is not None:
+            q_table, k_table, _ = tables
+            similarity = similarity + ops.einsum("nbigc,ijc->nbgij", q * term_scale(1), q_table)
+            similarity = similarity + ops.einsum("nbjgc,jic->nbgij", k * term_scale(2), k_table)
+        similarity = similarity + ops.reshape(ops.cast(shift, self.compute_dtype), (batch, 1, heads, 1, 1))
+
+        param_shape = tuple(norm.moving_mean.shape)
+        mean = ops.reshape(mean, (groups,) + param_shape)
+        variance = ops.reshape(norm.moving_variance_estimate(variance, count), (groups,) + param_shape)
+        return similarity, mean, variance
+
+    def _normalized_sum(self, norm, terms, term_axis):
+        """``sum_t BN(terms)[t]`` in inference, folded into a weighted sum.
 
         Similarity: terms ``(n, b, G, L, L)``, ``norm`` parameters
         ``(term, G)`` (``term_axis=0``). Output: terms ``(n, b, L, F)``,
         parameters ``(F, term)`` (``term_axis=-1``); a single term has no
-        term axis. In training the terms are stacked for the BatchNorm; in
-        inference it is affine, so it is folded into a weighted sum and the
-        stacked tensor (3x the attention map) is never built.
+        term axis. BatchNorm is affine in inference, so the stacked tensor
+        (3x the attention map) is never built.
         """
-        stack_axis = 2 if term_axis == 0 else -1
-        if training:
-            if len(terms) == 1:
-                return norm(terms[0], training=True)
-            stacked = norm(ops.stack(terms, axis=stack_axis), training=True)
-            return ops.sum(stacked, axis=stack_axis)
         scale, shift = norm.inference_affine()
         if len(terms) > 1:
             scales = ops.unstack(scale, axis=term_axis)
@@ -275,6 +410,7 @@ class AxialAttention(keras.layers.Layer):
                 "gated": self.gated,
                 "gates_trainable": self.gates_trainable,
                 "batch_groups": self.batch_groups,
+                "rematerialize": self.rematerialize,
             }
         )
         return config

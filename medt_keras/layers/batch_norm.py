@@ -123,6 +123,22 @@ class BatchNorm(keras.layers.Layer):
             out = out * self._param(self.gamma, self._rank) + self._param(self.beta, self._rank)
             return ops.cast(out, self.compute_dtype)
 
+        out, group_mean, group_variance = self.normalize_batch(x)
+        self.update_moving_statistics(group_mean, group_variance)
+        return ops.cast(out, self.compute_dtype)
+
+    def normalize_batch(self, inputs):
+        """Training-mode normalisation without touching the moving statistics.
+
+        Returns ``(outputs, group_mean, group_variance)``: the normalised
+        inputs (statistics dtype), and per batch group the mean and the
+        variance that update the moving statistics (unbiased when
+        ``unbiased_moving_variance``), each ``(batch_groups,) + parameter
+        shape``. Splitting the update from the computation lets a caller
+        rematerialise the computation (``keras.remat``), which cannot
+        contain variable assignments, and apply the update outside it.
+        """
+        x = ops.cast(inputs, self._stat_dtype)
         groups = self.batch_groups
         full_shape = ops.shape(x)
         grouped = ops.reshape(x, (groups, -1) + tuple(full_shape[1:]))
@@ -143,8 +159,21 @@ class BatchNorm(keras.layers.Layer):
         param_shape = tuple(self.moving_mean.shape)
         group_mean = ops.reshape(mean, (groups,) + param_shape)
         group_variance = ops.reshape(variance, (groups,) + param_shape)
+        return out, group_mean, self.moving_variance_estimate(group_variance, count)
+
+    def moving_variance_estimate(self, variance, count):
+        """The variance the moving average takes from a biased batch ``variance`` over ``count`` values."""
         if self.unbiased_moving_variance:
-            group_variance = group_variance * (count / max(count - 1, 1))
+            return variance * (count / max(count - 1, 1))
+        return variance
+
+    def update_moving_statistics(self, group_mean, group_variance):
+        """Update the moving statistics with ``(batch_groups,) + parameter shape`` statistics.
+
+        Equivalent to one PyTorch update per group, in group order.
+        """
+        groups = self.batch_groups
+        param_shape = tuple(self.moving_mean.shape)
         # Sequential update over the groups, in closed form:
         # m_G = momentum**G * m_0 + sum_t (1 - momentum) * momentum**(G-1-t) * s_t
         m = self.momentum
@@ -154,14 +183,14 @@ class BatchNorm(keras.layers.Layer):
         )
         decay = m**groups
         self.moving_mean.assign(
-            decay * ops.cast(self.moving_mean, self._stat_dtype) + ops.sum(weights * group_mean, axis=0)
+            decay * ops.cast(self.moving_mean, self._stat_dtype)
+            + ops.sum(weights * ops.cast(group_mean, self._stat_dtype), axis=0)
         )
         self.moving_variance.assign(
             decay * ops.cast(self.moving_variance, self._stat_dtype)
-            + ops.sum(weights * group_variance, axis=0)
+            + ops.sum(weights * ops.cast(group_variance, self._stat_dtype), axis=0)
         )
         self.num_batches_tracked.assign_add(ops.cast(groups, "int32"))
-        return ops.cast(out, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape
