@@ -34,6 +34,52 @@ def _peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class _RssSampler:
+    """Peak resident memory of this process while the ``with`` body runs.
+
+    ``ru_maxrss`` covers the whole process life, compilation included; this
+    samples ``/proc/self/statm`` every few milliseconds, so it measures what
+    the timed steps themselves hold (what a long training run keeps).
+    """
+
+    def __init__(self, interval=0.002):
+        self.interval = interval
+        self.peak_gib = float("nan")
+
+    def _rss_gib(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak_gib = max(self.peak_gib, self._rss_gib())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        import ctypes
+        import ctypes.util
+        import threading
+
+        if not os.path.exists("/proc/self/statm"):
+            return self
+        # Hand memory that earlier work (compilation, model building) freed
+        # back to the system first, so the measure is what the steps hold.
+        libc = ctypes.util.find_library("c")
+        if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+            ctypes.CDLL(libc).malloc_trim(0)
+        self.peak_gib = self._rss_gib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+        return False
+
+
 def _median_seconds(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -43,7 +89,7 @@ def _median_seconds(fn, repeats):
     return statistics.median(times)
 
 
-def measure_keras(model_name, size, batch, infer_batch, repeats):
+def measure_keras(model_name, size, batch, infer_batch, repeats, rematerialize=False, dtype="float32"):
     import numpy as np
 
     import medt_keras  # noqa: F401  (JAX backend)
@@ -51,7 +97,7 @@ def measure_keras(model_name, size, batch, infer_batch, repeats):
     import keras
 
     cls = getattr(medt_keras, MODELS[model_name])
-    model = cls(img_size=size)
+    model = cls(img_size=size, rematerialize=rematerialize, dtype=dtype)
     rng = np.random.default_rng(0)
     x = rng.random((batch, size, size, 3), dtype=np.float32)
     y = rng.integers(0, 2, (batch, size, size)).astype("int32")
@@ -63,7 +109,8 @@ def measure_keras(model_name, size, batch, infer_batch, repeats):
     start = time.perf_counter()
     model.train_on_batch(x, y)
     compile_train = time.perf_counter() - start
-    train = _median_seconds(lambda: model.train_on_batch(x, y), repeats)
+    with _RssSampler() as step_memory:
+        train = _median_seconds(lambda: model.train_on_batch(x, y), repeats)
 
     start = time.perf_counter()
     np.asarray(model.predict_on_batch(x_infer))
@@ -103,7 +150,10 @@ def measure_keras(model_name, size, batch, infer_batch, repeats):
         "train_flops_per_image": flops(compiled_train) / batch,
         "infer_flops_per_image": flops(compiled_infer) / infer_batch,
         "xla_train_temp_gib": temp_gib(compiled_train),
+        "train_step_peak_rss_gib": step_memory.peak_gib,
         "peak_rss_gib": _peak_rss_gib(),
+        "rematerialize": bool(rematerialize),
+        "dtype": dtype,
         "device": str(jax.devices()[0].device_kind),
     }
 
@@ -145,7 +195,8 @@ def measure_official(checkout, model_name, size, batch, infer_batch, repeats):
             model(x_infer)
 
     step()
-    train = _median_seconds(step, repeats)
+    with _RssSampler() as step_memory:
+        train = _median_seconds(step, repeats)
     infer()
     inference = _median_seconds(infer, repeats)
     return {
@@ -154,6 +205,7 @@ def measure_official(checkout, model_name, size, batch, infer_batch, repeats):
         "infer_seconds": inference,
         "train_images_per_second": batch / train,
         "infer_images_per_second": infer_batch / inference,
+        "train_step_peak_rss_gib": step_memory.peak_gib,
         "peak_rss_gib": _peak_rss_gib(),
     }
 
@@ -179,8 +231,14 @@ def _run_child(spec):
         env=os.environ.copy(),
     )
     if out.returncode != 0:
-        raise RuntimeError(f"measurement {spec} failed:\n{out.stderr[-3000:]}")
+        killed = out.returncode < 0 or out.returncode == 137
+        reason = "killed (out of memory?)" if killed else "failed"
+        raise RuntimeError(f"measurement {spec} {reason} (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _fmt(value, spec):
+    return "" if value is None or value != value else format(value, spec)
 
 
 def main(argv=None):
@@ -190,6 +248,13 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=4, help="training batch size")
     parser.add_argument("--infer-batch", type=int, default=8, help="inference batch size")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--rematerialize",
+        choices=["off", "on", "both"],
+        default="off",
+        help="measure our models with rematerialised attention (see AxialAttention), without, or both",
+    )
+    parser.add_argument("--dtype", default="float32", help="dtype policy of our models, e.g. mixed_bfloat16")
     parser.add_argument("--official", metavar="PATH", help="checkout of the official MedT repository")
     parser.add_argument("--json", metavar="FILE", help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -203,50 +268,87 @@ def main(argv=None):
         return 0
 
     peak = _run_child({"kind": "peak"})
+    environment = {name: os.environ.get(name, "") for name in ("LD_PRELOAD", "XLA_FLAGS")}
     print(f"device peak (float32 2048^3 matmul): {peak:.0f} GFLOP/s", flush=True)
+    print(f"environment: LD_PRELOAD={environment['LD_PRELOAD']!r} XLA_FLAGS={environment['XLA_FLAGS']!r}")
     rows = []
     header = (
-        f"{'model':<10} {'size':>4} {'implementation':<28} {'train img/s':>11} {'infer img/s':>11} "
-        f"{'compile s':>9} {'peak RSS GiB':>12} {'XLA temp GiB':>12} {'fwd GFLOP':>9} {'% peak':>6}"
+        f"{'model':<10} {'size':>4} {'implementation':<30} {'train img/s':>11} {'infer img/s':>11} "
+        f"{'compile s':>9} {'step RSS GiB':>12} {'peak RSS GiB':>12} {'XLA temp GiB':>12} "
+        f"{'fwd GFLOP':>9} {'% peak':>6}"
     )
     print(header)
+    def save():
+        if not args.json:
+            return
+        from training.checkpoint import atomic_write_text
+
+        atomic_write_text(
+            args.json,
+            json.dumps(
+                {
+                    "machine": platform.platform(),
+                    "cpus": os.cpu_count(),
+                    "peak_gflops": peak,
+                    "environment": environment,
+                    "command": "medt-bench " + " ".join(sys.argv[1:] if argv is None else argv),
+                    "results": rows,
+                },
+                indent=2,
+            ),
+        )
+
+    variants = {"off": [False], "on": [True], "both": [False, True]}[args.rematerialize]
     for model in args.models:
         for size in args.sizes:
-            for kind in ["keras"] + (["official"] if args.official else []):
+            runs = [("keras", remat) for remat in variants] + ([("official", False)] if args.official else [])
+            measured = []
+            for kind, remat in runs:
                 spec = dict(kind=kind, model_name=model, size=size, batch=args.batch,
                             infer_batch=args.infer_batch, repeats=args.repeats)
                 if kind == "official":
                     spec["checkout"] = args.official
-                result = _run_child(spec)
+                else:
+                    spec.update(rematerialize=remat, dtype=args.dtype)
+                try:
+                    result = _run_child(spec)
+                except RuntimeError as error:
+                    # One size too large for one implementation must not lose the rest.
+                    print(f"{model:<10} {size:>4} {kind:<30} {str(error).splitlines()[0]}", flush=True)
+                    rows.append(dict(spec, model=model, size=size, error=str(error).splitlines()[0]))
+                    save()
+                    continue
                 result.update(model=model, size=size, batch=args.batch, infer_batch=args.infer_batch)
+                name = result["implementation"]
                 if kind == "keras":
                     train_gflops = result["train_flops_per_image"] * result["train_images_per_second"] / 1e9
                     result["train_fraction_of_peak"] = train_gflops / peak
+                    name += " remat" if remat else ""
+                    name += "" if args.dtype == "float32" else f" {args.dtype}"
                 rows.append(result)
-                name = result["implementation"]
-                xla = result.get("xla_train_temp_gib")
+                save()  # after every measurement: an interrupted run keeps what it measured
+                measured.append((name, result))
                 print(
-                    f"{model:<10} {size:>4} {name:<28} {result['train_images_per_second']:>11.2f} "
-                    f"{result['infer_images_per_second']:>11.2f} {result.get('compile_seconds', float('nan')):>9.1f} "
-                    f"{result['peak_rss_gib']:>12.2f} {'' if xla is None else f'{xla:.2f}':>12} "
-                    f"{result.get('infer_flops_per_image', float('nan')) / 1e9:>9.2f} "
-                    f"{100 * result.get('train_fraction_of_peak', float('nan')):>6.1f}",
+                    f"{model:<10} {size:>4} {name:<30} {result['train_images_per_second']:>11.2f} "
+                    f"{result['infer_images_per_second']:>11.2f} {_fmt(result.get('compile_seconds'), '9.1f'):>9} "
+                    f"{_fmt(result.get('train_step_peak_rss_gib'), '.2f'):>12} {result['peak_rss_gib']:>12.2f} "
+                    f"{_fmt(result.get('xla_train_temp_gib'), '.2f'):>12} "
+                    f"{_fmt(result.get('infer_flops_per_image', float('nan')) / 1e9, '.2f'):>9} "
+                    f"{_fmt(100 * result.get('train_fraction_of_peak', float('nan')), '.1f'):>6}",
                     flush=True,
                 )
-            ours = [r for r in rows if r["model"] == model and r["size"] == size]
-            if args.official and len(ours) == 2:
-                k, o = ours
-                print(
-                    f"{'':<10} {'':>4} {'speed-up over official':<28} "
-                    f"{o['train_seconds'] / k['train_seconds']:>10.2f}x {o['infer_seconds'] / k['infer_seconds']:>10.2f}x"
-                )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"machine": platform.platform(), "cpus": os.cpu_count(), "peak_gflops": peak, "results": rows},
-                f,
-                indent=2,
-            )
+            official = [r for n, r in measured if n.startswith("official")]
+            for name, result in measured:
+                if official and not name.startswith("official"):
+                    o = official[0]
+                    print(
+                        f"{'':<10} {'':>4} {'x official: ' + name[len('medt-keras'):].strip():<30} "
+                        f"{o['train_seconds'] / result['train_seconds']:>10.2f}x "
+                        f"{o['infer_seconds'] / result['infer_seconds']:>10.2f}x {'':>9} "
+                        f"{result['train_step_peak_rss_gib'] / o['train_step_peak_rss_gib']:>11.2f}x",
+                        flush=True,
+                    )
+    save()
     return 0
 
 

@@ -55,6 +55,9 @@ class TrainConfig:
     preview_images: int = 6
     output_dir: typing.Optional[str] = None
     dtype: str = "float32"
+    # Recompute attention maps in the backward pass instead of storing them
+    # (less memory, same results; see AxialAttention).
+    rematerialize: bool = False
 
     def __post_init__(self):
         if self.model not in MODELS:

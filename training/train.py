@@ -134,6 +134,7 @@ def build_model(config, in_channels):
         num_classes=config.num_classes,
         gates_trainable=True,
         dtype=config.dtype,
+        rematerialize=config.rematerialize,
         **config.model_args,
     )
 
@@ -162,8 +163,12 @@ def make_batches(config, sources, process_index=0, process_count=1, distributed=
     return train, validation, test
 
 
+# Fields a resumed run may change: they do not change what is computed.
+RESUME_MAY_CHANGE = ("epochs", "output_dir", "rematerialize")
+
+
 def _resolve_resume(config, directory, resume):
-    """The config to run: on resume the saved one (only ``epochs`` may change)."""
+    """The config to run: on resume the saved one (only ``epochs`` and ``rematerialize`` may change)."""
     saved = checkpoint.read_run_state(directory)
     if saved is None:
         if resume:
@@ -178,14 +183,15 @@ def _resolve_resume(config, directory, resume):
     differences = [
         f"{f.name}: saved {getattr(saved_config, f.name)!r}, now {getattr(config, f.name)!r}"
         for f in dataclasses.fields(TrainConfig)
-        if f.name not in ("epochs", "output_dir") and getattr(saved_config, f.name) != getattr(config, f.name)
+        if f.name not in RESUME_MAY_CHANGE and getattr(saved_config, f.name) != getattr(config, f.name)
     ]
     if differences:
         raise SystemExit(
             f"medt-train: --resume with a config that differs from the saved run in {directory}: "
             + "; ".join(differences)
         )
-    return dataclasses.replace(saved_config, epochs=config.epochs, output_dir=config.output_dir), saved
+    changes = {name: getattr(config, name) for name in RESUME_MAY_CHANGE}
+    return dataclasses.replace(saved_config, **changes), saved
 
 
 def train(config, resume=False, verbose="auto", multi_process=None):

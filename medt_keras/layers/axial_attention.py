@@ -6,6 +6,7 @@ import math
 import keras
 from keras import ops
 
+from medt_keras._backend import prepare_rematerialization
 from medt_keras.initializers import Normal
 from medt_keras.layers.batch_norm import BatchNorm
 
@@ -64,6 +65,8 @@ class AxialAttention(keras.layers.Layer):
             ``RematScope`` cannot wrap this layer: its BatchNorms update
             variables, which a rematerialised function may not; this option
             rematerialises the computation and applies the updates outside.)
+            On CPU it needs an XLA flag that must be set before JAX starts;
+            see ``medt_keras._backend.prepare_rematerialization``.
 
     Input shape: ``(batch, height, width, channels)``.
     Output shape: ``(batch, height // strides, width // strides, filters)``.
@@ -106,6 +109,8 @@ class AxialAttention(keras.layers.Layer):
         self.gates_trainable = bool(gates_trainable)
         self.batch_groups = int(batch_groups)
         self.rematerialize = bool(rematerialize)
+        if self.rematerialize:
+            prepare_rematerialization()
         self.head_channels = head_channels
 
         norm_kwargs = dict(batch_groups=self.batch_groups, dtype=self.dtype_policy)

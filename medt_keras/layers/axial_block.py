@@ -29,6 +29,9 @@ class AxialBlock(keras.layers.Layer):
         positional_encoding, gated, gates_trainable: passed to both
             attention layers; ``gated`` is MedT's gated axial attention.
         batch_groups: see ``BatchNorm``.
+        rematerialize: passed to both attention layers (see
+            ``AxialAttention``): recompute their attention maps in the
+            backward pass instead of storing them.
 
     Input shape: ``(batch, height, width, channels)``.
     Output shape: ``(batch, height // strides, width // strides, 2 * filters)``.
@@ -46,6 +49,7 @@ class AxialBlock(keras.layers.Layer):
         gated=False,
         gates_trainable=False,
         batch_groups=1,
+        rematerialize=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -57,6 +61,7 @@ class AxialBlock(keras.layers.Layer):
         self.gated = bool(gated)
         self.gates_trainable = bool(gates_trainable)
         self.batch_groups = int(batch_groups)
+        self.rematerialize = bool(rematerialize)
         out_channels = self.expansion * self.filters
         common = dict(dtype=self.dtype_policy)
         norm = dict(batch_groups=self.batch_groups, **common)
@@ -67,6 +72,7 @@ class AxialBlock(keras.layers.Layer):
             gated=self.gated,
             gates_trainable=self.gates_trainable,
             batch_groups=self.batch_groups,
+            rematerialize=self.rematerialize,
             **common,
         )
         conv = dict(use_bias=False, kernel_initializer=FanInUniform(), **common)
@@ -142,6 +148,7 @@ class AxialBlock(keras.layers.Layer):
                 "gated": self.gated,
                 "gates_trainable": self.gates_trainable,
                 "batch_groups": self.batch_groups,
+                "rematerialize": self.rematerialize,
             }
         )
         return config

@@ -179,6 +179,10 @@ class AxialUNet(OfficialModel):
         groups: attention heads per layer.
         blocks: residual blocks per stage (the official ``layers``).
         gates_trainable: for the gated models, whether the gates train.
+        rematerialize: in training, recompute every attention layer's
+            attention maps in the backward pass instead of storing them
+            (less memory, about one more forward pass of the attention;
+            same results). See ``AxialAttention``.
         dtype: dtype or policy of every layer ("float64" needs JAX x64).
 
     Input: ``(batch, height, width, in_channels)`` float.
@@ -196,6 +200,7 @@ class AxialUNet(OfficialModel):
         groups=8,
         blocks=(1, 2, 4, 1),
         gates_trainable=False,
+        rematerialize=False,
         dtype=None,
         **kwargs,
     ):
@@ -208,6 +213,7 @@ class AxialUNet(OfficialModel):
             positional_encoding=True,
             gated=self.gated,
             gates_trainable=gates_trainable,
+            rematerialize=bool(rematerialize),
         )
         x = axial_unet_features(inputs, builder, width_scale, blocks, block_config)
         outputs = builder.conv(builder.relu(x), num_classes, 1, "head")
@@ -219,6 +225,7 @@ class AxialUNet(OfficialModel):
             groups=int(groups),
             blocks=blocks,
             gates_trainable=bool(gates_trainable),
+            rematerialize=bool(rematerialize),
         )
         super().__init__(inputs, outputs, hyperparameters, dtype=dtype, **kwargs)
 

@@ -63,6 +63,7 @@ class LoGo(OfficialModel):
         blocks=(1, 2, 4, 1),
         gates_trainable=False,
         patch_grid=4,
+        rematerialize=False,
         dtype=None,
         **kwargs,
     ):
@@ -77,6 +78,7 @@ class LoGo(OfficialModel):
             positional_encoding=True,
             gated=self.gated,
             gates_trainable=gates_trainable,
+            rematerialize=bool(rematerialize),
         )
         x = global_builder.stem(inputs, int(64 * s))
         x1 = global_builder.stage(x, 1, int(128 * s), blocks[0], 1, global_config)
@@ -86,7 +88,11 @@ class LoGo(OfficialModel):
 
         groups_of_patches = int(patch_grid) ** 2
         local_builder = _GraphBuilder(dtype, prefix="local_", batch_groups=groups_of_patches)
-        local_config = dict(num_heads=groups, positional_encoding=self.local_positional)
+        local_config = dict(
+            num_heads=groups,
+            positional_encoding=self.local_positional,
+            rematerialize=bool(rematerialize),
+        )
         patches = PatchFold(patch_grid, name="local_patch_fold", dtype=dtype)(inputs)
         # The official local stem is as wide as the global branch's output,
         # 2 * int(256 * s), an artefact of its shared `inplanes` counter.
@@ -112,6 +118,7 @@ class LoGo(OfficialModel):
             blocks=blocks,
             gates_trainable=bool(gates_trainable),
             patch_grid=int(patch_grid),
+            rematerialize=bool(rematerialize),
         )
         super().__init__(inputs, outputs, hyperparameters, dtype=dtype, **kwargs)
 

@@ -129,3 +129,34 @@ def test_non_square_inputs(cls, size):
 def test_non_square_size_not_divisible_names_the_axis():
     with pytest.raises(ValueError, match="width 100 must be divisible by 32"):
         medt_keras.AxialUNet(img_size=(64, 100), **TINY)
+
+
+def test_rematerialize_reaches_every_attention_layer_and_round_trips():
+    model = medt_keras.MedT(img_size=128, rematerialize=True, **TINY)
+    attention = [layer for block in _blocks(model) for layer in (block.height_attention, block.width_attention)]
+    assert attention and all(layer.rematerialize for layer in attention)
+    assert model.get_config()["rematerialize"] is True
+    assert not any(b.height_attention.rematerialize for b in _blocks(medt_keras.MedT(img_size=128, **TINY)))
+
+
+def test_mixed_bfloat16_policy_trains_with_float32_statistics():
+    # bf16 compute for accelerators; variables and BatchNorm statistics stay float32.
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 32, 32, 3), dtype=np.float32)
+    y = rng.integers(0, 2, (2, 32, 32))
+    reference = medt_keras.GatedAxialUNet(img_size=32, **TINY)
+    model = medt_keras.GatedAxialUNet(img_size=32, dtype="mixed_bfloat16", **TINY)
+    model.set_weights(reference.get_weights())
+    assert all(b.height_attention.compute_dtype == "bfloat16" for b in _blocks(model))
+    assert all(v.dtype in ("float32", "int32") for v in model.weights)
+    expected = np.asarray(reference.predict_on_batch(x))
+    logits = model.predict_on_batch(x)
+    assert str(logits.dtype) == "bfloat16"
+    logits = np.asarray(logits).astype("float32")
+    # bf16 keeps 8 bits of mantissa: agreement to a few percent of the logit range.
+    np.testing.assert_allclose(logits, expected, atol=0.05 * np.abs(expected).max())
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loss = model.train_on_batch(x, y)
+    assert np.isfinite(loss)
+    norms = [v for v in model.non_trainable_variables if "moving_variance" in v.path]
+    assert norms and all(v.dtype == "float32" and np.all(np.isfinite(np.asarray(v.value))) for v in norms)
