@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import medt_keras  # noqa: F401  (selects the JAX backend before keras is imported)
+from medt_keras._backend import prepare_rematerialization
 
 import numpy as np
 
@@ -206,6 +207,9 @@ def train(config, resume=False, verbose="auto", multi_process=None):
     config, saved = _resolve_resume(config, directory, resume)
     if config.dtype == "float64":
         medt_keras.enable_float64()
+    if config.rematerialize:
+        # Before anything starts JAX: on CPU it sets a compiler flag.
+        prepare_rematerialization()
     process_index, process_count, device_count = distribution.configure(
         config.distribution, config.batch_size, **(multi_process or {})
     )

@@ -7,6 +7,7 @@ The official ``ResAxialAttentionUNet`` (builders ``axialunet`` and
 import keras
 
 from medt_keras import _backend  # noqa: F401
+from medt_keras._backend import prepare_rematerialization
 from medt_keras.initializers import FanInUniform
 from medt_keras.layers import AxialBlock, BatchNorm
 
@@ -204,6 +205,8 @@ class AxialUNet(OfficialModel):
         dtype=None,
         **kwargs,
     ):
+        if rematerialize:
+            prepare_rematerialization()  # before any weight starts JAX
         blocks = check_blocks(blocks)
         img_size = image_size(img_size)
         inputs = image_input(img_size, in_channels, dtype, 32)
