@@ -68,8 +68,9 @@ def test_killed_run_resumes_to_the_same_result(data, uninterrupted, tmp_path):
     assert process.wait() == -signal.SIGKILL
     killed_at = checkpoint.read_run_state(output)["next_epoch"]
     assert 1 <= killed_at < 3
-    assert not [f for f in os.listdir(output) if f.startswith(".tmp-")] or True  # leftovers are harmless
-    _run(data, output, "--epochs", "3", "--resume")
+    # The resumed part recomputes its attention maps (--rematerialize, allowed to change on
+    # resume): the end result must still be the uninterrupted run's.
+    _run(data, output, "--epochs", "3", "--resume", "--rematerialize", "true")
 
     expected, resumed = _state_arrays(uninterrupted), _state_arrays(output)
     assert expected.keys() == resumed.keys()
