@@ -61,7 +61,8 @@ class AxialAttention(keras.layers.Layer):
         rematerialize: in training, keep only this layer's input for the
             backward pass and recompute its attention maps there
             (``keras.remat``): less memory for larger images, at the cost of
-            a second forward pass of the layer. Same results. (Keras'
+            a second forward pass of the layer. The same computation: equal in
+            float64, float32 rounding may differ. (Keras'
             ``RematScope`` cannot wrap this layer: its BatchNorms update
             variables, which a rematerialised function may not; this option
             rematerialises the computation and applies the updates outside.)

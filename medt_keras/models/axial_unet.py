@@ -183,7 +183,7 @@ class AxialUNet(OfficialModel):
         rematerialize: in training, recompute every attention layer's
             attention maps in the backward pass instead of storing them
             (less memory, about one more forward pass of the attention;
-            same results). See ``AxialAttention``.
+            the same computation up to rounding). See ``AxialAttention``.
         dtype: dtype or policy of every layer ("float64" needs JAX x64).
 
     Input: ``(batch, height, width, in_channels)`` float.

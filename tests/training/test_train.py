@@ -1,5 +1,6 @@
 """``medt-train`` end to end on small synthetic data: resume after SIGKILL, gate schedule, NaN, bad input."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import medt_keras  # noqa: F401
 
 from training import checkpoint
 from training.config import TrainConfig
-from training.train import TrainingDiverged, build_model, gate_variables, train
+from training.train import TrainingDiverged, _resolve_resume, build_model, gate_variables, train
 from tests.synthetic_data import write_medt_folder
 
 TINY = ["--model", "gated", "--model-args", '{"blocks": [1, 1, 1, 1], "groups": 2}', "--img-size", "32",
@@ -68,9 +69,7 @@ def test_killed_run_resumes_to_the_same_result(data, uninterrupted, tmp_path):
     assert process.wait() == -signal.SIGKILL
     killed_at = checkpoint.read_run_state(output)["next_epoch"]
     assert 1 <= killed_at < 3
-    # The resumed part recomputes its attention maps (--rematerialize, allowed to change on
-    # resume): the end result must still be the uninterrupted run's.
-    _run(data, output, "--epochs", "3", "--resume", "--rematerialize", "true")
+    _run(data, output, "--epochs", "3", "--resume")
 
     expected, resumed = _state_arrays(uninterrupted), _state_arrays(output)
     assert expected.keys() == resumed.keys()
@@ -135,6 +134,18 @@ def test_dataset_smaller_than_one_batch_is_a_clear_error(data, tmp_path):
     result = _run(data, tmp_path / "small", "--max-train-examples", "3", check=False)
     assert result.returncode == 2
     assert "medt_folder train: 3 example(s), fewer than one batch of 4" in result.stderr
+
+
+def test_resume_may_switch_rematerialization(uninterrupted):
+    # Rematerialising changes memory, not results (tests/layers: equal outputs, gradients and
+    # statistics in float64), so a resumed run may switch it; the model is then built with it.
+    saved = TrainConfig(**checkpoint.read_run_state(os.fspath(uninterrupted))["config"])
+    wanted = dataclasses.replace(saved, rematerialize=True, epochs=5)
+    config, state = _resolve_resume(wanted, os.fspath(uninterrupted), resume=True)
+    assert state is not None and config.rematerialize and config.epochs == 5
+    model = build_model(config, in_channels=3)
+    attention = [layer for layer in model._flatten_layers() if isinstance(layer, medt_keras.layers.AxialAttention)]
+    assert attention and all(layer.rematerialize for layer in attention)
 
 
 def test_existing_run_needs_resume_and_the_same_config(data, uninterrupted):
