@@ -151,9 +151,8 @@ def _gradients_and_updates(layer, x):
 def test_rematerialize_gives_the_same_outputs_gradients_and_statistics(positional, gated):
     rng = np.random.default_rng(5)
     x = rng.normal(size=(4, 6, 6, 8))
-    results = []
-    for rematerialize in (False, True):
-        layer = AxialAttention(
+    layers = [
+        AxialAttention(
             8,
             num_heads=2,
             axis="width",
@@ -164,12 +163,14 @@ def test_rematerialize_gives_the_same_outputs_gradients_and_statistics(positiona
             rematerialize=rematerialize,
             dtype="float64",
         )
+        for rematerialize in (False, True)
+    ]
+    for layer in layers:
         layer.build(x.shape)
-        if results:
-            for target, source in zip(layer.variables, reference.variables):
-                target.assign(source.value)
-        reference = layer
-        results.append(_gradients_and_updates(layer, x))
+    reference = layers[0]
+    for target, source in zip(layers[1].variables, reference.variables):
+        target.assign(source.value)
+    results = [_gradients_and_updates(layer, x) for layer in layers]
     (y0, g0, xg0, u0), (y1, g1, xg1, u1) = results
     np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.asarray(xg1), np.asarray(xg0), rtol=1e-10, atol=1e-12)
