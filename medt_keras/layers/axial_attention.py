@@ -276,18 +276,28 @@ class AxialAttention(keras.layers.Layer):
     def _gate(self, gate, dtype=None):
         return ops.cast(gate, dtype or self.compute_dtype)
 
-    def _similarity_terms(self, q, k, tables):
-        """The similarity terms ``q.k`` and, with positional encodings, ``q.r^q`` and ``k.r^k``, each ``(n, b, G, L, L)``."""
-        terms = [ops.einsum("nbigc,nbjgc->nbgij", q, k)]
+    def _similarity_terms(self, q, k, tables, scales=None):
+        """The similarity terms ``q.k`` and, with positional encodings, ``q.r^q`` and ``k.r^k``, each ``(n, b, G, L, L)``.
+
+        ``scales``: one factor per term, applied to its query (``q.k``,
+        ``q.r^q``) or key (``k.r^k``) before the product, which is cheaper
+        than scaling the map; broadcastable to ``(n, b, L, G, c)``. Defaults
+        to the gates (gated form) or none.
+        """
+        if scales is None:
+            scales = [None] * 3
+            if self.gated:
+                scales[1:] = self._gate(self.gate_query_position), self._gate(self.gate_key_position)
+
+        def scaled(x, scale):
+            return x if scale is None else x * scale
+
+        terms = [ops.einsum("nbigc,nbjgc->nbgij", scaled(q, scales[0]), k)]
         if tables is not None:
             q_table, k_table, _ = tables
-            qr = ops.einsum("nbigc,ijc->nbgij", q, q_table)
+            terms.append(ops.einsum("nbigc,ijc->nbgij", scaled(q, scales[1]), q_table))
             # k_j . r^k at offset j - i: the key's own position indexes the table.
-            kr = ops.einsum("nbjgc,jic->nbgij", k, k_table)
-            if self.gated:
-                qr = qr * self._gate(self.gate_query_position)
-                kr = kr * self._gate(self.gate_key_position)
-            terms += [qr, kr]
+            terms.append(ops.einsum("nbjgc,jic->nbgij", scaled(k, scales[2]), k_table))
         return terms
 
     def _normalized_similarity_training(self, q, k, tables):
@@ -359,12 +369,8 @@ class AxialAttention(keras.layers.Layer):
                 s = s * self._gate(getattr(self, gates[t]), stat_dtype)
             return ops.reshape(ops.cast(s, self.compute_dtype), (batch, 1, 1, heads, 1))
 
-        similarity = ops.einsum("nbigc,nbjgc->nbgij", q * term_scale(0), k)
-        if tables is not None:
-            q_table, k_table, _ = tables
-            similarity = similarity + ops.einsum("nbigc,ijc->nbgij", q * term_scale(1), q_table)
-            similarity = similarity + ops.einsum("nbjgc,jic->nbgij", k * term_scale(2), k_table)
-        similarity = similarity + ops.reshape(ops.cast(shift, self.compute_dtype), (batch, 1, heads, 1, 1))
+        terms = self._similarity_terms(q, k, tables, [term_scale(t) for t in range(len(sums))])
+        similarity = functools.reduce(ops.add, terms) + ops.reshape(ops.cast(shift, self.compute_dtype), (batch, 1, heads, 1, 1))
 
         param_shape = tuple(norm.moving_mean.shape)
         mean = ops.reshape(mean, (groups,) + param_shape)
