@@ -241,14 +241,14 @@ class AxialAttention(keras.layers.Layer):
             statistics.append((mean, variance))
         else:
             similarity = self._normalized_sum(
-                self.similarity_norm, self._similarity_terms(q, k, tables), term_axis=0
+                self.similarity_norm, self._similarity_terms(q, k, tables, training=False), term_axis=0
             )
         weights = ops.softmax(similarity, axis=-1)
 
-        sv = ops.einsum("nbgij,nbjgc->nbigc", weights, v)
+        sv = _weighted_sum(weights, v, per_example=True)
         terms = [ops.reshape(sv, (batch, lines, length, self.filters))]
         if self.positional_encoding:
-            sve = ops.einsum("nbgij,ijc->nbigc", weights, tables[2])
+            sve = _weighted_sum(weights, tables[2], per_example=False)
             sve = ops.reshape(sve, (batch, lines, length, self.filters))
             if self.gated:
                 terms[0] = terms[0] * self._gate(self.gate_value)
@@ -276,14 +276,17 @@ class AxialAttention(keras.layers.Layer):
     def _gate(self, gate, dtype=None):
         return ops.cast(gate, dtype or self.compute_dtype)
 
-    def _similarity_terms(self, q, k, tables, scales=None):
+    def _similarity_terms(self, q, k, tables, training, scales=None):
         """The similarity terms ``q.k`` and, with positional encodings, ``q.r^q`` and ``k.r^k``, each ``(n, b, G, L, L)``.
 
         ``scales``: one factor per term, applied to its query (``q.k``,
         ``q.r^q``) or key (``k.r^k``) before the product, which is cheaper
         than scaling the map; broadcastable to ``(n, b, L, G, c)``. Defaults
-        to the gates (gated form) or none.
+        to the gates (gated form) or none. Inference writes the products as
+        broadcast sums (see ``_BROADCAST_CHANNELS``); training keeps the
+        einsums, whose backward pass is the faster one.
         """
+        broadcast = not training
         if scales is None:
             scales = [None] * 3
             if self.gated:
@@ -292,12 +295,12 @@ class AxialAttention(keras.layers.Layer):
         def scaled(x, scale):
             return x if scale is None else x * scale
 
-        terms = [ops.einsum("nbigc,nbjgc->nbgij", scaled(q, scales[0]), k)]
+        terms = [_pairwise_products(scaled(q, scales[0]), k, broadcast)]
         if tables is not None:
             q_table, k_table, _ = tables
-            terms.append(ops.einsum("nbigc,ijc->nbgij", scaled(q, scales[1]), q_table))
+            terms.append(_positional_products(scaled(q, scales[1]), q_table, True, broadcast))
             # k_j . r^k at offset j - i: the key's own position indexes the table.
-            terms.append(ops.einsum("nbjgc,jic->nbgij", scaled(k, scales[2]), k_table))
+            terms.append(_positional_products(scaled(k, scales[2]), k_table, False, broadcast))
         return terms
 
     def _normalized_similarity_training(self, q, k, tables):
@@ -369,7 +372,9 @@ class AxialAttention(keras.layers.Layer):
                 s = s * self._gate(getattr(self, gates[t]), stat_dtype)
             return ops.reshape(ops.cast(s, self.compute_dtype), (batch, 1, 1, heads, 1))
 
-        terms = self._similarity_terms(q, k, tables, [term_scale(t) for t in range(len(sums))])
+        terms = self._similarity_terms(
+            q, k, tables, training=True, scales=[term_scale(t) for t in range(len(sums))]
+        )
         similarity = functools.reduce(ops.add, terms) + ops.reshape(ops.cast(shift, self.compute_dtype), (batch, 1, heads, 1, 1))
 
         param_shape = tuple(norm.moving_mean.shape)
@@ -426,3 +431,69 @@ class AxialAttention(keras.layers.Layer):
             }
         )
         return config
+
+
+
+# Queries, keys and values have only 1-16 channels per head in MedT, so
+# the logits are outer products in disguise. As einsums they become batched
+# products of tiny matrices, which XLA's CPU backend runs slowly and, for
+# the relative-table terms, wraps in transposed copies of the whole map. In
+# inference, up to this many channels, they are written as sums of
+# broadcast elementwise products, one per channel, which XLA fuses with the
+# scaling and the sum of the terms (MedT inference 1.58 -> 0.66 s with the
+# layouts below). Training keeps the einsums: the backward pass of the
+# broadcast form reduces the map over its leading axes for the table
+# gradients, which costs more than it saves. The weighted sums over the map
+# stay products in every mode: a batched product in its natural layout
+# beats a broadcast reduction there.
+_BROADCAST_CHANNELS = 4
+
+
+def _heads_first(x):
+    # (n, b, L, G, c) -> (n, b, G, L, c): the batched-product layout, with
+    # the batch axes leading in the order of the (n, b, G, L, L) maps.
+    return ops.transpose(x, (0, 1, 3, 2, 4))
+
+
+def _pairwise_products(q, k, broadcast):
+    """``s[n, b, g, i, j] = sum_c q[n, b, i, g, c] k[n, b, j, g, c]``."""
+    q, k = _heads_first(q), _heads_first(k)
+    channels = q.shape[-1]
+    if not broadcast or channels > _BROADCAST_CHANNELS:
+        return ops.einsum("nbgic,nbgjc->nbgij", q, k)
+    return functools.reduce(
+        ops.add, [q[..., :, None, c] * k[..., None, :, c] for c in range(channels)]
+    )
+
+
+def _positional_products(x, table, query_side, broadcast):
+    """Products with the relative table, ``(n, b, g, i, j)``.
+
+    ``query_side``: ``s[.., i, j] = sum_c x[n, b, i, g, c] table[i, j, c]``
+    (``q.r^q``); otherwise ``sum_c x[n, b, j, g, c] table[j, i, c]``
+    (``k.r^k``, the key's position indexes the table).
+    """
+    x = _heads_first(x)
+    channels = x.shape[-1]
+    if not broadcast or channels > _BROADCAST_CHANNELS:
+        if query_side:
+            return ops.einsum("nbgic,ijc->nbgij", x, table)
+        return ops.einsum("nbgjc,jic->nbgij", x, table)
+    if query_side:
+        products = [x[..., :, None, c] * table[:, :, c] for c in range(channels)]
+    else:
+        products = [x[..., None, :, c] * ops.transpose(table[:, :, c]) for c in range(channels)]
+    return functools.reduce(ops.add, products)
+
+
+def _weighted_sum(weights, values, per_example):
+    """``y[n, b, i, g, c] = sum_j weights[n, b, g, i, j] values[.., j, .., c]``.
+
+    ``values`` is ``(n, b, j, g, c)`` with ``per_example``, else a relative
+    table ``(i, j, c)`` shared by all lines and heads (``s.r^v``).
+    """
+    if per_example:
+        y = ops.einsum("nbgij,nbgjc->nbgic", weights, _heads_first(values))
+    else:
+        y = ops.einsum("nbgij,ijc->nbgic", weights, values)
+    return _heads_first(y)
