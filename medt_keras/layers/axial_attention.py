@@ -243,12 +243,18 @@ class AxialAttention(keras.layers.Layer):
             similarity = self._normalized_sum(
                 self.similarity_norm, self._similarity_terms(q, k, tables, training=False), term_axis=0
             )
-        weights = ops.softmax(similarity, axis=-1)
+        # softmax, normalised after the weighted sums: dividing the small
+        # (.., L, c) results instead of the (.., L, L) map saves a pass over
+        # it. The maximum only keeps exp in range; any constant per row
+        # cancels, so no gradient flows through it.
+        similarity = similarity - ops.stop_gradient(ops.max(similarity, axis=-1, keepdims=True))
+        weights = ops.exp(similarity)
+        normalizer = ops.transpose(1.0 / ops.sum(weights, axis=-1), (0, 1, 3, 2))[..., None]
 
-        sv = _weighted_sum(weights, v, per_example=True)
+        sv = _weighted_sum(weights, v, per_example=True) * normalizer
         terms = [ops.reshape(sv, (batch, lines, length, self.filters))]
         if self.positional_encoding:
-            sve = _weighted_sum(weights, tables[2], per_example=False)
+            sve = _weighted_sum(weights, tables[2], per_example=False) * normalizer
             sve = ops.reshape(sve, (batch, lines, length, self.filters))
             if self.gated:
                 terms[0] = terms[0] * self._gate(self.gate_value)
