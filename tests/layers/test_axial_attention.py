@@ -59,9 +59,13 @@ FORMS = [
 @pytest.mark.parametrize("positional,gated", FORMS)
 @pytest.mark.parametrize("axis", ["height", "width"])
 @pytest.mark.parametrize("training", [False, True])
-@pytest.mark.parametrize("filters", [8, 16], ids=["2-query-channels", "4-query-channels"])
+@pytest.mark.parametrize(
+    "filters", [8, 16, 32], ids=["2-query-channels", "4-query-channels", "8-query-channels"]
+)
 def test_matches_official_formulas(positional, gated, axis, training, filters):
-    # Over 2 heads, queries and keys get filters / 4 channels each.
+    # Over 2 heads, queries and keys get filters / 4 channels each. Inference
+    # writes the logits over <= 4 channels as broadcast products and over more
+    # as einsums: both forms are checked.
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, filters, 6, 6))  # NCHW, square as the official code needs
     params = random_attention_params(rng, filters, filters, 2, 6, positional=positional)
