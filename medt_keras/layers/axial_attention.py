@@ -439,7 +439,6 @@ class AxialAttention(keras.layers.Layer):
         return config
 
 
-
 # Queries, keys and values have only 1-16 channels per head in MedT, so
 # the logits are outer products in disguise. As einsums they become batched
 # products of tiny matrices, which XLA's CPU backend runs slowly and, for
