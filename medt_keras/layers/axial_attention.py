@@ -230,7 +230,9 @@ class AxialAttention(keras.layers.Layer):
         else:
             qkv = self.qkv_norm(qkv, training=False)
         qkv = ops.reshape(qkv, (batch, lines, length, heads, 2 * d))
-        q, k, v = qkv[..., :half], qkv[..., half:d], qkv[..., d:]
+        # Heads before positions, (n, b, G, L, c): the batch axes of every
+        # product below lead, in the order of the (n, b, G, L, L) maps.
+        q, k, v = (_swap_heads_and_positions(t) for t in (qkv[..., :half], qkv[..., half:d], qkv[..., d:]))
 
         tables = None
         if self.positional_encoding:
@@ -249,13 +251,14 @@ class AxialAttention(keras.layers.Layer):
         # cancels, so no gradient flows through it.
         similarity = similarity - ops.stop_gradient(ops.max(similarity, axis=-1, keepdims=True))
         weights = ops.exp(similarity)
-        normalizer = ops.transpose(1.0 / ops.sum(weights, axis=-1), (0, 1, 3, 2))[..., None]
+        normalizer = 1.0 / ops.sum(weights, axis=-1, keepdims=True)
 
-        sv = _weighted_sum(weights, v, per_example=True) * normalizer
-        terms = [ops.reshape(sv, (batch, lines, length, self.filters))]
+        def to_channels(y):  # (n, b, G, L, c) -> (n, b, L, filters)
+            return ops.reshape(_swap_heads_and_positions(y * normalizer), (batch, lines, length, self.filters))
+
+        terms = [to_channels(ops.einsum("nbgij,nbgjc->nbgic", weights, v))]
         if self.positional_encoding:
-            sve = _weighted_sum(weights, tables[2], per_example=False) * normalizer
-            sve = ops.reshape(sve, (batch, lines, length, self.filters))
+            sve = to_channels(ops.einsum("nbgij,ijc->nbgic", weights, tables[2]))
             if self.gated:
                 terms[0] = terms[0] * self._gate(self.gate_value)
                 sve = sve * self._gate(self.gate_value_position)
@@ -287,7 +290,7 @@ class AxialAttention(keras.layers.Layer):
 
         ``scales``: one factor per term, applied to its query (``q.k``,
         ``q.r^q``) or key (``k.r^k``) before the product, which is cheaper
-        than scaling the map; broadcastable to ``(n, b, L, G, c)``. Defaults
+        than scaling the map; broadcastable to ``(n, b, G, L, c)``. Defaults
         to the gates (gated form) or none. Inference writes the products as
         broadcast sums (see ``_BROADCAST_CHANNELS``); training keeps the
         einsums, whose backward pass is the faster one.
@@ -331,7 +334,7 @@ class AxialAttention(keras.layers.Layer):
         norm = self.similarity_norm
         stat_dtype = norm.variable_dtype
         groups = self.batch_groups
-        batch, lines, length = ops.shape(q)[:3]
+        batch, lines, _, length = ops.shape(q)[:4]
         heads = self.num_heads
         count = (batch // groups) * lines * length * length
 
@@ -344,8 +347,8 @@ class AxialAttention(keras.layers.Layer):
         qs, ks = ops.cast(q, stat_dtype), ops.cast(k, stat_dtype)
         q_outer, k_outer = outer(qs), outer(ks)
         # Sums over (i, j) per (n, b, G) of each term and of its square.
-        sums = [ops.sum(ops.sum(qs, axis=2) * ops.sum(ks, axis=2), axis=-1)]
-        squares = [ops.sum(ops.sum(q_outer, axis=2) * ops.sum(k_outer, axis=2), axis=(-2, -1))]
+        sums = [ops.sum(ops.sum(qs, axis=3) * ops.sum(ks, axis=3), axis=-1)]
+        squares = [ops.sum(ops.sum(q_outer, axis=3) * ops.sum(k_outer, axis=3), axis=(-2, -1))]
         gates = [None]
         if tables is not None:
             q_table, k_table = (ops.cast(t, stat_dtype) for t in tables[:2])
@@ -355,10 +358,10 @@ class AxialAttention(keras.layers.Layer):
                 (ks, k_outer, k_table, "gate_key_position"),
             ):
                 scale = self._gate(getattr(self, gate), stat_dtype) if self.gated else 1.0
-                table_sum = ops.sum(table, axis=1)[:, None, :]
-                table_outer = ops.sum(outer(table), axis=1)[:, None]
-                sums.append(scale * ops.sum(x * table_sum, axis=(2, 4)))
-                squares.append(scale * scale * ops.sum(x_outer * table_outer, axis=(2, 4, 5)))
+                table_sum = ops.sum(table, axis=1)  # (L, c) against x's (.., L, c)
+                table_outer = ops.sum(outer(table), axis=1)
+                sums.append(scale * ops.sum(x * table_sum, axis=(3, 4)))
+                squares.append(scale * scale * ops.sum(x_outer * table_outer, axis=(3, 4, 5)))
                 gates.append(gate if self.gated else None)
         mean = ops.stack([per_group(t) for t in sums], axis=1) / count
         mean_square = ops.stack([per_group(t) for t in squares], axis=1) / count
@@ -376,7 +379,7 @@ class AxialAttention(keras.layers.Layer):
             s = scale[:, t]
             if gates[t] is not None:
                 s = s * self._gate(getattr(self, gates[t]), stat_dtype)
-            return ops.reshape(ops.cast(s, self.compute_dtype), (batch, 1, 1, heads, 1))
+            return ops.reshape(ops.cast(s, self.compute_dtype), (batch, 1, heads, 1, 1))
 
         terms = self._similarity_terms(
             q, k, tables, training=True, scales=[term_scale(t) for t in range(len(sums))]
@@ -445,8 +448,8 @@ class AxialAttention(keras.layers.Layer):
 # the relative-table terms, wraps in transposed copies of the whole map. In
 # inference, up to this many channels, they are written as sums of
 # broadcast elementwise products, one per channel, which XLA fuses with the
-# scaling and the sum of the terms (MedT inference 1.58 -> 0.66 s with the
-# layouts below). Training keeps the einsums: the backward pass of the
+# scaling and the sum of the terms (MedT inference 1.58 -> 0.66 s together
+# with the heads-first layout of q, k and v). Training keeps the einsums: the backward pass of the
 # broadcast form reduces the map over its leading axes for the table
 # gradients, which costs more than it saves. The weighted sums over the map
 # stay products in every mode: a batched product in its natural layout
@@ -454,15 +457,13 @@ class AxialAttention(keras.layers.Layer):
 _BROADCAST_CHANNELS = 4
 
 
-def _heads_first(x):
-    # (n, b, L, G, c) -> (n, b, G, L, c): the batched-product layout, with
-    # the batch axes leading in the order of the (n, b, G, L, L) maps.
+def _swap_heads_and_positions(x):
+    # (n, b, L, G, c) <-> (n, b, G, L, c).
     return ops.transpose(x, (0, 1, 3, 2, 4))
 
 
 def _pairwise_products(q, k, broadcast):
-    """``s[n, b, g, i, j] = sum_c q[n, b, i, g, c] k[n, b, j, g, c]``."""
-    q, k = _heads_first(q), _heads_first(k)
+    """``s[n, b, g, i, j] = sum_c q[n, b, g, i, c] k[n, b, g, j, c]``."""
     channels = q.shape[-1]
     if not broadcast or channels > _BROADCAST_CHANNELS:
         return ops.einsum("nbgic,nbgjc->nbgij", q, k)
@@ -474,11 +475,10 @@ def _pairwise_products(q, k, broadcast):
 def _positional_products(x, table, query_side, broadcast):
     """Products with the relative table, ``(n, b, g, i, j)``.
 
-    ``query_side``: ``s[.., i, j] = sum_c x[n, b, i, g, c] table[i, j, c]``
-    (``q.r^q``); otherwise ``sum_c x[n, b, j, g, c] table[j, i, c]``
+    ``query_side``: ``s[.., i, j] = sum_c x[n, b, g, i, c] table[i, j, c]``
+    (``q.r^q``); otherwise ``sum_c x[n, b, g, j, c] table[j, i, c]``
     (``k.r^k``, the key's position indexes the table).
     """
-    x = _heads_first(x)
     channels = x.shape[-1]
     if not broadcast or channels > _BROADCAST_CHANNELS:
         if query_side:
@@ -489,16 +489,3 @@ def _positional_products(x, table, query_side, broadcast):
     else:
         products = [x[..., None, :, c] * ops.transpose(table[:, :, c]) for c in range(channels)]
     return functools.reduce(ops.add, products)
-
-
-def _weighted_sum(weights, values, per_example):
-    """``y[n, b, i, g, c] = sum_j weights[n, b, g, i, j] values[.., j, .., c]``.
-
-    ``values`` is ``(n, b, j, g, c)`` with ``per_example``, else a relative
-    table ``(i, j, c)`` shared by all lines and heads (``s.r^v``).
-    """
-    if per_example:
-        y = ops.einsum("nbgij,nbgjc->nbgic", weights, _heads_first(values))
-    else:
-        y = ops.einsum("nbgij,ijc->nbgic", weights, values)
-    return _heads_first(y)
