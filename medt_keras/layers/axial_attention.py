@@ -238,31 +238,27 @@ class AxialAttention(keras.layers.Layer):
         if self.positional_encoding:
             table = ops.cast(self._relative_table(length), self.compute_dtype)
             tables = table[..., :half], table[..., half:d], table[..., d:]
+        # The similarity BatchNorm and the gates scale each term; the scales
+        # go into the query (q.k, q.r^q) or key (k.r^k) before the products.
+        # Its shifts are constant along the attended axis and cancel in the
+        # softmax, so they are left out.
         if training:
-            similarity, mean, variance = self._normalized_similarity_training(q, k, tables)
+            scales, mean, variance = self._similarity_scales_training(q, k, tables)
             statistics.append((mean, variance))
         else:
-            similarity = self._normalized_sum(
-                self.similarity_norm, self._similarity_terms(q, k, tables, training=False), term_axis=0
-            )
-        # softmax, normalised after the weighted sums: dividing the small
-        # (.., L, c) results instead of the (.., L, L) map saves a pass over
-        # it. The maximum only keeps exp in range; any constant per row
-        # cancels, so no gradient flows through it.
-        similarity = similarity - ops.stop_gradient(ops.max(similarity, axis=-1, keepdims=True))
-        weights = ops.exp(similarity)
-        normalizer = 1.0 / ops.sum(weights, axis=-1, keepdims=True)
+            scales = self._similarity_scales_inference()
+        positional = None
+        if self.positional_encoding:
+            positional = (q * scales[1], k * scales[2]) + tables
+        outputs = self._attend(q * scales[0], k, v, positional, training)
 
         def to_channels(y):  # (n, b, G, L, c) -> (n, b, L, filters)
-            return ops.reshape(_swap_heads_and_positions(y * normalizer), (batch, lines, length, self.filters))
+            return ops.reshape(_swap_heads_and_positions(y), (batch, lines, length, self.filters))
 
-        terms = [to_channels(ops.einsum("nbgij,nbgjc->nbgic", weights, v))]
-        if self.positional_encoding:
-            sve = to_channels(ops.einsum("nbgij,ijc->nbgic", weights, tables[2]))
-            if self.gated:
-                terms[0] = terms[0] * self._gate(self.gate_value)
-                sve = sve * self._gate(self.gate_value_position)
-            terms.append(sve)
+        terms = [to_channels(y) for y in outputs]
+        if self.gated:
+            terms[0] = terms[0] * self._gate(self.gate_value)
+            terms[1] = terms[1] * self._gate(self.gate_value_position)
         # Output: the per-(channel, term) BatchNorm of s.v and s.r^v, summed.
         if training:
             stacked = ops.stack(terms, axis=-1) if len(terms) > 1 else terms[0]
@@ -272,7 +268,7 @@ class AxialAttention(keras.layers.Layer):
             out = ops.cast(out, self.compute_dtype)
             statistics.append((mean, variance))
         else:
-            out = self._normalized_sum(self.output_norm, terms, term_axis=-1)
+            out = self._normalized_output_inference(terms)
 
         if self.axis == "height":
             out = ops.transpose(out, (0, 2, 1, 3))
@@ -285,35 +281,50 @@ class AxialAttention(keras.layers.Layer):
     def _gate(self, gate, dtype=None):
         return ops.cast(gate, dtype or self.compute_dtype)
 
-    def _similarity_terms(self, q, k, tables, training, scales=None):
-        """The similarity terms ``q.k`` and, with positional encodings, ``q.r^q`` and ``k.r^k``, each ``(n, b, G, L, L)``.
+    def _attend(self, q, k, v, positional, training):
+        """Softmax attention along L: ``(y,)``, or ``(y, y_position)`` with positional encodings.
 
-        ``scales``: one factor per term, applied to its query (``q.k``,
-        ``q.r^q``) or key (``k.r^k``) before the product, which is cheaper
-        than scaling the map; broadcastable to ``(n, b, G, L, c)``. Defaults
-        to the gates (gated form) or none. Inference writes the products as
-        broadcast sums (see ``_BROADCAST_CHANNELS``); training keeps the
-        einsums, whose backward pass is the faster one.
+        ``q``, ``k`` ``(n, b, G, L, c)`` and ``v`` ``(n, b, G, L, d)``, with
+        the similarity scales already in ``q``; ``positional`` is ``None`` or
+        ``(q_position, k_position, q_table, k_table, v_table)``, the scaled
+        query and key of the positional terms and the ``(L, L, .)`` tables::
+
+            s_ij = q_i.k_j + q_position_i.q_table_ij + k_position_j.k_table_ji
+            y_i = sum_j softmax_j(s_ij) v_j
+            y_position_i = sum_j softmax_j(s_ij) v_table_ij
+
+        Each output ``(n, b, G, L, d)``. With JAX on the CPU this is
+        ``medt_keras.kernels.blocked_attention`` (a block of lines at a time,
+        so the maps stay in cache and are never stored for the backward
+        pass); otherwise ``_softmax_attention`` in ``keras.ops``, which the
+        kernel's tests check it against.
         """
-        broadcast = not training
-        if scales is None:
-            scales = [None] * 3
-            if self.gated:
-                scales[1:] = self._gate(self.gate_query_position), self._gate(self.gate_key_position)
+        kernel = _blocked_attention_kernel()
+        if kernel is not None:
+            return kernel(q, k, v, positional)
+        # Inference writes the logits as broadcast sums (see
+        # _BROADCAST_CHANNELS); training keeps the einsums, whose backward
+        # pass is the faster one.
+        return _softmax_attention(q, k, v, positional, broadcast=not training)
 
-        def scaled(x, scale):
-            return x if scale is None else x * scale
+    def _term_gates(self, dtype):
+        # The gates G_Q, G_K of the positional similarity terms (eq. 3).
+        if not self.gated:
+            return [None] * 3
+        return [None, self._gate(self.gate_query_position, dtype), self._gate(self.gate_key_position, dtype)]
 
-        terms = [_pairwise_products(scaled(q, scales[0]), k, broadcast)]
-        if tables is not None:
-            q_table, k_table, _ = tables
-            terms.append(_positional_products(scaled(q, scales[1]), q_table, True, broadcast))
-            # k_j . r^k at offset j - i: the key's own position indexes the table.
-            terms.append(_positional_products(scaled(k, scales[2]), k_table, False, broadcast))
-        return terms
+    def _similarity_scales_inference(self):
+        """The similarity BatchNorm's scales times the gates, one ``(1, 1, G, 1, 1)`` per term."""
+        scale, _ = self.similarity_norm.inference_affine()
+        scale = ops.reshape(ops.cast(scale, self.compute_dtype), (-1, self.num_heads))
+        scales = []
+        for t, gate in enumerate(self._term_gates(self.compute_dtype)[: ops.shape(scale)[0]]):
+            s = scale[t] if gate is None else scale[t] * gate
+            scales.append(ops.reshape(s, (1, 1, self.num_heads, 1, 1)))
+        return scales
 
-    def _normalized_similarity_training(self, q, k, tables):
-        """``sum_t BN_t(term_t)`` in training, without materialising the terms.
+    def _similarity_scales_training(self, q, k, tables):
+        """The similarity BatchNorm in training, without materialising the terms.
 
         Each similarity term is a bilinear form of small tensors (``q_i.k_j``,
         ``q_i.r^q_ij``, ``k_j.r^k_ji``), so its batch mean and mean square over
@@ -321,14 +332,15 @@ class AxialAttention(keras.layers.Layer):
         of ``q``, ``k`` and the tables, never from the ``(n, b, G, L, L)``
         maps. BatchNorm is then affine per (group, term, head), and its
         scale is folded into the query or key before the one product per
-        term: the three maps are added as they are made, and the stacked
-        similarity (three maps, plus the BatchNorm's copies of it, in the
-        backward pass too) is never built. Same result as stacking the terms
-        and normalising them, up to rounding; the variance is
-        ``E[t^2] - E[t]^2``, clamped at zero.
+        term (``_attend``): the three maps are added as they are made, and
+        the stacked similarity (three maps, plus the BatchNorm's copies of
+        it, in the backward pass too) is never built. Same result as
+        stacking the terms and normalising them, up to rounding; the
+        variance is ``E[t^2] - E[t]^2``, clamped at zero.
 
-        Returns ``(similarity, group_mean, group_variance)``: similarity
-        ``(n, b, G, L, L)``, statistics ``(batch_groups, terms, G)`` (or
+        Returns ``(scales, group_mean, group_variance)``: one
+        ``(n, 1, G, 1, 1)`` scale per term (the BatchNorm's times the
+        gate), statistics ``(batch_groups, terms, G)`` (or
         ``(batch_groups, G)`` with one term) for the moving averages.
         """
         norm = self.similarity_norm
@@ -344,73 +356,59 @@ class AxialAttention(keras.layers.Layer):
         def outer(x):  # (..., c) -> (..., c, c)
             return x[..., :, None] * x[..., None, :]
 
+        gates = self._term_gates(stat_dtype)
         qs, ks = ops.cast(q, stat_dtype), ops.cast(k, stat_dtype)
         q_outer, k_outer = outer(qs), outer(ks)
         # Sums over (i, j) per (n, b, G) of each term and of its square.
         sums = [ops.sum(ops.sum(qs, axis=3) * ops.sum(ks, axis=3), axis=-1)]
         squares = [ops.sum(ops.sum(q_outer, axis=3) * ops.sum(k_outer, axis=3), axis=(-2, -1))]
-        gates = [None]
         if tables is not None:
             q_table, k_table = (ops.cast(t, stat_dtype) for t in tables[:2])
             # q.r^q: table rows are the query position i; k.r^k: the key position j.
             for x, x_outer, table, gate in (
-                (qs, q_outer, q_table, "gate_query_position"),
-                (ks, k_outer, k_table, "gate_key_position"),
+                (qs, q_outer, q_table, gates[1]),
+                (ks, k_outer, k_table, gates[2]),
             ):
-                scale = self._gate(getattr(self, gate), stat_dtype) if self.gated else 1.0
+                scale = 1.0 if gate is None else gate
                 table_sum = ops.sum(table, axis=1)  # (L, c) against x's (.., L, c)
                 table_outer = ops.sum(outer(table), axis=1)
                 sums.append(scale * ops.sum(x * table_sum, axis=(3, 4)))
                 squares.append(scale * scale * ops.sum(x_outer * table_outer, axis=(3, 4, 5)))
-                gates.append(gate if self.gated else None)
         mean = ops.stack([per_group(t) for t in sums], axis=1) / count
         mean_square = ops.stack([per_group(t) for t in squares], axis=1) / count
         variance = ops.maximum(mean_square - ops.square(mean), 0.0)
 
         gamma = ops.reshape(ops.cast(norm.gamma, stat_dtype), (len(sums), heads))
-        beta = ops.reshape(ops.cast(norm.beta, stat_dtype), (len(sums), heads))
         scale = gamma * ops.rsqrt(variance + norm.epsilon)  # (groups, terms, G)
-        shift = ops.sum(beta - mean * scale, axis=1)  # (groups, G)
         # Per example: groups are consecutive equal slices of the batch.
         scale = ops.repeat(scale, batch // groups, axis=0)
-        shift = ops.repeat(shift, batch // groups, axis=0)
 
         def term_scale(t):
-            s = scale[:, t]
-            if gates[t] is not None:
-                s = s * self._gate(getattr(self, gates[t]), stat_dtype)
+            s = scale[:, t] if gates[t] is None else scale[:, t] * gates[t]
             return ops.reshape(ops.cast(s, self.compute_dtype), (batch, 1, heads, 1, 1))
-
-        terms = self._similarity_terms(
-            q, k, tables, training=True, scales=[term_scale(t) for t in range(len(sums))]
-        )
-        similarity = functools.reduce(ops.add, terms) + ops.reshape(ops.cast(shift, self.compute_dtype), (batch, 1, heads, 1, 1))
 
         param_shape = tuple(norm.moving_mean.shape)
         mean = ops.reshape(mean, (groups,) + param_shape)
         variance = ops.reshape(norm.moving_variance_estimate(variance, count), (groups,) + param_shape)
-        return similarity, mean, variance
+        return [term_scale(t) for t in range(len(sums))], mean, variance
 
-    def _normalized_sum(self, norm, terms, term_axis):
-        """``sum_t BN(terms)[t]`` in inference, folded into a weighted sum.
+    def _normalized_output_inference(self, terms):
+        """``sum_t BN(stack(terms))[.., t]`` in inference, folded into a weighted sum.
 
-        Similarity: terms ``(n, b, G, L, L)``, ``norm`` parameters
-        ``(term, G)`` (``term_axis=0``). Output: terms ``(n, b, L, F)``,
-        parameters ``(F, term)`` (``term_axis=-1``); a single term has no
-        term axis. BatchNorm is affine in inference, so the stacked tensor
-        (3x the attention map) is never built.
+        Terms ``(n, b, L, F)``; the output BatchNorm's parameters are
+        ``(F, term)``, or ``(F,)`` for a single term. BatchNorm is affine in
+        inference, so the stacked tensor is never built.
         """
-        scale, shift = norm.inference_affine()
-        if len(terms) > 1:
-            scales = ops.unstack(scale, axis=term_axis)
-            shift = ops.sum(shift, axis=term_axis)
-        else:
-            scales = [scale]
-        broadcast = (-1, 1, 1) if term_axis == 0 else (-1,)
+        scale, shift = self.output_norm.inference_affine()
         dtype = self.compute_dtype
-        total = ops.reshape(ops.cast(shift, dtype), broadcast)
+        if len(terms) > 1:
+            scales = ops.unstack(ops.cast(scale, dtype), axis=-1)
+            shift = ops.sum(shift, axis=-1)
+        else:
+            scales = [ops.cast(scale, dtype)]
+        total = ops.cast(shift, dtype)
         for term, term_scale in zip(terms, scales):
-            total = total + term * ops.reshape(ops.cast(term_scale, dtype), broadcast)
+            total = total + term * term_scale
         return total
 
     def compute_output_shape(self, input_shape):
@@ -444,17 +442,47 @@ class AxialAttention(keras.layers.Layer):
 
 # Queries, keys and values have only 1-16 channels per head in MedT, so
 # the logits are outer products in disguise. As einsums they become batched
-# products of tiny matrices, which XLA's CPU backend runs slowly and, for
-# the relative-table terms, wraps in transposed copies of the whole map. In
-# inference, up to this many channels, they are written as sums of
-# broadcast elementwise products, one per channel, which XLA fuses with the
-# scaling and the sum of the terms (MedT inference 1.58 -> 0.66 s together
-# with the heads-first layout of q, k and v). Training keeps the einsums: the backward pass of the
-# broadcast form reduces the map over its leading axes for the table
-# gradients, which costs more than it saves. The weighted sums over the map
-# stay products in every mode: a batched product in its natural layout
-# beats a broadcast reduction there.
+# products of tiny matrices, which XLA's CPU backend ran slowly and, for the
+# relative-table terms, wrapped in transposed copies of the whole map. In
+# inference, up to this many channels, _softmax_attention writes them as
+# sums of broadcast elementwise products, one per channel, which XLA fuses
+# with the scaling and the sum of the terms (MedT inference on CPU 1.58 ->
+# 0.66 s together with the heads-first layout of q, k and v, measured before
+# the blocked kernel took over on CPU). Training keeps the einsums: the
+# backward pass of the broadcast form reduces the map over its leading axes
+# for the table gradients, which cost more than it saved. The weighted sums
+# over the map stay products in every mode.
 _BROADCAST_CHANNELS = 4
+
+
+def _blocked_attention_kernel():
+    # The JAX kernel when Keras runs on JAX and JAX on the CPU, else None.
+    if keras.backend.backend() != "jax":
+        return None
+    from medt_keras.kernels import blocked_attention
+
+    return blocked_attention.blocked_attention if blocked_attention.enabled() else None
+
+
+def _softmax_attention(q, k, v, positional, broadcast):
+    """``AxialAttention._attend`` in ``keras.ops``: the form for every backend, and the kernel's reference."""
+    similarity = _pairwise_products(q, k, broadcast)
+    if positional is not None:
+        q_position, k_position, q_table, k_table, v_table = positional
+        similarity = similarity + _positional_products(q_position, q_table, True, broadcast)
+        # k_j . r^k at offset j - i: the key's own position indexes the table.
+        similarity = similarity + _positional_products(k_position, k_table, False, broadcast)
+    # softmax, normalised after the weighted sums: dividing the small
+    # (.., L, c) results instead of the (.., L, L) map saves a pass over it.
+    # The maximum only keeps exp in range; any constant per row cancels, so
+    # no gradient flows through it.
+    similarity = similarity - ops.stop_gradient(ops.max(similarity, axis=-1, keepdims=True))
+    weights = ops.exp(similarity)
+    normalizer = 1.0 / ops.sum(weights, axis=-1, keepdims=True)
+    outputs = [ops.einsum("nbgij,nbgjc->nbgic", weights, v) * normalizer]
+    if positional is not None:
+        outputs.append(ops.einsum("nbgij,ijc->nbgic", weights, v_table) * normalizer)
+    return tuple(outputs)
 
 
 def _swap_heads_and_positions(x):

@@ -4,6 +4,7 @@ import pytest
 import keras
 
 import medt_keras
+from medt_keras.kernels import blocked_attention
 from medt_keras.layers import AxialAttention
 from tests.official_reference import axial_attention, random_attention_params
 
@@ -49,6 +50,15 @@ def _keras_layer(params, x_nhwc, groups, axis, positional, gated, strides=1):
     return layer
 
 
+@pytest.fixture(params=["kernel", "keras-ops"])
+def implementation(request):
+    # With JAX on the CPU the layer attends through the blocked kernel;
+    # "keras-ops" checks the form every other backend uses.
+    previous = blocked_attention.set_enabled(request.param == "kernel")
+    yield request.param
+    blocked_attention.set_enabled(previous)
+
+
 FORMS = [
     pytest.param(True, False, id="positional"),
     pytest.param(True, True, id="gated"),
@@ -62,7 +72,7 @@ FORMS = [
 @pytest.mark.parametrize(
     "filters", [8, 16, 32], ids=["2-query-channels", "4-query-channels", "8-query-channels"]
 )
-def test_matches_official_formulas(positional, gated, axis, training, filters):
+def test_matches_official_formulas(positional, gated, axis, training, filters, implementation):
     # Over 2 heads, queries and keys get filters / 4 channels each. Inference
     # writes the logits over <= 4 channels as broadcast products and over more
     # as einsums: both forms are checked.
@@ -78,7 +88,7 @@ def test_matches_official_formulas(positional, gated, axis, training, filters):
     np.testing.assert_allclose(y, expected, rtol=0, atol=1e-11 * np.abs(expected).max())
 
 
-def test_one_query_channel_per_head_and_stride():
+def test_one_query_channel_per_head_and_stride(implementation):
     # MedT's first stage has 2 channels per head (1 for q and k); the width
     # pass of a strided block pools after attention.
     rng = np.random.default_rng(3)
@@ -149,6 +159,41 @@ def _gradients_and_updates(layer, x):
 
     (grads, x_grad), (y, updated) = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(trainable, x)
     return y, grads, x_grad, updated
+
+
+@pytest.mark.parametrize("positional,gated", FORMS)
+def test_kernel_and_keras_ops_give_the_same_outputs_gradients_and_statistics(positional, gated):
+    # One layer, traced once with the blocked kernel and once without it:
+    # training outputs, every gradient (tables and gates included) and the
+    # BatchNorm updates agree in float64, and so do the inference outputs.
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(4, 6, 6, 8))
+    layer = AxialAttention(
+        8,
+        num_heads=2,
+        axis="height",
+        positional_encoding=positional,
+        gated=gated,
+        gates_trainable=gated,
+        batch_groups=2,
+        dtype="float64",
+    )
+    layer.build(x.shape)
+    results, inference = [], []
+    for enabled in (True, False):
+        previous = blocked_attention.set_enabled(enabled)
+        try:
+            results.append(_gradients_and_updates(layer, x))
+            inference.append(np.asarray(layer(x, training=False)))
+        finally:
+            blocked_attention.set_enabled(previous)
+    (y0, g0, xg0, u0), (y1, g1, xg1, u1) = results
+    np.testing.assert_allclose(np.asarray(y0), np.asarray(y1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(xg0), np.asarray(xg1), rtol=1e-10, atol=1e-12)
+    assert len(g0) == len(g1) == len(layer.trainable_variables)
+    for a, b in zip(g0 + u0, g1 + u1):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(inference[0], inference[1], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("positional,gated", FORMS)
