@@ -49,9 +49,21 @@ _BROADCAST_CHANNELS = 4
 _enabled = True
 
 
-def enabled():
-    """Whether ``AxialAttention`` uses this kernel: JAX runs on the CPU and ``set_enabled`` has not turned it off."""
-    return _enabled and jax.default_backend() == "cpu"
+def enabled(shape=None):
+    """Whether ``AxialAttention`` uses this kernel for queries of ``shape``.
+
+    Yes where JAX runs on the CPU, ``set_enabled`` has not turned it off
+    and, given ``shape`` ``(batch, lines, heads, L, c)``, the layer's maps
+    are larger than one block: maps that fit in cache whole gain nothing
+    from blocking and would only pay for compiling the loops (the small
+    models of the test suite trained 1.5x slower with it).
+    """
+    if not _enabled or jax.default_backend() != "cpu":
+        return False
+    if shape is None:
+        return True
+    batch, lines, heads, length = shape[:4]
+    return batch * lines * heads * length * length > BLOCK_ELEMENTS
 
 
 def set_enabled(value):
@@ -85,12 +97,17 @@ def blocked_attention(q, k, v, positional=None):
         each ``(batch, lines, heads, L, cv)`` in the dtype of ``q``.
         Computed in float32 at least (softmax in bfloat16 loses too much).
     """
-    return _attention(q, k, v, positional)
+    return _compiled_attention(q, k, v, positional, _lines_per_block(q.shape))
 
 
-@jax.custom_vjp
-def _attention(q, k, v, positional):
-    return _attention_forward(q, k, v, positional)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, positional, size):
+    return _attention_forward(q, k, v, positional, size)[0]
+
+
+# Compiled once per shape when called outside a traced function (a layer
+# called eagerly); inside one it is inlined like any jitted function.
+_compiled_attention = jax.jit(_attention, static_argnums=(4,))
 
 
 def _work_dtype(dtype):
@@ -170,11 +187,10 @@ def _split(positional):
     return (p, r), (q_table, jnp.swapaxes(k_table, 0, 1), v_table)
 
 
-def _attention_forward(q, k, v, positional):
+def _attention_forward(q, k, v, positional, size):
     dtype = q.dtype
     work = _work_dtype(dtype)
     per_line, tables = _split(positional)
-    size = _lines_per_block(q.shape)
     if tables is not None:
         tables = tuple(t.astype(work) for t in tables)
 
@@ -198,11 +214,10 @@ def _attention_forward(q, k, v, positional):
     return tuple(y.astype(dtype) for y in outputs), residuals
 
 
-def _attention_backward(residuals, cotangents):
+def _attention_backward(size, residuals, cotangents):
     q, k, v, positional, outputs, log_sum_exp = residuals
     work = outputs[0].dtype
     per_line, tables = _split(positional)
-    size = _lines_per_block(q.shape)
     if tables is not None:
         tables = tuple(t.astype(work) for t in tables)
 

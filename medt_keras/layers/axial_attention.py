@@ -293,13 +293,13 @@ class AxialAttention(keras.layers.Layer):
             y_i = sum_j softmax_j(s_ij) v_j
             y_position_i = sum_j softmax_j(s_ij) v_table_ij
 
-        Each output ``(n, b, G, L, d)``. With JAX on the CPU this is
-        ``medt_keras.kernels.blocked_attention`` (a block of lines at a time,
-        so the maps stay in cache and are never stored for the backward
-        pass); otherwise ``_softmax_attention`` in ``keras.ops``, which the
-        kernel's tests check it against.
+        Each output ``(n, b, G, L, d)``. With JAX on the CPU and maps larger
+        than the cache this is ``medt_keras.kernels.blocked_attention`` (a
+        block of lines at a time, so the maps stay in cache and are never
+        stored for the backward pass); otherwise ``_softmax_attention`` in
+        ``keras.ops``, which the kernel's tests check it against.
         """
-        kernel = _blocked_attention_kernel()
+        kernel = _blocked_attention_kernel(q.shape)
         if kernel is not None:
             return kernel(q, k, v, positional)
         # Inference writes the logits as broadcast sums (see
@@ -455,13 +455,14 @@ class AxialAttention(keras.layers.Layer):
 _BROADCAST_CHANNELS = 4
 
 
-def _blocked_attention_kernel():
-    # The JAX kernel when Keras runs on JAX and JAX on the CPU, else None.
+def _blocked_attention_kernel(shape):
+    # The JAX kernel where Keras runs on JAX and the kernel applies (JAX on
+    # the CPU, maps larger than one block), else None.
     if keras.backend.backend() != "jax":
         return None
     from medt_keras.kernels import blocked_attention
 
-    return blocked_attention.blocked_attention if blocked_attention.enabled() else None
+    return blocked_attention.blocked_attention if blocked_attention.enabled(shape) else None
 
 
 def _softmax_attention(q, k, v, positional, broadcast):

@@ -51,9 +51,11 @@ def _keras_layer(params, x_nhwc, groups, axis, positional, gated, strides=1):
 
 
 @pytest.fixture(params=["kernel", "keras-ops"])
-def implementation(request):
-    # With JAX on the CPU the layer attends through the blocked kernel;
-    # "keras-ops" checks the form every other backend uses.
+def implementation(request, monkeypatch):
+    # With JAX on the CPU the layer attends through the blocked kernel once
+    # its maps exceed a block: blocks of one line here, so these small maps
+    # go through it too. "keras-ops" checks the form every other backend uses.
+    monkeypatch.setattr(blocked_attention, "BLOCK_ELEMENTS", 1)
     previous = blocked_attention.set_enabled(request.param == "kernel")
     yield request.param
     blocked_attention.set_enabled(previous)
@@ -162,10 +164,12 @@ def _gradients_and_updates(layer, x):
 
 
 @pytest.mark.parametrize("positional,gated", FORMS)
-def test_kernel_and_keras_ops_give_the_same_outputs_gradients_and_statistics(positional, gated):
-    # One layer, traced once with the blocked kernel and once without it:
-    # training outputs, every gradient (tables and gates included) and the
-    # BatchNorm updates agree in float64, and so do the inference outputs.
+def test_kernel_and_keras_ops_give_the_same_outputs_gradients_and_statistics(positional, gated, monkeypatch):
+    # One layer, traced once with the blocked kernel (blocks of two lines)
+    # and once without it: training outputs, every gradient (tables and
+    # gates included) and the BatchNorm updates agree in float64, and so do
+    # the inference outputs.
+    monkeypatch.setattr(blocked_attention, "BLOCK_ELEMENTS", 4 * 2 * 2 * 6 * 6)
     rng = np.random.default_rng(6)
     x = rng.normal(size=(4, 6, 6, 8))
     layer = AxialAttention(
