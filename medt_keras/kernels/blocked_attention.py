@@ -179,21 +179,21 @@ def _logits(q, k, positional_block, tables):
     return s
 
 
-def _split(positional):
-    # Per-line inputs and shared tables; the key table is transposed once to
-    # [query position, key position] like the other two.
+def _split(positional, dtype):
+    # Per-line inputs and shared tables, the tables in the working dtype; the
+    # key table is transposed once to [query position, key position] like
+    # the other two.
     if positional is None:
         return None, None
     p, r, q_table, k_table, v_table = positional
-    return (p, r), (q_table, jnp.swapaxes(k_table, 0, 1), v_table)
+    tables = (q_table, jnp.swapaxes(k_table, 0, 1), v_table)
+    return (p, r), tuple(t.astype(dtype) for t in tables)
 
 
 def _attention_forward(q, k, v, positional, size):
     dtype = q.dtype
     work = _work_dtype(dtype)
-    per_line, tables = _split(positional)
-    if tables is not None:
-        tables = tuple(t.astype(work) for t in tables)
+    per_line, tables = _split(positional, work)
 
     def block(args):
         shape = args[2].shape
@@ -218,9 +218,7 @@ def _attention_forward(q, k, v, positional, size):
 def _attention_backward(size, residuals, cotangents):
     q, k, v, positional, outputs, log_sum_exp = residuals
     work = outputs[0].dtype
-    per_line, tables = _split(positional)
-    if tables is not None:
-        tables = tuple(t.astype(work) for t in tables)
+    per_line, tables = _split(positional, work)
 
     def block(table_grads, args):
         shapes = jax.tree.map(lambda t: t.shape, args[:4])
