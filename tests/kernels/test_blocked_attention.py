@@ -70,8 +70,9 @@ def test_outputs_and_gradients_equal_the_keras_ops_form(
     monkeypatch, positional, channels, value_channels, block_elements
 ):
     # 6 lines of length 7 in 2 images, 3 heads: blocks of one line, of two
-    # lines (three blocks) and one block for all; broadcast products (<= 4
-    # channels) and batched products (6 channels) inside the kernel.
+    # lines (three blocks) and one block for all; broadcast products (logits
+    # over <= 4 channels, map-times-vector products over 1) and batched
+    # products (the rest) inside the kernel.
     monkeypatch.setattr(kernel, "BLOCK_ELEMENTS", block_elements)
     rng = np.random.default_rng(channels + 10 * positional)
     inputs = _inputs(rng, 2, 6, 3, 7, channels, value_channels, positional)
