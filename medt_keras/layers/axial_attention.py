@@ -293,8 +293,8 @@ class AxialAttention(keras.layers.Layer):
             y_i = sum_j softmax_j(s_ij) v_j
             y_position_i = sum_j softmax_j(s_ij) v_table_ij
 
-        Each output ``(n, b, G, L, d)``. With JAX on the CPU and maps larger
-        than the cache this is ``medt_keras.kernels.blocked_attention`` (a
+        Each output ``(n, b, G, L, d)``. With JAX on the CPU and maps of at
+        least one block this is ``medt_keras.kernels.blocked_attention`` (a
         block of lines at a time, so the maps stay in cache and are never
         stored for the backward pass); otherwise ``_softmax_attention`` in
         ``keras.ops``, which the kernel's tests check it against.
@@ -457,7 +457,7 @@ _BROADCAST_CHANNELS = 4
 
 def _blocked_attention_kernel(shape):
     # The JAX kernel where Keras runs on JAX and the kernel applies (JAX on
-    # the CPU, maps larger than one block), else None.
+    # the CPU, maps of at least one block), else None.
     if keras.backend.backend() != "jax":
         return None
     from medt_keras.kernels import blocked_attention

@@ -9,7 +9,7 @@ import keras
 from medt_keras import _backend  # noqa: F401
 from medt_keras._backend import prepare_rematerialization
 from medt_keras.initializers import FanInUniform
-from medt_keras.layers import AxialBlock, BatchNorm
+from medt_keras.layers import AxialBlock, BatchNorm, Conv2D
 
 
 class _GraphBuilder:
@@ -44,7 +44,7 @@ class _GraphBuilder:
             mode = "valid"
         else:
             mode = "same"
-        return keras.layers.Conv2D(
+        return Conv2D(
             filters,
             kernel_size,
             strides=strides,

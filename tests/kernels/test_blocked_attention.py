@@ -129,8 +129,9 @@ def test_set_enabled_switches_and_returns_the_previous_setting():
     assert kernel.enabled() == (jax.default_backend() == "cpu")
 
 
-def test_used_only_for_maps_larger_than_one_block(monkeypatch):
+def test_used_only_for_maps_of_at_least_one_block(monkeypatch):
     monkeypatch.setattr(kernel, "BLOCK_ELEMENTS", 2 * 4 * 3 * 5 * 5)
     on_cpu = jax.default_backend() == "cpu"
     assert kernel.enabled((2, 5, 3, 5, 1)) == on_cpu  # 5 lines: more than one block
-    assert not kernel.enabled((2, 4, 3, 5, 1))  # fits in one block
+    assert kernel.enabled((2, 4, 3, 5, 1)) == on_cpu  # exactly one block
+    assert not kernel.enabled((2, 3, 3, 5, 1))  # less than one block

@@ -1,0 +1,75 @@
+import jax
+import keras
+import numpy as np
+import pytest
+
+import medt_keras
+from medt_keras.layers import Conv2D
+
+
+@pytest.fixture(scope="module", autouse=True)
+def x64():
+    medt_keras.enable_float64()
+
+# (input shape, filters, kernel, strides, padding): images smaller than the
+# window after the convolution, which take the patch product.
+PATCH_CASES = [
+    ((3, 2, 2, 5), 4, 3, 1, "same"),  # MedT's local decoder2 (2x2)
+    ((3, 4, 4, 5), 4, 3, 2, "valid"),  # decoder1 after its explicit padding
+    ((3, 2, 2, 5), 4, 3, 2, "same"),  # asymmetric "same" padding of a strided conv
+    ((2, 3, 3, 5), 6, 4, 2, "same"),  # even kernel
+    ((2, 2, 1, 3), 2, (3, 2), 1, "same"),  # rectangular kernel and image
+]
+
+
+def _pair(shape, filters, kernel, strides, padding, use_bias=True):
+    ours = Conv2D(filters, kernel, strides=strides, padding=padding, use_bias=use_bias, dtype="float64")
+    reference = keras.layers.Conv2D(
+        filters, kernel, strides=strides, padding=padding, use_bias=use_bias, dtype="float64"
+    )
+    ours.build(shape)
+    reference.build(shape)
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=w.shape) for w in ours.get_weights()]
+    ours.set_weights(weights)
+    reference.set_weights(weights)
+    return ours, reference
+
+
+def _output_and_gradients(layer, x):
+    def loss(kernel, bias, x):
+        y, _ = layer.stateless_call([kernel, bias] if layer.use_bias else [kernel], [], x)
+        return (y * np.cos(np.arange(y.size).reshape(y.shape))).sum(), y
+
+    variables = [v.value for v in layer.trainable_variables] + [None] * (2 - len(layer.trainable_variables))
+    (_, y), grads = jax.value_and_grad(loss, argnums=(0, 2), has_aux=True)(variables[0], variables[1], x)
+    return y, grads
+
+
+@pytest.mark.parametrize("shape,filters,kernel,strides,padding", PATCH_CASES)
+def test_patch_product_matches_keras_conv2d(shape, filters, kernel, strides, padding):
+    ours, reference = _pair(shape, filters, kernel, strides, padding)
+    assert ours._patches_are_faster(shape)
+    x = np.random.default_rng(1).normal(size=shape)
+    y, (d_kernel, d_x) = _output_and_gradients(ours, x)
+    y_ref, (d_kernel_ref, d_x_ref) = _output_and_gradients(reference, x)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(d_kernel, d_kernel_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(d_x, d_x_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_larger_images_use_the_convolution():
+    shape = (2, 8, 8, 3)
+    ours, reference = _pair(shape, 4, 3, 1, "same", use_bias=False)
+    assert not ours._patches_are_faster(shape)
+    assert not ours._patches_are_faster((2, 2, 3, 3))  # only one axis below the window
+    x = np.random.default_rng(2).normal(size=shape)
+    np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(reference(x)))
+
+
+def test_config_round_trip_keeps_the_class():
+    layer = Conv2D(4, 3, strides=2, padding="valid", use_bias=False, name="decoder1")
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(restored) is Conv2D
+    assert restored.get_config() == layer.get_config()
