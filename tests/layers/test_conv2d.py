@@ -11,6 +11,7 @@ from medt_keras.layers import Conv2D
 def x64():
     medt_keras.enable_float64()
 
+
 # (input shape, filters, kernel, strides, padding): images smaller than the
 # window after the convolution, which take the patch product.
 PATCH_CASES = [
@@ -37,12 +38,13 @@ def _pair(shape, filters, kernel, strides, padding, use_bias=True):
 
 
 def _output_and_gradients(layer, x):
+    # Output and the gradients of a fixed weighting of it by kernel and input.
     def loss(kernel, bias, x):
-        y, _ = layer.stateless_call([kernel, bias] if layer.use_bias else [kernel], [], x)
+        y, _ = layer.stateless_call([kernel, bias], [], x)
         return (y * np.cos(np.arange(y.size).reshape(y.shape))).sum(), y
 
-    variables = [v.value for v in layer.trainable_variables] + [None] * (2 - len(layer.trainable_variables))
-    (_, y), grads = jax.value_and_grad(loss, argnums=(0, 2), has_aux=True)(variables[0], variables[1], x)
+    kernel, bias = (v.value for v in layer.trainable_variables)
+    (_, y), grads = jax.value_and_grad(loss, argnums=(0, 2), has_aux=True)(kernel, bias, x)
     return y, grads
 
 
