@@ -28,8 +28,8 @@ import medt_keras  # noqa: F401  (selects the JAX backend before keras is import
 import numpy as np
 
 from medt_keras.datasets.images import DatasetError, encode_png, percentile_normalize, read_image_native
+from medt_keras.files import atomic_path
 from medt_keras.inference import BLENDS, sliding_window_probabilities
-from training.checkpoint import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -40,15 +40,9 @@ def load_model(path, dtype="float32"):
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: checkpoint not found.")
     if path.endswith(".keras"):
-        import keras
-
-        import training.metrics  # noqa: F401  (registers the metrics a saved model may name)
-
-        return keras.saving.load_model(path, compile=False)
-    if path.endswith((".pth", ".pt", ".safetensors")):
-        from weights_converter.convert import load_official_checkpoint
-
-        return load_official_checkpoint(path, dtype=dtype)
+        return medt_keras.load(path, compile=False)
+    if path.endswith((".pth", ".pt", ".bin", ".safetensors")):
+        return medt_keras.load(path, dtype=dtype)
     raise DatasetError(f"{path}: expected a .keras model or an official .pth / .safetensors checkpoint.")
 
 

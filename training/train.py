@@ -28,16 +28,15 @@ import numpy as np
 
 import keras
 
-from medt_keras import AxialUNet, GatedAxialUNet, LoGo, MedT
 from medt_keras.datasets import DatasetError, load
+from medt_keras.models.registry import get_spec
 from training import checkpoint, distribution
 from training.config import TrainConfig, apply_overrides, config_names, load_config, parser_with_overrides
 from training.data import SegmentationBatches
-from training.metrics import ForegroundF1, ForegroundIoU, official_protocol_scores, pooled_scores
-from training.optimizers import OfficialAdam
+from medt_keras.metrics import ForegroundF1, ForegroundIoU, official_protocol_scores, pooled_scores
+from medt_keras.optimizers import OfficialAdam
 from training.visualize import prediction_grid
 
-MODEL_CLASSES = {"medt": MedT, "logo": LoGo, "gated": GatedAxialUNet, "axialunet": AxialUNet}
 SPLITS = ("train", "validation", "test")
 
 
@@ -128,8 +127,7 @@ class RunKeeper(keras.callbacks.Callback):
 
 
 def build_model(config, in_channels):
-    model_class = MODEL_CLASSES[config.model]
-    return model_class(
+    return get_spec(config.model).model_class(
         img_size=config.img_size,
         in_channels=in_channels,
         num_classes=config.num_classes,

@@ -5,17 +5,13 @@ import re
 
 import numpy as np
 
-import medt_keras
 from medt_keras._backend import enable_float64
+from medt_keras.models.registry import MODELS, get_spec
 from weights_converter.mapping import official_entries
 from weights_converter.state_dict_io import CheckpointError, read_state_dict
 
-ARCHITECTURES = {
-    "axialunet": medt_keras.AxialUNet,
-    "gated": medt_keras.GatedAxialUNet,
-    "medt": medt_keras.MedT,
-    "logo": medt_keras.LoGo,
-}
+# Model name -> Keras class, from the one table of models.
+ARCHITECTURES = {spec.name: spec.model_class for spec in MODELS}
 
 
 def _require(state_dict, key, source):
@@ -53,10 +49,7 @@ def infer_architecture(state_dict, source="state_dict"):
     width_scale = widest.shape[0] / 2048.0
     attention = "layer1.0.hight_block"
     gated = f"{attention}.f_qr" in state_dict
-    if local:
-        name = "medt" if gated else "logo"
-    else:
-        name = "gated" if gated else "axialunet"
+    (name,) = [spec.name for spec in MODELS if (spec.local_global, spec.gated) == (local, gated)]
 
     # layer1 attends over img_size / 2 positions along each axis.
     height = _require(state_dict, f"{attention}.relative", source).shape[1] + 1
@@ -80,12 +73,11 @@ def infer_architecture(state_dict, source="state_dict"):
 
 
 def build_model(name, dtype="float32", **hyperparameters):
-    """Builds the Keras twin of official model ``name`` ("axialunet", "gated", "medt", "logo")."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}.")
+    """Builds the Keras twin of official model ``name`` ("axialunet", "gated", "medt", "logo", or an alias)."""
+    spec = get_spec(name)  # LoadError (a ValueError) naming the known models
     if dtype == "float64":
         enable_float64()
-    return ARCHITECTURES[name](dtype=dtype, **hyperparameters)
+    return spec.model_class(dtype=dtype, **hyperparameters)
 
 
 def resample_relative_table(table, span):
