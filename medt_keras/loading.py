@@ -9,6 +9,7 @@ Every failure is a ``medt_keras.LoadError`` naming the file or name and
 what is wrong with it.
 """
 
+import inspect
 import os
 
 from medt_keras.errors import LoadError
@@ -27,6 +28,11 @@ def _looks_like_path(text):
 
 def _build(spec, options, what):
     """``spec``'s model with ``options`` replacing the official hyperparameters; ``what`` names the source."""
+    # Keras models swallow unknown keyword arguments; a misspelt hyperparameter must not pass silently.
+    allowed = (set(inspect.signature(spec.model_class.__init__).parameters) - {"self", "kwargs"}) | {"name", "trainable"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise LoadError(f"{what}: {spec.class_name} takes no {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}.")
     if options.get("dtype") == "float64":
         from medt_keras import enable_float64
 
