@@ -3,10 +3,6 @@
 import ast
 import inspect
 import os
-import pathlib
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -16,35 +12,11 @@ import keras
 import medt_keras
 from medt_keras import LoadError, load
 from medt_keras.models.registry import MODELS, OFFICIAL_HYPERPARAMETERS, get_spec
+from tests.library_only import ROOT, run_without_training
 from tests.weights_converter.torch_format import safetensors_bytes
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 OFFICIAL_AXIALUNET = ROOT / "tests" / "fixtures" / "official" / "axialunet_img32_c1_k3_b2_s3_w0.03125_g2_l1-1-1-1.pth"
 TINY = dict(img_size=32, in_channels=1, num_classes=3, width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1))
-
-# Run in a fresh interpreter: `training` cannot be imported there at all.
-BLOCK_TRAINING = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class BlockTraining(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "training" or name.startswith("training."):
-                raise ImportError(f"{name} is blocked: the library must not need the application")
-            return None
-
-    sys.meta_path.insert(0, BlockTraining())
-    """
-)
-
-
-def _run_without_training(code, timeout=600):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               KERAS_BACKEND="jax")
-    result = subprocess.run([sys.executable, "-c", BLOCK_TRAINING + textwrap.dedent(code)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +39,7 @@ def test_no_library_module_imports_the_application():
 
 
 def test_every_library_module_imports_with_training_blocked():
-    out = _run_without_training(
+    out = run_without_training(
         """
         import importlib, pkgutil
         import medt_keras
@@ -82,7 +54,7 @@ def test_every_library_module_imports_with_training_blocked():
         print(sorted(m for m in sys.modules if m.split(".")[0] in ("training", "weights_converter")))
         """
     )
-    assert out.strip().splitlines()[-1] == "[]"
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 # --- the table of models -----------------------------------------------------

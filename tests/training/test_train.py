@@ -16,6 +16,7 @@ import medt_keras  # noqa: F401
 from training import checkpoint
 from training.config import TrainConfig
 from training.train import TrainingDiverged, _resolve_resume, build_model, gate_variables, train
+from tests.library_only import run_without_training
 from tests.synthetic_data import write_medt_folder
 
 TINY = ["--model", "gated", "--model-args", '{"blocks": [1, 1, 1, 1], "groups": 2}', "--img-size", "32",
@@ -153,3 +154,34 @@ def test_existing_run_needs_resume_and_the_same_config(data, uninterrupted):
     assert result.returncode != 0 and "Pass --resume" in result.stderr
     result = _run(data, uninterrupted, "--epochs", "3", "--seed", "1", "--resume", check=False)
     assert result.returncode != 0 and "seed: saved 0, now 1" in result.stderr
+
+
+def test_saved_model_loads_predicts_and_trains_with_the_library_alone(uninterrupted):
+    # A fresh interpreter where `training` cannot be imported: `import medt_keras` must register the
+    # model, OfficialAdam and the metrics, and restore the optimiser state (its step count and moments).
+    trained_steps = int(_state_arrays(uninterrupted)["optimizer_0"])
+    result = run_without_training(
+        f"""
+        import json
+        import numpy as np
+        import keras
+        import medt_keras
+
+        model = keras.saving.load_model({os.fspath(uninterrupted / "model.keras")!r})
+        assert isinstance(model.optimizer, medt_keras.OfficialAdam), type(model.optimizer)
+        before = int(model.optimizer.iterations.numpy())
+        x = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32)
+        y = (x[..., 0] > 0.5).astype("int32")
+        shape = model.predict(x, verbose=0).shape
+        history = model.fit(x, y, batch_size=4, epochs=1, verbose=0).history
+        print(json.dumps(dict(before=before, after=int(model.optimizer.iterations.numpy()), shape=shape,
+                              logs=sorted(history), loss=history["loss"][0],
+                              application=sorted(m for m in sys.modules if m.split(".")[0] == "training"))))
+        """
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "Skipping variable loading" not in result.stderr, result.stderr[-2000:]
+    assert report["before"] == trained_steps > 0 and report["after"] == trained_steps + 1
+    assert report["shape"] == [4, 32, 32, 2]
+    assert {"loss", "f1", "iou"} <= set(report["logs"]) and np.isfinite(report["loss"])
+    assert report["application"] == []
