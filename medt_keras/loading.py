@@ -14,6 +14,7 @@ import os
 
 from medt_keras.errors import LoadError
 from medt_keras.models.registry import MODELS, get_spec
+from medt_keras.preprocessing import OFFICIAL_PREPROCESSING
 
 KERAS_SUFFIX = ".keras"
 WEIGHTS_SUFFIX = ".weights.h5"
@@ -29,7 +30,7 @@ def _looks_like_path(text):
 def _build(spec, options, what):
     """``spec``'s model with ``options`` replacing the official hyperparameters; ``what`` names the source."""
     # Keras models swallow unknown keyword arguments; a misspelt hyperparameter must not pass silently.
-    allowed = (set(inspect.signature(spec.model_class.__init__).parameters) - {"self", "kwargs"}) | {"name", "trainable"}
+    allowed = (set(inspect.signature(spec.model_class.__init__).parameters) - {"self", "kwargs"}) | {"name", "trainable", "preprocessing"}
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise LoadError(f"{what}: {spec.class_name} takes no {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}.")
@@ -122,7 +123,8 @@ def load(
               its keys and shapes, converted by ``weights_converter``;
             - a registered name or alias (``"medt"``, ``"logo"``, ``"gated"``
               or ``"gated_axial_unet"``, ``"axialunet"`` or ``"axial_unet"``):
-              that model with the official hyperparameters and fresh weights.
+              that model with the official hyperparameters and fresh weights
+              (and the official preprocessing: BGR, see ``medt_keras.preprocessing``).
         architecture: the model name, for a ``.weights.h5`` file.
         config: for a ``.weights.h5`` file, a dict of hyperparameters
             (``model.get_config()``) with ``"architecture"``.
@@ -161,6 +163,7 @@ def load(
             raise LoadError(f"{text!r}: neither a file nor a model name; known names: {known}.") from None
         if dtype is not None:
             hyperparameters["dtype"] = dtype
+        hyperparameters.setdefault("preprocessing", dict(OFFICIAL_PREPROCESSING))
         return _build(spec, hyperparameters, repr(text))
     if text.endswith(KERAS_SUFFIX):
         return _load_keras(text, compile, dtype, hyperparameters)

@@ -176,3 +176,14 @@ def test_converter_errors_are_load_errors():
     from weights_converter import CheckpointError
 
     assert issubclass(CheckpointError, LoadError)
+
+
+def test_models_carry_their_preprocessing(tiny_model, tmp_path):
+    assert tiny_model.preprocessing is None  # not recorded: built without it, as files saved before it existed
+    assert load(OFFICIAL_AXIALUNET).preprocessing == {"channel_order": "bgr", "normalize": "auto"}
+    assert load("gated", width_scale=0.03125, groups=2).preprocessing["channel_order"] == "bgr"
+    model = medt_keras.AxialUNet(**TINY, preprocessing={"channel_order": "rgb", "normalize": "percentile"})
+    model.save(tmp_path / "rgb.keras")
+    assert load(tmp_path / "rgb.keras").preprocessing == {"channel_order": "rgb", "normalize": "percentile"}
+    with pytest.raises(LoadError, match="channel_order 'rgba'"):
+        load("axialunet", width_scale=0.03125, groups=2, preprocessing={"channel_order": "rgba"})

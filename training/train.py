@@ -126,7 +126,8 @@ class RunKeeper(keras.callbacks.Callback):
         checkpoint.atomic_write_csv(os.path.join(self.directory, "log.csv"), self.meta["history"])
 
 
-def build_model(config, in_channels):
+def build_model(config, in_channels, normalize="auto"):
+    """The config's model; ``normalize`` (how the dataset's raw files become floats) is saved with it."""
     return get_spec(config.model).model_class(
         img_size=config.img_size,
         in_channels=in_channels,
@@ -134,6 +135,7 @@ def build_model(config, in_channels):
         gates_trainable=True,
         dtype=config.dtype,
         rematerialize=config.rematerialize,
+        preprocessing=dict(channel_order=config.channel_order, normalize=normalize),
         **config.model_args,
     )
 
@@ -223,9 +225,12 @@ def train(config, resume=False, verbose="auto", multi_process=None):
     train_batches, validation_batches, test_batches = make_batches(
         config, sources, process_index, process_count, distributed=config.distribution != "none"
     )
-    in_channels = int(np.asarray(sources["train"][0]["image"]).shape[-1])
+    first_image = np.asarray(sources["train"][0]["image"])
+    in_channels = int(first_image.shape[-1])
+    # uint8 files are divided by 255; datasets of other types store frames percentile-normalised.
+    normalize = "dtype" if first_image.dtype == np.uint8 else "percentile"
 
-    model = build_model(config, in_channels)
+    model = build_model(config, in_channels, normalize)
     optimizer = OfficialAdam(learning_rate=config.learning_rate, l2=config.weight_decay)
     model.compile(
         optimizer=optimizer,

@@ -6,7 +6,9 @@ import re
 import numpy as np
 
 from medt_keras._backend import enable_float64
+from medt_keras.models.axial_unet import DECODER_WIDTHS
 from medt_keras.models.registry import MODELS, get_spec
+from medt_keras.preprocessing import OFFICIAL_PREPROCESSING
 from weights_converter.mapping import official_entries
 from weights_converter.state_dict_io import CheckpointError, read_state_dict
 
@@ -46,7 +48,7 @@ def infer_architecture(state_dict, source="state_dict"):
     # decoder1's int(2048 * s), pins s down closely enough to give every
     # other width exactly, even for an s whose stem width is rounded.
     widest = _require(state_dict, "decoder1_p.weight" if local else "decoder1.weight", source)
-    width_scale = widest.shape[0] / 2048.0
+    width_scale = widest.shape[0] / float(DECODER_WIDTHS[0])
     attention = "layer1.0.hight_block"
     gated = f"{attention}.f_qr" in state_dict
     (name,) = [spec.name for spec in MODELS if (spec.local_global, spec.gated) == (local, gated)]
@@ -77,6 +79,8 @@ def build_model(name, dtype="float32", **hyperparameters):
     spec = get_spec(name)  # LoadError (a ValueError) naming the known models
     if dtype == "float64":
         enable_float64()
+    # The official code reads BGR images with OpenCV; the model carries that (medt_keras.preprocessing).
+    hyperparameters.setdefault("preprocessing", dict(OFFICIAL_PREPROCESSING))
     return spec.model_class(dtype=dtype, **hyperparameters)
 
 

@@ -159,7 +159,9 @@ def test_existing_run_needs_resume_and_the_same_config(data, uninterrupted):
 def test_saved_model_loads_predicts_and_trains_with_the_library_alone(uninterrupted):
     # A fresh interpreter where `training` cannot be imported: `import medt_keras` must register the
     # model, OfficialAdam and the metrics, and restore the optimiser state (its step count and moments).
-    trained_steps = int(_state_arrays(uninterrupted)["optimizer_0"])
+    # model.keras is the best epoch's state (best.weights.h5 carries the optimiser's variables too).
+    meta = checkpoint.read_run_state(uninterrupted)
+    best_steps = meta["best_epoch"] * int(_state_arrays(uninterrupted)["optimizer_0"]) // meta["next_epoch"]
     result = run_without_training(
         f"""
         import json
@@ -175,13 +177,24 @@ def test_saved_model_loads_predicts_and_trains_with_the_library_alone(uninterrup
         shape = model.predict(x, verbose=0).shape
         history = model.fit(x, y, batch_size=4, epochs=1, verbose=0).history
         print(json.dumps(dict(before=before, after=int(model.optimizer.iterations.numpy()), shape=shape,
-                              logs=sorted(history), loss=history["loss"][0],
+                              logs=sorted(history), loss=history["loss"][0], preprocessing=model.preprocessing,
                               application=sorted(m for m in sys.modules if m.split(".")[0] == "training"))))
         """
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert "Skipping variable loading" not in result.stderr, result.stderr[-2000:]
-    assert report["before"] == trained_steps > 0 and report["after"] == trained_steps + 1
+    assert report["before"] == best_steps > 0 and report["after"] == best_steps + 1
     assert report["shape"] == [4, 32, 32, 2]
     assert {"loss", "f1", "iou"} <= set(report["logs"]) and np.isfinite(report["loss"])
     assert report["application"] == []
+    # The synthetic dataset is 8-bit BGR-ordered training data: the model says so.
+    assert report["preprocessing"] == {"channel_order": "bgr", "normalize": "dtype"}
+
+
+def test_predict_on_the_trained_model_needs_no_preprocessing_flags(data, uninterrupted, tmp_path, capsys):
+    from training import predict
+
+    images = os.path.join(data["manual_dir"], "test", "img")
+    assert predict.main([os.fspath(uninterrupted / "model.keras"), images, "-o", os.fspath(tmp_path), "--quiet"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert len(os.listdir(tmp_path)) == len(os.listdir(images))
