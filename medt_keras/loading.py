@@ -30,10 +30,13 @@ def _looks_like_path(text):
 def _build(spec, options, what):
     """``spec``'s model with ``options`` replacing the official hyperparameters; ``what`` names the source."""
     # Keras models swallow unknown keyword arguments; a misspelt hyperparameter must not pass silently.
-    allowed = (set(inspect.signature(spec.model_class.__init__).parameters) - {"self", "kwargs"}) | {"name", "trainable", "preprocessing"}
+    allowed = set(inspect.signature(spec.model_class.__init__).parameters) - {"self", "kwargs"}
+    allowed |= {"name", "trainable", "preprocessing"}  # taken by the base classes
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise LoadError(f"{what}: {spec.class_name} takes no {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}.")
+        raise LoadError(
+            f"{what}: {spec.class_name} takes no {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}."
+        )
     if options.get("dtype") == "float64":
         from medt_keras import enable_float64
 

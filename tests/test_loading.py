@@ -159,7 +159,7 @@ def test_errors_name_the_file_or_name(tmp_path):
         os.fspath(tmp_path / "missing.keras"): "missing.keras: no such file",
         "runs/x/best.weights.h5": r"runs/x/best.weights.h5: no such file",
         "unet": "'unet': neither a file nor a model name; known names: medt",
-        os.fspath(tmp_path / "model.h5"): r"model.h5: unknown kind of file \(by its extension\); expected one of .keras",
+        os.fspath(tmp_path / "model.h5"): r"model.h5: unknown kind of file \(by its extension\); expected one of .ker",
         os.fspath(tmp_path / "model.onnx"): "model.onnx: unknown kind of file",
         os.fspath(tmp_path): "is a directory; pass a model file in it",
         os.fspath(tmp_path / "broken.keras"): "broken.keras: not a readable Keras model file",

@@ -271,7 +271,8 @@ def _fmt(value, spec):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="medt-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["medt", "gated"], type=_model_name, help="model names or aliases (medt, logo, gated, axialunet, ...)")
+    parser.add_argument("--models", nargs="+", default=["medt", "gated"], type=_model_name,
+                        help="model names or aliases (medt, logo, gated, axialunet, ...)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[128])
     parser.add_argument("--batch", type=int, default=4, help="training batch size")
     parser.add_argument("--infer-batch", type=int, default=8, help="inference batch size")

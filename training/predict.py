@@ -7,8 +7,9 @@ The checkpoint is a ``.keras`` model (what ``medt-train`` writes) or an
 official PyTorch ``.pth`` state_dict (converted on the fly, no PyTorch
 needed). The model says which channel order and normalisation it expects
 (``medt_keras.preprocessing``), so no flags are needed; ``--channel-order``
-/ ``--normalize`` override it, with a warning when they contradict it. Images of any size are segmented with overlapping tiles of the
-model's size, blended (``medt_keras.inference``). Masks come from the
+/ ``--normalize`` override it, with a warning when they contradict it.
+Images of any size are segmented with overlapping tiles of the model's
+size, blended (``medt_keras.inference``). Masks come from the
 softmax: argmax, or for two classes ``--threshold`` on the foreground
 probability, never the official scripts' threshold on raw logits (which
 gives the all-black masks users reported).
