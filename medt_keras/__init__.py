@@ -1,10 +1,37 @@
-"""medt-keras: the Medical Transformer (MedT) in Keras 3, on JAX by default."""
+"""medt-keras: the Medical Transformer (MedT) in Keras 3, on JAX by default.
+
+``import medt_keras`` registers everything a saved model or its compile
+state names (the four models, their layers, ``OfficialAdam``, the
+foreground metrics), so ``keras.saving.load_model`` needs nothing else.
+"""
 
 from medt_keras import _backend  # noqa: F401  (must run before keras is imported)
-from medt_keras import layers
+from medt_keras import files, layers, metrics, optimizers
 from medt_keras._backend import enable_float64
-from medt_keras.models import AxialUNet, GatedAxialUNet, LoGo, MedT
+from medt_keras.errors import LoadError
+from medt_keras.loading import load
+from medt_keras.metrics import ForegroundF1, ForegroundIoU
+from medt_keras.models import MODEL_NAMES, MODELS, AxialUNet, GatedAxialUNet, LoGo, MedT, get_spec
+from medt_keras.optimizers import OfficialAdam
 
 __version__ = "0.1.0"
 
-__all__ = ["AxialUNet", "GatedAxialUNet", "LoGo", "MedT", "enable_float64", "layers"]
+__all__ = [
+    "AxialUNet",
+    "MODELS",
+    "MODEL_NAMES",
+    "ForegroundF1",
+    "ForegroundIoU",
+    "GatedAxialUNet",
+    "LoGo",
+    "LoadError",
+    "MedT",
+    "OfficialAdam",
+    "enable_float64",
+    "files",
+    "get_spec",
+    "layers",
+    "load",
+    "metrics",
+    "optimizers",
+]

@@ -1,6 +1,6 @@
 """Training and benchmarking MedT-family models.
 
-``training.benchmark`` is the ``medt-bench`` command; ``training.optimizers``
-has the official optimiser (PyTorch's Adam with coupled L2 and frozen
-gates). Training with ``model.fit`` on TFDS data is the next work item.
+The application on top of the ``medt_keras`` library: the training loop
+(``medt-train``), ``medt-predict``, ``medt-evaluate`` and ``medt-bench``.
+Nothing in ``medt_keras`` imports this package.
 """

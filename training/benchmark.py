@@ -25,7 +25,23 @@ import subprocess
 import sys
 import time
 
-MODELS = {"medt": "MedT", "logo": "LoGo", "gated": "GatedAxialUNet", "axialunet": "AxialUNet"}
+
+def _model_name(text):
+    """A registered model name or alias, as its canonical name (argparse ``type``)."""
+    # Imported here: the child that times the official PyTorch model must not
+    # carry JAX in its memory.
+    from medt_keras.models.registry import get_spec
+
+    try:
+        return get_spec(text).name
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _official_builder(model_name):
+    from medt_keras.models.registry import get_spec
+
+    return get_spec(model_name).official_builder
 
 
 def _peak_rss_gib():
@@ -110,9 +126,9 @@ def measure_keras(model_name, size, batch, infer_batch, repeats, rematerialize=F
     import medt_keras  # noqa: F401  (JAX backend)
     import jax
     import keras
+    from medt_keras.models.registry import get_spec
 
-    cls = getattr(medt_keras, MODELS[model_name])
-    model = cls(img_size=size, rematerialize=rematerialize, dtype=dtype)
+    model = get_spec(model_name).model_class(img_size=size, rematerialize=rematerialize, dtype=dtype)
     rng = np.random.default_rng(0)
     x = rng.random((batch, size, size, 3), dtype=np.float32)
     y = rng.integers(0, 2, (batch, size, size)).astype("int32")
@@ -172,7 +188,7 @@ def measure_keras(model_name, size, batch, infer_batch, repeats, rematerialize=F
     }
 
 
-def measure_official(checkout, model_name, size, batch, infer_batch, repeats):
+def measure_official(checkout, model_name, official_builder, size, batch, infer_batch, repeats):
     import types
 
     import numpy as np
@@ -186,8 +202,7 @@ def measure_official(checkout, model_name, size, batch, infer_batch, repeats):
     from lib.models import axialnet
 
     torch.set_num_threads(os.cpu_count())
-    builder = {"medt": axialnet.MedT, "logo": axialnet.logo, "gated": axialnet.gated, "axialunet": axialnet.axialunet}
-    model = builder[model_name](img_size=size, imgchan=3)
+    model = getattr(axialnet, official_builder)(img_size=size, imgchan=3)
     for p in model.parameters():
         p.requires_grad_(True)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
@@ -256,7 +271,8 @@ def _fmt(value, spec):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="medt-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["medt", "gated"], choices=sorted(MODELS))
+    parser.add_argument("--models", nargs="+", default=["medt", "gated"], type=_model_name,
+                        help="model names or aliases (medt, logo, gated, axialunet, ...)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[128])
     parser.add_argument("--batch", type=int, default=4, help="training batch size")
     parser.add_argument("--infer-batch", type=int, default=8, help="inference batch size")
@@ -294,7 +310,7 @@ def main(argv=None):
     def save():
         if not args.json:
             return
-        from training.checkpoint import atomic_write_text
+        from medt_keras.files import atomic_write_text
 
         atomic_write_text(
             args.json,
@@ -320,7 +336,8 @@ def main(argv=None):
                 spec = dict(kind=kind, model_name=model, size=size, batch=args.batch,
                             infer_batch=args.infer_batch, repeats=args.repeats)
                 if kind == "official":
-                    spec["checkout"] = args.official
+                    # The parent looks the builder up: the child keeps JAX out of its memory.
+                    spec.update(checkout=args.official, official_builder=_official_builder(model))
                 else:
                     spec.update(rematerialize=remat, dtype=args.dtype)
                 try:

@@ -14,7 +14,7 @@ import os
 import pkgutil
 import typing
 
-MODELS = ("medt", "logo", "gated", "axialunet")
+from medt_keras.models.registry import get_spec
 
 
 @dataclasses.dataclass
@@ -60,8 +60,8 @@ class TrainConfig:
     rematerialize: bool = False
 
     def __post_init__(self):
-        if self.model not in MODELS:
-            raise ValueError(f"model: {self.model!r} is not one of {', '.join(MODELS)}.")
+        # Any registered name or alias; kept as the canonical name so resumed runs compare equal.
+        self.model = get_spec(self.model).name
         if self.channel_order not in ("bgr", "rgb"):
             raise ValueError(f"channel_order: {self.channel_order!r}; use 'bgr' (official, OpenCV order) or 'rgb'.")
         for name in ("batch_size", "epochs", "img_size", "checkpoint_every", "num_classes"):

@@ -27,8 +27,8 @@ import sys
 import numpy as np
 
 from medt_keras.datasets.images import DatasetError, percentile_normalize, read_image_native
-from training.checkpoint import atomic_write_csv, atomic_write_text
-from training.metrics import official_protocol_scores, pooled_scores
+from medt_keras.files import atomic_write_csv, atomic_write_text
+from medt_keras.metrics import official_protocol_scores, pooled_scores
 
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 

@@ -5,8 +5,11 @@
 
 The checkpoint is a ``.keras`` model (what ``medt-train`` writes) or an
 official PyTorch ``.pth`` state_dict (converted on the fly, no PyTorch
-needed). Images of any size are segmented with overlapping tiles of the
-model's size, blended (``medt_keras.inference``). Masks come from the
+needed). The model says which channel order and normalisation it expects
+(``medt_keras.preprocessing``), so no flags are needed; ``--channel-order``
+/ ``--normalize`` override it, with a warning when they contradict it.
+Images of any size are segmented with overlapping tiles of the model's
+size, blended (``medt_keras.inference``). Masks come from the
 softmax: argmax, or for two classes ``--threshold`` on the foreground
 probability, never the official scripts' threshold on raw logits (which
 gives the all-black masks users reported).
@@ -28,8 +31,8 @@ import medt_keras  # noqa: F401  (selects the JAX backend before keras is import
 import numpy as np
 
 from medt_keras.datasets.images import DatasetError, encode_png, percentile_normalize, read_image_native
+from medt_keras.files import atomic_path
 from medt_keras.inference import BLENDS, sliding_window_probabilities
-from training.checkpoint import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -40,15 +43,9 @@ def load_model(path, dtype="float32"):
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: checkpoint not found.")
     if path.endswith(".keras"):
-        import keras
-
-        import training.metrics  # noqa: F401  (registers the metrics a saved model may name)
-
-        return keras.saving.load_model(path, compile=False)
-    if path.endswith((".pth", ".pt", ".safetensors")):
-        from weights_converter.convert import load_official_checkpoint
-
-        return load_official_checkpoint(path, dtype=dtype)
+        return medt_keras.load(path, compile=False)
+    if path.endswith((".pth", ".pt", ".bin", ".safetensors")):
+        return medt_keras.load(path, dtype=dtype)
     raise DatasetError(f"{path}: expected a .keras model or an official .pth / .safetensors checkpoint.")
 
 
@@ -103,6 +100,25 @@ def prepare_image(path, channels, channel_order="bgr", normalize="auto"):
     return np.ascontiguousarray(image)
 
 
+def resolve_preprocessing(model, channel_order=None, normalize=None):
+    """``(channel_order, normalize)`` for ``model``: the arguments where given, else what the model records.
+
+    A model saved by ``medt-train`` or converted from an official checkpoint
+    records both (``model.preprocessing``); older files do not, and then
+    ``bgr`` / ``auto`` apply. An argument that contradicts the model wins,
+    with a warning on stderr.
+    """
+    recorded = getattr(model, "preprocessing", None) or {}
+    resolved = []
+    for key, given, fallback in (("channel_order", channel_order, "bgr"), ("normalize", normalize, "auto")):
+        saved = recorded.get(key)
+        if given is not None and saved is not None and given != saved:
+            print(f"medt-predict: warning: --{key.replace('_', '-')} {given} contradicts the model, "
+                  f"which expects {saved}; using {given}.", file=sys.stderr, flush=True)
+        resolved.append(given if given is not None else saved if saved is not None else fallback)
+    return tuple(resolved)
+
+
 def mask_from_probabilities(probabilities, threshold=None):
     """Class indices ``(height, width)``: argmax, or foreground probability >= ``threshold`` (two classes)."""
     if threshold is None:
@@ -118,10 +134,15 @@ def write_png(path, array):
             handle.write(encode_png(array))
 
 
-def predict_files(model, files, output, *, channel_order="bgr", normalize="auto", overlap=0.25, batch_size=8,
+def predict_files(model, files, output, *, channel_order=None, normalize=None, overlap=0.25, batch_size=8,
                   blend="gaussian", threshold=None, probabilities=False, overlay=False, progress=True):
-    """Segments each file; returns ``(written stems, {file: error message})``."""
+    """Segments each file; returns ``(written stems, {file: error message})``.
+
+    ``channel_order`` / ``normalize``: ``None`` takes the model's own (see ``resolve_preprocessing``).
+    """
     from training.visualize import overlay as overlay_picture
+
+    channel_order, normalize = resolve_preprocessing(model, channel_order, normalize)
 
     os.makedirs(output, exist_ok=True)
     channels = int(model.input_shape[-1])
@@ -157,9 +178,10 @@ def main(argv=None):
     parser.add_argument("checkpoint", help=".keras model or official .pth state_dict")
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--output", "-o", required=True, help="folder for the masks")
-    parser.add_argument("--channel-order", choices=("bgr", "rgb"), default="bgr",
-                        help="order the model expects colour channels in (official: bgr)")
-    parser.add_argument("--normalize", choices=("auto", "dtype", "percentile"), default="auto")
+    parser.add_argument("--channel-order", choices=("bgr", "rgb"), default=None,
+                        help="order the model expects colour channels in (default: the model's own, else bgr)")
+    parser.add_argument("--normalize", choices=("auto", "dtype", "percentile"), default=None,
+                        help="default: the model's own, else auto")
     parser.add_argument("--overlap", type=float, default=0.25, help="fraction of a tile shared with its neighbour")
     parser.add_argument("--blend", choices=BLENDS, default="gaussian")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -28,16 +28,15 @@ import numpy as np
 
 import keras
 
-from medt_keras import AxialUNet, GatedAxialUNet, LoGo, MedT
 from medt_keras.datasets import DatasetError, load
+from medt_keras.models.registry import get_spec
 from training import checkpoint, distribution
 from training.config import TrainConfig, apply_overrides, config_names, load_config, parser_with_overrides
 from training.data import SegmentationBatches
-from training.metrics import ForegroundF1, ForegroundIoU, official_protocol_scores, pooled_scores
-from training.optimizers import OfficialAdam
+from medt_keras.metrics import ForegroundF1, ForegroundIoU, official_protocol_scores, pooled_scores
+from medt_keras.optimizers import OfficialAdam
 from training.visualize import prediction_grid
 
-MODEL_CLASSES = {"medt": MedT, "logo": LoGo, "gated": GatedAxialUNet, "axialunet": AxialUNet}
 SPLITS = ("train", "validation", "test")
 
 
@@ -127,15 +126,16 @@ class RunKeeper(keras.callbacks.Callback):
         checkpoint.atomic_write_csv(os.path.join(self.directory, "log.csv"), self.meta["history"])
 
 
-def build_model(config, in_channels):
-    model_class = MODEL_CLASSES[config.model]
-    return model_class(
+def build_model(config, in_channels, normalize="auto"):
+    """The config's model; ``normalize`` (how the dataset's raw files become floats) is saved with it."""
+    return get_spec(config.model).model_class(
         img_size=config.img_size,
         in_channels=in_channels,
         num_classes=config.num_classes,
         gates_trainable=True,
         dtype=config.dtype,
         rematerialize=config.rematerialize,
+        preprocessing=dict(channel_order=config.channel_order, normalize=normalize),
         **config.model_args,
     )
 
@@ -225,9 +225,12 @@ def train(config, resume=False, verbose="auto", multi_process=None):
     train_batches, validation_batches, test_batches = make_batches(
         config, sources, process_index, process_count, distributed=config.distribution != "none"
     )
-    in_channels = int(np.asarray(sources["train"][0]["image"]).shape[-1])
+    first_image = np.asarray(sources["train"][0]["image"])
+    in_channels = int(first_image.shape[-1])
+    # uint8 files are divided by 255; datasets of other types store frames percentile-normalised.
+    normalize = "dtype" if first_image.dtype == np.uint8 else "percentile"
 
-    model = build_model(config, in_channels)
+    model = build_model(config, in_channels, normalize)
     optimizer = OfficialAdam(learning_rate=config.learning_rate, l2=config.weight_decay)
     model.compile(
         optimizer=optimizer,

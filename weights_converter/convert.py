@@ -5,17 +5,15 @@ import re
 
 import numpy as np
 
-import medt_keras
 from medt_keras._backend import enable_float64
+from medt_keras.models.axial_unet import DECODER_WIDTHS
+from medt_keras.models.registry import MODELS, get_spec
+from medt_keras.preprocessing import OFFICIAL_PREPROCESSING
 from weights_converter.mapping import official_entries
 from weights_converter.state_dict_io import CheckpointError, read_state_dict
 
-ARCHITECTURES = {
-    "axialunet": medt_keras.AxialUNet,
-    "gated": medt_keras.GatedAxialUNet,
-    "medt": medt_keras.MedT,
-    "logo": medt_keras.LoGo,
-}
+# Model name -> Keras class, from the one table of models.
+ARCHITECTURES = {spec.name: spec.model_class for spec in MODELS}
 
 
 def _require(state_dict, key, source):
@@ -50,13 +48,10 @@ def infer_architecture(state_dict, source="state_dict"):
     # decoder1's int(2048 * s), pins s down closely enough to give every
     # other width exactly, even for an s whose stem width is rounded.
     widest = _require(state_dict, "decoder1_p.weight" if local else "decoder1.weight", source)
-    width_scale = widest.shape[0] / 2048.0
+    width_scale = widest.shape[0] / float(DECODER_WIDTHS[0])
     attention = "layer1.0.hight_block"
     gated = f"{attention}.f_qr" in state_dict
-    if local:
-        name = "medt" if gated else "logo"
-    else:
-        name = "gated" if gated else "axialunet"
+    (name,) = [spec.name for spec in MODELS if (spec.local_global, spec.gated) == (local, gated)]
 
     # layer1 attends over img_size / 2 positions along each axis.
     height = _require(state_dict, f"{attention}.relative", source).shape[1] + 1
@@ -80,12 +75,13 @@ def infer_architecture(state_dict, source="state_dict"):
 
 
 def build_model(name, dtype="float32", **hyperparameters):
-    """Builds the Keras twin of official model ``name`` ("axialunet", "gated", "medt", "logo")."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}.")
+    """Builds the Keras twin of official model ``name`` ("axialunet", "gated", "medt", "logo", or an alias)."""
+    spec = get_spec(name)  # LoadError (a ValueError) naming the known models
     if dtype == "float64":
         enable_float64()
-    return ARCHITECTURES[name](dtype=dtype, **hyperparameters)
+    # The official code reads BGR images with OpenCV; the model carries that (medt_keras.preprocessing).
+    hyperparameters.setdefault("preprocessing", dict(OFFICIAL_PREPROCESSING))
+    return spec.model_class(dtype=dtype, **hyperparameters)
 
 
 def resample_relative_table(table, span):

@@ -16,8 +16,10 @@ import zipfile
 
 import numpy as np
 
+from medt_keras.errors import LoadError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(LoadError):
     """A checkpoint file that cannot be read or does not match the model."""
 
 

@@ -129,7 +129,7 @@ def export_frames(directory, split="test", manual_dir=None):
     """
     import tifffile
 
-    from training.checkpoint import atomic_path
+    from medt_keras.files import atomic_path
 
     frames, labels = read_stacks(manual_dir)
     os.makedirs(os.path.join(directory, "images"), exist_ok=True)

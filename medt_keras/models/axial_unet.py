@@ -10,6 +10,13 @@ from medt_keras import _backend  # noqa: F401
 from medt_keras._backend import prepare_rematerialization
 from medt_keras.initializers import FanInUniform
 from medt_keras.layers import AxialBlock, BatchNorm, Conv2D
+from medt_keras.preprocessing import check_preprocessing
+
+# The official channel widths before scaling by s (ResAxialAttentionUNet): the stem, stages 1-4 and
+# decoders 1-5. MedT/LoGo, the converter (which reads s back from decoder1) and these builders share them.
+STEM_WIDTH = 64
+STAGE_WIDTHS = (128, 256, 512, 1024)
+DECODER_WIDTHS = (2048, 1024, 512, 256, 128)
 
 
 class _GraphBuilder:
@@ -102,16 +109,18 @@ def axial_unet_features(x, builder, width_scale, blocks, block_config, stem_widt
     ``s = width_scale``; H and W must be divisible by 32.
     """
     s = width_scale
-    x = builder.stem(x, int(64 * s) if stem_width is None else stem_width)
-    x1 = builder.stage(x, 1, int(128 * s), blocks[0], 1, block_config)
-    x2 = builder.stage(x1, 2, int(256 * s), blocks[1], 2, block_config)
-    x3 = builder.stage(x2, 3, int(512 * s), blocks[2], 2, block_config)
-    x4 = builder.stage(x3, 4, int(1024 * s), blocks[3], 2, block_config)
-    x = builder.decode(x4, 1, int(2048 * s), skip=x4, strides=2)
-    x = builder.decode(x, 2, int(1024 * s), skip=x3)
-    x = builder.decode(x, 3, int(512 * s), skip=x2)
-    x = builder.decode(x, 4, int(256 * s), skip=x1)
-    return builder.decode(x, 5, int(128 * s))
+    x = builder.stem(x, int(STEM_WIDTH * s) if stem_width is None else stem_width)
+    features = []
+    for index, (width, count) in enumerate(zip(STAGE_WIDTHS, blocks), start=1):
+        x = builder.stage(x, index, int(width * s), count, 1 if index == 1 else 2, block_config)
+        features.append(x)
+    x1, x2, x3, x4 = features
+    d = DECODER_WIDTHS
+    x = builder.decode(x4, 1, int(d[0] * s), skip=x4, strides=2)
+    x = builder.decode(x, 2, int(d[1] * s), skip=x3)
+    x = builder.decode(x, 3, int(d[2] * s), skip=x2)
+    x = builder.decode(x, 4, int(d[3] * s), skip=x1)
+    return builder.decode(x, 5, int(d[4] * s))
 
 
 def image_size(img_size):
@@ -135,20 +144,26 @@ class OfficialModel(keras.Model):
     """Base of the four models: keeps the official builder's hyperparameters.
 
     Subclasses build their graph and pass it here with the hyperparameters,
-    which become attributes and the model's config.
+    which become attributes and the model's config. ``preprocessing``
+    (every model takes it) records what the model expects of its input
+    images (channel order, normalisation; see ``medt_keras.preprocessing``),
+    saved with the model so ``medt-predict`` needs no flags.
     """
 
-    def __init__(self, inputs, outputs, hyperparameters, dtype=None, **kwargs):
+    def __init__(self, inputs, outputs, hyperparameters, dtype=None, preprocessing=None, **kwargs):
         super().__init__(inputs=inputs, outputs=outputs, dtype=dtype, **kwargs)
         self.hyperparameters = dict(hyperparameters)
         for key, value in self.hyperparameters.items():
             setattr(self, key, value)
+        self.preprocessing = check_preprocessing(preprocessing)
 
     def get_config(self):
         config = {"name": self.name, "trainable": self.trainable}
         config.update(self.hyperparameters)
         config["blocks"] = list(config["blocks"])
         config["dtype"] = self.dtype_policy.name
+        if self.preprocessing is not None:
+            config["preprocessing"] = dict(self.preprocessing)
         return config
 
     @classmethod

@@ -6,6 +6,9 @@ from medt_keras import _backend  # noqa: F401
 from medt_keras._backend import prepare_rematerialization
 from medt_keras.layers import PatchFold, PatchUnfold, UnusedOfficialWeights
 from medt_keras.models.axial_unet import (
+    DECODER_WIDTHS,
+    STAGE_WIDTHS,
+    STEM_WIDTH,
     OfficialModel,
     _GraphBuilder,
     axial_unet_features,
@@ -19,11 +22,11 @@ def _unused_official_shapes(width_scale, blocks, num_classes, local_positional):
     # adjust_p in both; MedT's AxialBlock_wopos also carries a dead 1x1 conv1.
     s = width_scale
     shapes = {
-        "adjust_p.weight": (num_classes, int(128 * s), 1, 1),
+        "adjust_p.weight": (num_classes, int(DECODER_WIDTHS[4] * s), 1, 1),
         "adjust_p.bias": (num_classes,),
     }
     if not local_positional:
-        for stage, (planes, count) in enumerate(zip((128, 256, 512, 1024), blocks), start=1):
+        for stage, (planes, count) in enumerate(zip(STAGE_WIDTHS, blocks), start=1):
             width = int(planes * s)
             for b in range(count):
                 shapes[f"layer{stage}_p.{b}.conv1.weight"] = (width, width, 1, 1)
@@ -83,11 +86,11 @@ class LoGo(OfficialModel):
             gates_trainable=gates_trainable,
             rematerialize=bool(rematerialize),
         )
-        x = global_builder.stem(inputs, int(64 * s))
-        x1 = global_builder.stage(x, 1, int(128 * s), blocks[0], 1, global_config)
-        x2 = global_builder.stage(x1, 2, int(256 * s), blocks[1], 2, global_config)
-        x = global_builder.decode(x2, 4, int(256 * s), skip=x1)
-        x = global_builder.decode(x, 5, int(128 * s))
+        x = global_builder.stem(inputs, int(STEM_WIDTH * s))
+        x1 = global_builder.stage(x, 1, int(STAGE_WIDTHS[0] * s), blocks[0], 1, global_config)
+        x2 = global_builder.stage(x1, 2, int(STAGE_WIDTHS[1] * s), blocks[1], 2, global_config)
+        x = global_builder.decode(x2, 4, int(DECODER_WIDTHS[3] * s), skip=x1)
+        x = global_builder.decode(x, 5, int(DECODER_WIDTHS[4] * s))
 
         groups_of_patches = int(patch_grid) ** 2
         local_builder = _GraphBuilder(dtype, prefix="local_", batch_groups=groups_of_patches)
@@ -100,12 +103,12 @@ class LoGo(OfficialModel):
         # The official local stem is as wide as the global branch's output,
         # 2 * int(256 * s), an artefact of its shared `inplanes` counter.
         local = axial_unet_features(
-            patches, local_builder, s, blocks, local_config, stem_width=2 * int(256 * s)
+            patches, local_builder, s, blocks, local_config, stem_width=2 * int(STAGE_WIDTHS[1] * s)
         )
         local = PatchUnfold(patch_grid, name="local_patch_unfold", dtype=dtype)(local)
 
         x = global_builder.add(x, local)
-        x = global_builder.relu(global_builder.conv(x, int(128 * s), 3, "fusion_conv"))
+        x = global_builder.relu(global_builder.conv(x, int(DECODER_WIDTHS[4] * s), 3, "fusion_conv"))
         x = UnusedOfficialWeights(
             _unused_official_shapes(s, blocks, num_classes, self.local_positional),
             name="unused_official_weights",

@@ -14,7 +14,7 @@ import keras
 
 from training import distribution
 from training.data import SegmentationBatches
-from training.optimizers import OfficialAdam
+from medt_keras.optimizers import OfficialAdam
 
 TINY = dict(width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1))
 

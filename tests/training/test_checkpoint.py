@@ -8,7 +8,7 @@ import medt_keras  # noqa: F401
 import keras
 
 from training import checkpoint
-from training.optimizers import OfficialAdam
+from medt_keras.optimizers import OfficialAdam
 
 
 def test_interrupted_write_keeps_the_previous_file(tmp_path):

@@ -13,7 +13,7 @@ import keras
 
 from training import evaluate, predict
 from training.config import TrainConfig
-from training.optimizers import OfficialAdam
+from medt_keras.optimizers import OfficialAdam
 from training.train import train
 
 TINY = dict(width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1))

@@ -16,6 +16,7 @@ import medt_keras  # noqa: F401
 from training import checkpoint
 from training.config import TrainConfig
 from training.train import TrainingDiverged, _resolve_resume, build_model, gate_variables, train
+from tests.library_only import run_without_training
 from tests.synthetic_data import write_medt_folder
 
 TINY = ["--model", "gated", "--model-args", '{"blocks": [1, 1, 1, 1], "groups": 2}', "--img-size", "32",
@@ -153,3 +154,47 @@ def test_existing_run_needs_resume_and_the_same_config(data, uninterrupted):
     assert result.returncode != 0 and "Pass --resume" in result.stderr
     result = _run(data, uninterrupted, "--epochs", "3", "--seed", "1", "--resume", check=False)
     assert result.returncode != 0 and "seed: saved 0, now 1" in result.stderr
+
+
+def test_saved_model_loads_predicts_and_trains_with_the_library_alone(uninterrupted):
+    # A fresh interpreter where `training` cannot be imported: `import medt_keras` must register the
+    # model, OfficialAdam and the metrics, and restore the optimiser state (its step count and moments).
+    # model.keras is the best epoch's state (best.weights.h5 carries the optimiser's variables too).
+    meta = checkpoint.read_run_state(uninterrupted)
+    best_steps = meta["best_epoch"] * int(_state_arrays(uninterrupted)["optimizer_0"]) // meta["next_epoch"]
+    result = run_without_training(
+        f"""
+        import json
+        import numpy as np
+        import keras
+        import medt_keras
+
+        model = keras.saving.load_model({os.fspath(uninterrupted / "model.keras")!r})
+        assert isinstance(model.optimizer, medt_keras.OfficialAdam), type(model.optimizer)
+        before = int(model.optimizer.iterations.numpy())
+        x = np.random.default_rng(0).random((4, 32, 32, 3), dtype=np.float32)
+        y = (x[..., 0] > 0.5).astype("int32")
+        shape = model.predict(x, verbose=0).shape
+        history = model.fit(x, y, batch_size=4, epochs=1, verbose=0).history
+        print(json.dumps(dict(before=before, after=int(model.optimizer.iterations.numpy()), shape=shape,
+                              logs=sorted(history), loss=history["loss"][0], preprocessing=model.preprocessing,
+                              application=sorted(m for m in sys.modules if m.split(".")[0] == "training"))))
+        """
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "Skipping variable loading" not in result.stderr, result.stderr[-2000:]
+    assert report["before"] == best_steps > 0 and report["after"] == best_steps + 1
+    assert report["shape"] == [4, 32, 32, 2]
+    assert {"loss", "f1", "iou"} <= set(report["logs"]) and np.isfinite(report["loss"])
+    assert report["application"] == []
+    # The synthetic dataset is 8-bit BGR-ordered training data: the model says so.
+    assert report["preprocessing"] == {"channel_order": "bgr", "normalize": "dtype"}
+
+
+def test_predict_on_the_trained_model_needs_no_preprocessing_flags(data, uninterrupted, tmp_path, capsys):
+    from training import predict
+
+    images = os.path.join(data["manual_dir"], "test", "img")
+    assert predict.main([os.fspath(uninterrupted / "model.keras"), images, "-o", os.fspath(tmp_path), "--quiet"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert len(os.listdir(tmp_path)) == len(os.listdir(images))

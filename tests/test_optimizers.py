@@ -4,7 +4,7 @@ import pytest
 import keras
 
 import medt_keras
-from training.optimizers import OfficialAdam
+from medt_keras.optimizers import OfficialAdam
 
 
 def torch_adam(params, grads_fn, steps, lr, l2, frozen_until=None, beta_1=0.9, beta_2=0.999, eps=1e-8):

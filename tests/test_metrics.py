@@ -3,7 +3,7 @@ import pytest
 
 import medt_keras  # noqa: F401
 
-from training.metrics import ForegroundF1, ForegroundIoU, official_protocol_scores, pooled_scores
+from medt_keras.metrics import ForegroundF1, ForegroundIoU, official_protocol_scores, pooled_scores
 
 
 def _logits(labels, num_classes):

@@ -1,0 +1,72 @@
+"""Files written so that a kill at any moment leaves the old or the new one, never half.
+
+Every file is written beside its final name, flushed to disk and then
+renamed over it (``os.replace`` is atomic on POSIX): a reader sees either the
+previous complete file or the new complete file.
+"""
+
+import contextlib
+import os
+
+
+def _fsync_directory(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside ``path`` (same suffixes); on success renames it to ``path``."""
+    path = os.fspath(path)
+    directory, filename = os.path.split(path)
+    directory = directory or "."
+    os.makedirs(directory, exist_ok=True)
+    temporary = os.path.join(directory, f".tmp-{os.getpid()}-{filename}")
+    try:
+        yield temporary
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        _fsync_directory(directory)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def atomic_write_text(path, text):
+    with atomic_path(path) as temporary:
+        with open(temporary, "w") as handle:
+            handle.write(text)
+
+
+def atomic_write_csv(path, rows, float_format="{:.6g}"):
+    """Rows (dicts) as CSV with a header of every key in first-seen order, atomically."""
+    columns = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+
+    def cell(value):
+        return float_format.format(value) if isinstance(value, float) else str(value)
+
+    lines = [",".join(columns)] + [",".join(cell(row.get(c, "")) for c in columns) for row in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def save_weights(model, path):
+    """``model.save_weights`` (``.weights.h5``), atomically."""
+    with atomic_path(path) as temporary:
+        model.save_weights(temporary)
+
+
+def save_model(model, path):
+    """``model.save`` (``.keras``: architecture, weights, optimiser), atomically."""
+    with atomic_path(path) as temporary:
+        model.save(temporary)

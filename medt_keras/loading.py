@@ -1,0 +1,177 @@
+"""``medt_keras.load``: one entry point for every way a MedT-family model is kept.
+
+    model = medt_keras.load("runs/gated_hela/model.keras")            # whole model, compiled
+    model = medt_keras.load("best.weights.h5", architecture="gated", img_size=128)
+    model = medt_keras.load("MedT.pth")                                 # official checkpoint, converted
+    model = medt_keras.load("gated_axial_unet", num_classes=3)          # official preset, new weights
+
+Every failure is a ``medt_keras.LoadError`` naming the file or name and
+what is wrong with it.
+"""
+
+import inspect
+import os
+
+from medt_keras.errors import LoadError
+from medt_keras.models.registry import MODELS, get_spec
+from medt_keras.preprocessing import OFFICIAL_PREPROCESSING
+
+KERAS_SUFFIX = ".keras"
+WEIGHTS_SUFFIX = ".weights.h5"
+OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+_ACCEPTED = f"{KERAS_SUFFIX}, {WEIGHTS_SUFFIX}, {', '.join(OFFICIAL_SUFFIXES)}"
+
+
+def _looks_like_path(text):
+    # A name never has a directory or a suffix; anything that does is a file the caller expected to exist.
+    return os.sep in text or "/" in text or os.path.splitext(text)[1] != ""
+
+
+def _build(spec, options, what):
+    """``spec``'s model with ``options`` replacing the official hyperparameters; ``what`` names the source."""
+    # Keras models swallow unknown keyword arguments; a misspelt hyperparameter must not pass silently.
+    allowed = set(inspect.signature(spec.model_class.__init__).parameters) - {"self", "kwargs"}
+    allowed |= {"name", "trainable", "preprocessing"}  # taken by the base classes
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise LoadError(
+            f"{what}: {spec.class_name} takes no {', '.join(unknown)}; it takes {', '.join(sorted(allowed))}."
+        )
+    if options.get("dtype") == "float64":
+        from medt_keras import enable_float64
+
+        enable_float64()
+    try:
+        return spec.build(**options)
+    except (TypeError, ValueError) as error:  # an argument the class does not take, or a bad value
+        raise LoadError(f"{what}: cannot build {spec.class_name} with {options}: {error}") from error
+
+
+def _no_overrides(path, hyperparameters, why):
+    if hyperparameters:
+        raise LoadError(f"{path}: {why}; it takes no hyperparameters (got {', '.join(sorted(hyperparameters))}).")
+
+
+def _load_keras(path, compile, dtype, hyperparameters):
+    import keras
+
+    _no_overrides(path, hyperparameters, "a .keras file holds its architecture")
+    if dtype is not None:
+        raise LoadError(f"{path}: a .keras file holds its dtype; dtype= applies to the other kinds only.")
+    try:
+        return keras.saving.load_model(path, compile=compile)
+    except (ValueError, OSError, KeyError, TypeError) as error:
+        raise LoadError(f"{path}: not a readable Keras model file ({type(error).__name__}: {error}).") from error
+
+
+def _load_weights(path, architecture, config, dtype, hyperparameters):
+    config = dict(config or {})
+    architecture = architecture or config.pop("architecture", None)
+    config.pop("architecture", None)
+    if architecture is None:
+        names = ", ".join(spec.name for spec in MODELS)
+        raise LoadError(
+            f"{path}: a .weights.h5 file holds no architecture; pass architecture=NAME ({names}) "
+            "and the hyperparameters it was built with, or config={'architecture': NAME, ...}."
+        )
+    spec = get_spec(architecture)
+    options = {**config, **hyperparameters}
+    if dtype is not None:
+        options["dtype"] = dtype
+    model = _build(spec, options, path)
+    try:
+        model.load_weights(path)
+    except (ValueError, OSError, KeyError) as error:
+        raise LoadError(
+            f"{path}: does not fit {spec.class_name} built with {options or 'the official hyperparameters'} "
+            f"({type(error).__name__}: {error}). Pass the hyperparameters it was trained with."
+        ) from error
+    return model
+
+
+def _load_official(path, dtype, resample_positions, hyperparameters):
+    # Lazy: the converter is needed only for official files, and the library never needs it otherwise.
+    try:
+        from weights_converter.convert import load_official_checkpoint
+    except ImportError as error:
+        raise LoadError(f"{path}: an official checkpoint needs the weights_converter package ({error}).") from error
+
+    return load_official_checkpoint(
+        path, dtype=dtype or "float32", resample_positions=resample_positions, **hyperparameters
+    )
+
+
+def load(
+    source,
+    *,
+    architecture=None,
+    config=None,
+    compile=True,
+    dtype=None,
+    resample_positions=False,
+    **hyperparameters,
+):
+    """A MedT-family Keras model from a file or a preset name.
+
+    Args:
+        source: one of
+            - a ``.keras`` file (``model.save`` / ``medt-train``'s ``model.keras``):
+              the model as saved, compiled with its optimiser and metrics
+              when ``compile`` is true;
+            - a ``.weights.h5`` file (``model.save_weights``): built from
+              ``architecture`` and the hyperparameters (or ``config``), then
+              the weights loaded;
+            - an official PyTorch checkpoint (``.pth``, ``.pt``, ``.bin``) or
+              ``.safetensors``: architecture and hyperparameters read from
+              its keys and shapes, converted by ``weights_converter``;
+            - a registered name or alias (``"medt"``, ``"logo"``, ``"gated"``
+              or ``"gated_axial_unet"``, ``"axialunet"`` or ``"axial_unet"``):
+              that model with the official hyperparameters and fresh weights
+              (and the official preprocessing: BGR, see ``medt_keras.preprocessing``).
+        architecture: the model name, for a ``.weights.h5`` file.
+        config: for a ``.weights.h5`` file, a dict of hyperparameters
+            (``model.get_config()``) with ``"architecture"``.
+        compile: for a ``.keras`` file, restore the compile state.
+        dtype: dtype policy ("float32", "float64", "mixed_bfloat16"), for
+            every kind but ``.keras``; "float64" turns on JAX's x64 mode.
+        resample_positions: for an official checkpoint, interpolate its
+            relative-position tables to another ``img_size``.
+        **hyperparameters: keyword arguments of the model class
+            (``img_size``, ``in_channels``, ``num_classes``, ``width_scale``,
+            ``groups``, ``blocks``, ...) replacing the official or the
+            inferred ones; not for ``.keras`` files.
+
+    Returns:
+        a ``keras.Model`` (one of ``MedT``, ``LoGo``, ``GatedAxialUNet``,
+        ``AxialUNet``): ``(batch, height, width, in_channels)`` images to
+        ``(batch, height, width, num_classes)`` logits.
+
+    Raises:
+        LoadError: a missing file, a name that is not a model, a file of
+            another kind, or a file that does not fit; the message names the
+            file or name and what is wrong.
+    """
+    text = os.fspath(source)
+    if not isinstance(text, str):
+        raise LoadError(f"{source!r}: expected a path or a model name, got {type(source).__name__}.")
+    if os.path.isdir(text):
+        raise LoadError(f"{text}: is a directory; pass a model file in it ({_ACCEPTED}).")
+    if not os.path.exists(text):
+        if _looks_like_path(text):
+            raise LoadError(f"{text}: no such file.")
+        try:
+            spec = get_spec(text)
+        except LoadError:
+            known = ", ".join(f"{s.name} ({', '.join(s.aliases)})" for s in MODELS)
+            raise LoadError(f"{text!r}: neither a file nor a model name; known names: {known}.") from None
+        if dtype is not None:
+            hyperparameters["dtype"] = dtype
+        hyperparameters.setdefault("preprocessing", dict(OFFICIAL_PREPROCESSING))
+        return _build(spec, hyperparameters, repr(text))
+    if text.endswith(KERAS_SUFFIX):
+        return _load_keras(text, compile, dtype, hyperparameters)
+    if text.endswith(WEIGHTS_SUFFIX):
+        return _load_weights(text, architecture, config, dtype, hyperparameters)
+    if text.endswith(OFFICIAL_SUFFIXES):
+        return _load_official(text, dtype, resample_positions, hyperparameters)
+    raise LoadError(f"{text}: unknown kind of file (by its extension); expected one of {_ACCEPTED}.")
