@@ -199,7 +199,9 @@ class SegmentationBatches(keras.utils.PyDataset):
                 return y, x
         return int(crop[0] * (height - side + 1)), int(crop[1] * (width - side + 1))
 
-    def example(self, index, flip=False, crop=None):
+    def example(self, index, flip=False, crop=None, resize=True):
+        """``(image (h, w, c) float32, mask (h, w) int32)``: example ``index``, cropped, resized (unless
+        ``resize`` is false: then the whole stored size) and flipped as asked."""
         record = self.source[int(index)]
         image = to_model_input(record["image"], self.channel_order)
         mask = np.asarray(record["mask"])
@@ -211,7 +213,7 @@ class SegmentationBatches(keras.utils.PyDataset):
             side = min(self.crop_size, *image.shape[:2])
             y, x = self._crop_corner(mask, side, crop)
             image, mask = image[y : y + side, x : x + side], mask[y : y + side, x : x + side]
-        if image.shape[:2] != self.image_size:
+        if resize and image.shape[:2] != self.image_size:
             image = _resize(image, self.image_size, nearest=False)
             mask = _resize(mask[..., None], self.image_size, nearest=True)[..., 0]
         if flip:
