@@ -203,7 +203,7 @@ class SegmentationBatches(keras.utils.PyDataset):
         """``(image (h, w, c) float32, mask (h, w) int32)``: example ``index``, cropped, resized (unless
         ``resize`` is false: then the whole stored size) and flipped as asked."""
         record = self.source[int(index)]
-        image = to_model_input(record["image"], self.channel_order)
+        image = np.asarray(record["image"])  # converted after the crop: a crop of a large image is cheap
         mask = np.asarray(record["mask"])
         if mask.ndim == 3:
             mask = mask[..., 0]
@@ -213,6 +213,7 @@ class SegmentationBatches(keras.utils.PyDataset):
             side = min(self.crop_size, *image.shape[:2])
             y, x = self._crop_corner(mask, side, crop)
             image, mask = image[y : y + side, x : x + side], mask[y : y + side, x : x + side]
+        image = to_model_input(image, self.channel_order)
         if resize and image.shape[:2] != self.image_size:
             image = _resize(image, self.image_size, nearest=False)
             mask = _resize(mask[..., None], self.image_size, nearest=True)[..., 0]
