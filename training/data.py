@@ -55,6 +55,9 @@ def _resize(array, size, nearest):
     return np.stack(channels, axis=-1).astype(array.dtype)
 
 
+CROP_CACHE_BYTES = 2 << 30
+
+
 class SegmentationBatches(keras.utils.PyDataset):
     """``(images (b, h, w, c) float32, masks (b, h, w) int32)`` batches from a data source.
 
@@ -134,6 +137,9 @@ class SegmentationBatches(keras.utils.PyDataset):
             raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}.")
         self.foreground_fraction = float(foreground_fraction)
         self._areas = None
+        # Decoded (image, mask) of the examples crops are cut from: a large PNG takes ~0.1 s to
+        # decode and an epoch cuts many crops from each image. Filled up to CROP_CACHE_BYTES.
+        self._decoded, self._decoded_bytes = {}, 0
         self.batch_size = int(batch_size)
         self.image_size = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
         self.shuffle = shuffle
@@ -162,8 +168,7 @@ class SegmentationBatches(keras.utils.PyDataset):
         if self._areas is None:
             shapes = []
             for i in range(self.size):
-                mask = np.asarray(self.source[i]["mask"])
-                shapes.append(mask.shape[:2])
+                shapes.append(self._read(i, cache=self.crops)[1].shape[:2])
             self._areas = np.array(shapes, np.int64).reshape(-1, 2)
         return self._areas
 
@@ -199,12 +204,23 @@ class SegmentationBatches(keras.utils.PyDataset):
                 return y, x
         return int(crop[0] * (height - side + 1)), int(crop[1] * (width - side + 1))
 
+    def _read(self, index, cache=False):
+        """``(image, mask, record)`` as stored (not yet converted), from the cache when ``cache``."""
+        if index in self._decoded:
+            return self._decoded[index]
+        record = self.source[index]
+        image = np.asarray(record["image"])  # converted after the crop: a crop of a large image is cheap
+        mask = np.asarray(record["mask"])
+        entry = (image, mask, {"name": record.get("name", "?")})
+        if cache and self._decoded_bytes + image.nbytes + mask.nbytes <= CROP_CACHE_BYTES:
+            self._decoded[index] = entry
+            self._decoded_bytes += image.nbytes + mask.nbytes
+        return entry
+
     def example(self, index, flip=False, crop=None, resize=True):
         """``(image (h, w, c) float32, mask (h, w) int32)``: example ``index``, cropped, resized (unless
         ``resize`` is false: then the whole stored size) and flipped as asked."""
-        record = self.source[int(index)]
-        image = np.asarray(record["image"])  # converted after the crop: a crop of a large image is cheap
-        mask = np.asarray(record["mask"])
+        image, mask, record = self._read(int(index), cache=self.crops)
         if mask.ndim == 3:
             mask = mask[..., 0]
         if image.shape[:2] != mask.shape:
