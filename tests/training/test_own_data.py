@@ -63,3 +63,18 @@ def test_large_images_train_on_crops_and_evaluate_whole(tmp_path, monkeypatch):
     assert saved["f1"] != 1.0 and saved["iou"] != 1.0
     assert (saved["f1"] is None) == np.isnan(report["f1"])
     assert (tmp_path / "run" / "test_predictions.png").is_file()
+
+
+def test_eval_protocol_auto_is_tiled_for_crops_or_large_images_else_resize():
+    def split(*shapes):
+        source = [{"image": np.zeros((h, w, 1), np.uint8), "mask": np.zeros((h, w, 1), np.uint8)} for h, w in shapes]
+        return data_module.SegmentationBatches(source, 1, 64)
+
+    tiles, frames = split((64, 64), (64, 64)), split((64, 64), (700, 1100))
+    config = TrainConfig(img_size=64)
+    assert whole_image.resolve_protocol(config, tiles, tiles) == "resize"  # model-size tiles: as before
+    assert whole_image.resolve_protocol(config, tiles, frames) == "tiled"
+    assert whole_image.resolve_protocol(TrainConfig(img_size=64, crop_size=64), tiles, tiles) == "tiled"
+    assert whole_image.resolve_protocol(TrainConfig(img_size=64, eval_protocol="resize"), frames, frames) == "resize"
+    with pytest.raises(ValueError, match="eval_protocol"):
+        TrainConfig(eval_protocol="whole")
