@@ -6,16 +6,32 @@ the split (prediction = argmax of the logits) and report the mean over the
 foreground classes (for two classes: the class-1 score). These are the
 numbers of ``shared/reference/hela-official.md``.
 
+A class with no foreground pixel in either ground truth or prediction
+(TP + FP + FN = 0) has no F1 or IoU: it is left out of the mean over
+classes, and when no class has a score the result is NaN (Keras logs
+``nan``; ``pooled_scores`` warns), never 1. Crops or splits without any
+object must not look perfect. ``json_safe`` turns NaN into ``null`` for the
+JSON reports.
+
 ``official_protocol_scores`` reproduces the paper's evaluation (the MATLAB
 scripts the authors point to): F1 = 2TP / (2TP + FP + FN) and IoU =
 TP / (TP + FP + FN) per image, averaged over images, with an image whose
 TP = 0 scored 1 (a quirk of those scripts, kept behind a flag).
 """
 
+import math
+import warnings
+
 import numpy as np
 
 import keras
 from keras import ops
+
+
+def _defined_mean(scores, defined):
+    """Mean of ``scores`` over the classes where ``defined``; NaN (0 / 0) where none is."""
+    defined = ops.cast(defined, "float32")
+    return ops.sum(ops.where(defined > 0, scores, 0.0)) / ops.sum(defined)
 
 
 class _ForegroundCounts(keras.metrics.Metric):
@@ -56,7 +72,7 @@ class _ForegroundCounts(keras.metrics.Metric):
 
 @keras.saving.register_keras_serializable(package="medt_keras")
 class ForegroundF1(_ForegroundCounts):
-    """Foreground F1 (Dice) over all pixels seen, mean over foreground classes; 1 when there is nothing to find."""
+    """Foreground F1 (Dice) over all pixels seen, mean over foreground classes; NaN when there is nothing to find."""
 
     def __init__(self, num_classes=2, name="f1", **kwargs):
         super().__init__(num_classes, name=name, **kwargs)
@@ -64,12 +80,12 @@ class ForegroundF1(_ForegroundCounts):
     def result(self):
         tp, fp, fn = self._counts()
         denominator = 2.0 * tp + fp + fn
-        return ops.mean(ops.where(denominator > 0, 2.0 * tp / ops.maximum(denominator, 1.0), 1.0))
+        return _defined_mean(2.0 * tp / ops.maximum(denominator, 1.0), denominator > 0)
 
 
 @keras.saving.register_keras_serializable(package="medt_keras")
 class ForegroundIoU(_ForegroundCounts):
-    """Foreground intersection over union over all pixels seen, mean over foreground classes."""
+    """Foreground intersection over union over all pixels seen, mean over foreground classes; NaN as F1."""
 
     def __init__(self, num_classes=2, name="iou", **kwargs):
         super().__init__(num_classes, name=name, **kwargs)
@@ -77,19 +93,57 @@ class ForegroundIoU(_ForegroundCounts):
     def result(self):
         tp, fp, fn = self._counts()
         denominator = tp + fp + fn
-        return ops.mean(ops.where(denominator > 0, tp / ops.maximum(denominator, 1.0), 1.0))
+        return _defined_mean(tp / ops.maximum(denominator, 1.0), denominator > 0)
 
 
-def pooled_scores(predictions, masks, num_classes=2):
-    """F1 and IoU over all pixels (NumPy), mean over foreground classes: the Keras metrics' numbers."""
-    f1s, ious = [], []
+def class_counts(predictions, masks, num_classes=2):
+    """``(num_classes - 1, 3)`` int64 TP, FP, FN of each foreground class; arrays of any equal shape."""
+    predictions, masks = np.asarray(predictions), np.asarray(masks)
+    rows = []
     for c in range(1, num_classes):
-        tp = np.sum((predictions == c) & (masks == c))
-        fp = np.sum((predictions == c) & (masks != c))
-        fn = np.sum((predictions != c) & (masks == c))
-        f1s.append(1.0 if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn))
-        ious.append(1.0 if tp + fp + fn == 0 else tp / (tp + fp + fn))
-    return float(np.mean(f1s)), float(np.mean(ious))
+        guess, truth = predictions == c, masks == c
+        rows.append([np.sum(guess & truth), np.sum(guess & ~truth), np.sum(~guess & truth)])
+    return np.array(rows, np.int64).reshape(-1, 3)
+
+
+def scores_from_counts(counts, warn=True, where="the split"):
+    """Pooled ``(F1, IoU)`` from ``class_counts`` (summed over images); NaN when no class has any foreground.
+
+    A class with TP + FP + FN = 0 is left out of the mean over classes;
+    with none left the scores are undefined: NaN, with a warning unless
+    ``warn`` is false.
+    """
+    counts = np.asarray(counts, np.float64).reshape(-1, 3)
+    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+    defined = tp + fp + fn > 0
+    if not defined.any():
+        if warn:
+            warnings.warn(f"F1/IoU undefined on {where}: no foreground pixel in ground truth or prediction; "
+                          "reported as NaN (null in JSON), not 1.", RuntimeWarning, stacklevel=2)
+        return float("nan"), float("nan")
+    f1 = 2 * tp[defined] / (2 * tp[defined] + fp[defined] + fn[defined])
+    iou = tp[defined] / (tp[defined] + fp[defined] + fn[defined])
+    return float(np.mean(f1)), float(np.mean(iou))
+
+
+def pooled_scores(predictions, masks, num_classes=2, warn=True):
+    """F1 and IoU over all pixels (NumPy), mean over foreground classes: the Keras metrics' numbers.
+
+    NaN (with a warning unless ``warn`` is false) when neither ground truth
+    nor prediction has any foreground pixel.
+    """
+    return scores_from_counts(class_counts(predictions, masks, num_classes), warn=warn)
+
+
+def json_safe(value):
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON ``null``), recursively."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
+        return None
+    return value
 
 
 def official_protocol_scores(predictions, masks, tp_zero_scores_one=True):

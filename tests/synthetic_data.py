@@ -30,3 +30,32 @@ def write_medt_folder(root, counts, size=32, seed=0, channels=3, image_ext=".png
             Image.fromarray(image).save(os.path.join(root, split, "img", f"{split}_{i:03d}{image_ext}"))
             Image.fromarray(mask).save(os.path.join(root, split, "labelcol", f"{split}_{i:03d}.png"))
     return root
+
+
+def sparse_example(rng, height, width, objects=6, radius=(4, 8), channels=1):
+    """A large ``(height, width)`` image with ``objects`` small bright discs (sparse foreground) and its 0/255 mask."""
+    yy, xx = np.mgrid[:height, :width]
+    mask = np.zeros((height, width), bool)
+    for _ in range(objects):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        mask |= (yy - cy) ** 2 + (xx - cx) ** 2 < rng.uniform(*radius) ** 2
+    image = rng.normal(50, 15, (height, width, channels)) + 140 * mask[..., None]
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    return (image[..., 0] if channels == 1 else image), (mask * 255).astype(np.uint8)
+
+
+def write_large_medt_folder(root, counts, height, width, objects=6, seed=0, channels=1):
+    """``root/<split>/{img,labelcol}/`` of large sparse images; ``counts = {split: (images, objects or None)}``.
+
+    ``objects`` per split overrides the default (0: all-background images).
+    """
+    rng = np.random.default_rng(seed)
+    for split, (count, split_objects) in counts.items():
+        os.makedirs(os.path.join(root, split, "img"), exist_ok=True)
+        os.makedirs(os.path.join(root, split, "labelcol"), exist_ok=True)
+        for i in range(count):
+            n = objects if split_objects is None else split_objects
+            image, mask = sparse_example(rng, height, width, n, channels=channels)
+            Image.fromarray(image).save(os.path.join(root, split, "img", f"{split}_{i:03d}.png"))
+            Image.fromarray(mask).save(os.path.join(root, split, "labelcol", f"{split}_{i:03d}.png"))
+    return root

@@ -3,7 +3,10 @@ import pytest
 
 import medt_keras  # noqa: F401
 
-from medt_keras.metrics import ForegroundF1, ForegroundIoU, official_protocol_scores, pooled_scores
+import json
+import math
+
+from medt_keras.metrics import ForegroundF1, ForegroundIoU, json_safe, official_protocol_scores, pooled_scores
 
 
 def _logits(labels, num_classes):
@@ -29,7 +32,37 @@ def test_keras_metrics_equal_pooled_counts_over_batches(num_classes):
     single = pooled_scores(np.where(predicted == 1, 1, 0), np.where(truth == 1, 1, 0), 2)[0]
     assert single == pytest.approx(2 * tp / (2 * tp + fp + fn))
     f1.reset_state()
-    assert float(f1.result()) == 1.0  # nothing seen, nothing to find
+    assert math.isnan(float(f1.result()))  # nothing seen, nothing to find: undefined, not 1
+
+
+def test_split_without_foreground_is_undefined_not_perfect():
+    background = np.zeros((3, 5, 5), int)
+    f1, iou = ForegroundF1(), ForegroundIoU()
+    f1.update_state(background, _logits(background, 2))
+    iou.update_state(background, _logits(background, 2))
+    assert math.isnan(float(f1.result())) and math.isnan(float(iou.result()))
+    with pytest.warns(RuntimeWarning, match="undefined"):
+        scores = pooled_scores(background, background)
+    assert all(math.isnan(s) for s in scores)
+    # One false positive pixel makes it defined, and 0.
+    predicted = background.copy()
+    predicted[0, 0, 0] = 1
+    assert pooled_scores(predicted, background) == (0.0, 0.0)
+    f1.update_state(background, _logits(predicted, 2))
+    assert float(f1.result()) == 0.0
+    # JSON: NaN becomes null, so the file stays valid JSON.
+    text = json.dumps(json_safe({"f1": scores[0], "nested": [float("inf"), 1.0]}), allow_nan=False)
+    assert json.loads(text) == {"f1": None, "nested": [None, 1.0]}
+
+
+def test_multiclass_mean_leaves_out_absent_classes():
+    truth = np.array([[0, 1, 1, 0]])
+    predicted = np.array([[0, 1, 0, 0]])  # class 1: TP 1, FN 1; classes 2 and 3 absent everywhere
+    f1, iou = pooled_scores(predicted, truth, num_classes=4)
+    assert f1 == pytest.approx(2 / 3) and iou == pytest.approx(1 / 2)
+    metric = ForegroundF1(4)
+    metric.update_state(truth, _logits(predicted, 4))
+    assert float(metric.result()) == pytest.approx(2 / 3)
 
 
 def test_official_protocol_averages_images_and_scores_tp_zero_as_one():

@@ -44,7 +44,17 @@ class TrainConfig:
     weight_decay: float = 1e-5
     gate_unfreeze_epoch: int = 11
     flip_probability: float = 0.5
+    # Train on random crop_size squares: an epoch is examples_per_epoch crops drawn with
+    # replacement, images weighted by area (training/data.py).
     crop_size: typing.Optional[int] = None
+    # Fraction of the crops centred on a random foreground pixel (sparse masks); 0: all uniform.
+    foreground_fraction: float = 0.0
+    # Validation and test: "tiled" (sliding windows over each whole image, as medt-predict),
+    # "resize" (each image resized to img_size: the paper's protocol), or "auto" (tiled when
+    # training on crops or when an image is larger than img_size, else resize).
+    eval_protocol: str = "auto"
+    # Fraction of a tile shared with its neighbour in tiled evaluation.
+    tile_overlap: float = 0.25
     seed: int = 0
     max_train_examples: typing.Optional[int] = None
     max_eval_examples: typing.Optional[int] = None
@@ -67,6 +77,12 @@ class TrainConfig:
         for name in ("batch_size", "epochs", "img_size", "checkpoint_every", "num_classes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.eval_protocol not in ("auto", "tiled", "resize"):
+            raise ValueError(f"eval_protocol: {self.eval_protocol!r}; use auto, tiled or resize.")
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {self.foreground_fraction}.")
+        if not 0.0 <= self.tile_overlap < 1.0:
+            raise ValueError(f"tile_overlap must be in [0, 1), got {self.tile_overlap}.")
         if self.num_classes < 2:
             raise ValueError("num_classes must be >= 2 (background and at least one foreground class).")
 

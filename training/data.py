@@ -5,6 +5,15 @@ data source. Batch ``i`` of epoch ``e`` is a pure function of (seed, e, i):
 the order is a permutation drawn from ``(seed, e)`` and so are the flips and
 crops, so a run resumed at epoch ``e`` sees exactly the data an
 uninterrupted run would have.
+
+With ``crop_size`` set, the unit of an epoch is a crop, not an image: an
+epoch is ``examples_per_epoch`` crops drawn with replacement across the
+images, each image with probability proportional to its area (so every
+pixel of the split is equally likely to be in a crop), the crop's corner
+uniform over the positions where it fits. With ``foreground_fraction`` > 0,
+that fraction of the crops is instead centred on a foreground pixel of the
+image (uniform over its foreground pixels), for masks where objects are
+sparse; an image without foreground gets a uniform crop.
 """
 
 import numpy as np
@@ -46,6 +55,9 @@ def _resize(array, size, nearest):
     return np.stack(channels, axis=-1).astype(array.dtype)
 
 
+CROP_CACHE_BYTES = 2 << 30
+
+
 class SegmentationBatches(keras.utils.PyDataset):
     """``(images (b, h, w, c) float32, masks (b, h, w) int32)`` batches from a data source.
 
@@ -61,7 +73,15 @@ class SegmentationBatches(keras.utils.PyDataset):
         shuffle: a new permutation each epoch, drawn from ``(seed, epoch)``.
         examples_per_epoch: with ``shuffle``, an epoch is the first this
             many examples of the epoch's permutation (a fresh random sample
-            each epoch) instead of all of them.
+            each epoch) instead of all of them. With ``crop_size`` (and
+            ``shuffle``), an epoch is this many random crops (default: one
+            per image), drawn with replacement, so it may exceed the number
+            of images.
+        crop_size: with ``shuffle``, cut a random ``crop_size`` square from
+            each drawn image (the whole side where the image is smaller),
+            resized to ``image_size`` if it differs.
+        foreground_fraction: with ``crop_size``, the probability that a crop
+            is centred on a random foreground pixel (0: all crops uniform).
         flip_probability: random horizontal flip (official default 0.5).
         name: the split's name, for error messages.
         process_index, process_count: in a multi-process (multi-host) run,
@@ -84,6 +104,7 @@ class SegmentationBatches(keras.utils.PyDataset):
         shuffle=False,
         flip_probability=0.0,
         crop_size=None,
+        foreground_fraction=0.0,
         channel_order="bgr",
         seed=0,
         limit=None,
@@ -99,13 +120,27 @@ class SegmentationBatches(keras.utils.PyDataset):
         self.size = len(source) if limit is None else min(limit, len(source))
         if self.size == 0:
             raise DatasetError(f"{name}: the split is empty.")
-        if self.size < batch_size and shuffle:
+        # Crops are drawn with replacement: a few large images can fill any number of batches.
+        self.crops = bool(shuffle and crop_size)
+        if self.crops:
+            self.epoch_size = int(examples_per_epoch or self.size)
+        elif shuffle and examples_per_epoch:
+            self.epoch_size = min(examples_per_epoch, self.size)
+        else:
+            self.epoch_size = self.size
+        if self.epoch_size < batch_size and shuffle:
             raise DatasetError(
-                f"{name}: {self.size} example(s), fewer than one batch of {batch_size}; "
+                f"{name}: {self.epoch_size} example(s), fewer than one batch of {batch_size}; "
                 "add data or lower --batch-size."
             )
+        if not 0.0 <= foreground_fraction <= 1.0:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}.")
+        self.foreground_fraction = float(foreground_fraction)
+        self._areas = None
+        # Decoded (image, mask) of the examples crops are cut from: a large PNG takes ~0.1 s to
+        # decode and an epoch cuts many crops from each image. Filled up to CROP_CACHE_BYTES.
+        self._decoded, self._decoded_bytes = {}, 0
         self.batch_size = int(batch_size)
-        self.epoch_size = self.size if not (shuffle and examples_per_epoch) else min(examples_per_epoch, self.size)
         self.image_size = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
         self.shuffle = shuffle
         self.flip_probability = float(flip_probability)
@@ -128,27 +163,74 @@ class SegmentationBatches(keras.utils.PyDataset):
     def __len__(self):
         return self.num_batches
 
+    def image_shapes(self):
+        """``(height, width)`` of every example, read once (the crop plan weights images by area)."""
+        if self._areas is None:
+            shapes = []
+            for i in range(self.size):
+                shapes.append(self._read(i, cache=self.crops)[1].shape[:2])
+            self._areas = np.array(shapes, np.int64).reshape(-1, 2)
+        return self._areas
+
     def _epoch_plan(self):
+        """``(order, flips, crops)`` for the epoch, each of length ``epoch_size``.
+
+        ``crops[k]`` is ``(u_y, u_x, u_foreground, centred)``: uniforms that
+        place crop ``k`` (see ``example``); drawn here so the plan depends on
+        (seed, epoch) alone.
+        """
         rng = np.random.default_rng([self.seed, self.epoch])
+        if self.crops:
+            areas = np.prod(self.image_shapes(), axis=1).astype(np.float64)
+            order = rng.choice(self.size, size=self.epoch_size, replace=True, p=areas / areas.sum())
+            flips = rng.random(self.epoch_size) < self.flip_probability
+            crops = rng.random((self.epoch_size, 4))
+            crops[:, 3] = crops[:, 3] < self.foreground_fraction
+            return order, flips, crops
         order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
         flips = rng.random(self.size) < self.flip_probability
         crops = rng.random((self.size, 2))
         return order, flips, crops
 
-    def example(self, index, flip=False, crop=None):
-        record = self.source[int(index)]
-        image = to_model_input(record["image"], self.channel_order)
+    def _crop_corner(self, mask, side, crop):
+        """Top-left corner of a ``side`` square: uniform, or (``crop[3]``) centred on a foreground pixel."""
+        height, width = mask.shape
+        if len(crop) > 3 and crop[3]:
+            ys, xs = np.nonzero(mask)
+            if len(ys):
+                pick = min(int(crop[2] * len(ys)), len(ys) - 1)
+                y = int(np.clip(ys[pick] - side // 2, 0, height - side))
+                x = int(np.clip(xs[pick] - side // 2, 0, width - side))
+                return y, x
+        return int(crop[0] * (height - side + 1)), int(crop[1] * (width - side + 1))
+
+    def _read(self, index, cache=False):
+        """``(image, mask, record)`` as stored (not yet converted), from the cache when ``cache``."""
+        if index in self._decoded:
+            return self._decoded[index]
+        record = self.source[index]
+        image = np.asarray(record["image"])  # converted after the crop: a crop of a large image is cheap
         mask = np.asarray(record["mask"])
+        entry = (image, mask, {"name": record.get("name", "?")})
+        if cache and self._decoded_bytes + image.nbytes + mask.nbytes <= CROP_CACHE_BYTES:
+            self._decoded[index] = entry
+            self._decoded_bytes += image.nbytes + mask.nbytes
+        return entry
+
+    def example(self, index, flip=False, crop=None, resize=True):
+        """``(image (h, w, c) float32, mask (h, w) int32)``: example ``index``, cropped, resized (unless
+        ``resize`` is false: then the whole stored size) and flipped as asked."""
+        image, mask, record = self._read(int(index), cache=self.crops)
         if mask.ndim == 3:
             mask = mask[..., 0]
         if image.shape[:2] != mask.shape:
             raise DatasetError(f"{self.name}: example {_name(record)} has image {image.shape[:2]} but mask {mask.shape}.")
         if self.crop_size and crop is not None:
             side = min(self.crop_size, *image.shape[:2])
-            y = int(crop[0] * (image.shape[0] - side + 1))
-            x = int(crop[1] * (image.shape[1] - side + 1))
+            y, x = self._crop_corner(mask, side, crop)
             image, mask = image[y : y + side, x : x + side], mask[y : y + side, x : x + side]
-        if image.shape[:2] != self.image_size:
+        image = to_model_input(image, self.channel_order)
+        if resize and image.shape[:2] != self.image_size:
             image = _resize(image, self.image_size, nearest=False)
             mask = _resize(mask[..., None], self.image_size, nearest=True)[..., 0]
         if flip:

@@ -12,10 +12,14 @@ classes the values are class indices.
 
 Reported, per image and overall: foreground F1 (Dice) = 2TP / (2TP + FP +
 FN) and IoU = TP / (TP + FP + FN), mean over foreground classes; overall
-both pooled over all pixels and as the mean of the per-image scores. With
+both pooled over all pixels and as the mean of the per-image scores. An
+image with no foreground in ground truth or prediction has no F1/IoU: its
+row reads ``nan``, it is left out of the per-image mean and counted
+(``images_without_foreground``); a pooled score with no foreground in the
+whole set is NaN with a warning, ``null`` in ``summary.json``. With
 ``--official-protocol`` the per-image mean scores an image without any true
-positive as 1, as the paper's MATLAB scripts do, so the numbers compare with
-the paper's table. Writes ``per_image.csv``, ``summary.json`` and
+positive as 1, as the paper's MATLAB scripts do (``official_mean_f1``), so
+the numbers compare with the paper's table; it is never the headline. Writes ``per_image.csv``, ``summary.json`` and
 ``report.png`` (the best and worst images as overlays).
 """
 
@@ -28,7 +32,7 @@ import numpy as np
 
 from medt_keras.datasets.images import DatasetError, percentile_normalize, read_image_native
 from medt_keras.files import atomic_write_csv, atomic_write_text
-from medt_keras.metrics import official_protocol_scores, pooled_scores
+from medt_keras.metrics import json_safe, official_protocol_scores, pooled_scores
 
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
 
@@ -56,7 +60,7 @@ def read_classes(path, num_classes, threshold=127):
 
 
 def image_scores(prediction, truth, num_classes):
-    f1, iou = pooled_scores(prediction, truth, num_classes)
+    f1, iou = pooled_scores(prediction, truth, num_classes, warn=False)  # NaN: nothing to find, counted later
     counts = {}
     for name, where in (("tp", (prediction > 0) & (prediction == truth)), ("fp", (prediction > 0) & (prediction != truth)),
                         ("fn", (truth > 0) & (prediction != truth))):
@@ -87,8 +91,9 @@ def evaluate_folders(predictions_dir, truth_dir, num_classes=2, threshold=127, o
         ground_truth_without_prediction=sorted(set(truths) - set(predictions)),
         pooled_f1=pooled_f1,
         pooled_iou=pooled_iou,
-        mean_f1=float(np.mean([r["f1"] for r in rows])),
-        mean_iou=float(np.mean([r["iou"] for r in rows])),
+        mean_f1=_mean_defined([r["f1"] for r in rows]),
+        mean_iou=_mean_defined([r["iou"] for r in rows]),
+        images_without_foreground=int(sum(np.isnan(r["f1"]) for r in rows)),
     )
     if official_protocol:
         if num_classes != 2:
@@ -103,6 +108,13 @@ def evaluate_folders(predictions_dir, truth_dir, num_classes=2, threshold=127, o
     return rows, summary, predictions, truths
 
 
+def _mean_defined(values):
+    """Mean of the values that are not NaN; NaN if none is."""
+    values = np.asarray(values, np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
 def write_report(rows, predictions, truths, num_classes, threshold, path, images_dir=None, count=3, width=1200):
     """``report.png``: the ``count`` best and worst images by F1, as image | ground truth | overlay.
 
@@ -111,7 +123,7 @@ def write_report(rows, predictions, truths, num_classes, threshold, path, images
     """
     from training.visualize import prediction_grid
 
-    ordered = sorted(rows, key=lambda r: r["f1"])
+    ordered = sorted(rows, key=lambda r: -1.0 if np.isnan(r["f1"]) else r["f1"])
     chosen = ordered[-count:][::-1] + [r for r in ordered[:count] if r not in ordered[-count:]]
     pictures, masks, preds, names = [], [], [], []
     size = None
@@ -162,10 +174,13 @@ def main(argv=None):
         return 2
     os.makedirs(report_dir, exist_ok=True)
     atomic_write_csv(os.path.join(report_dir, "per_image.csv"), rows, float_format="{:.6f}")
-    atomic_write_text(os.path.join(report_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(os.path.join(report_dir, "summary.json"), json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
     write_report(rows, predictions, truths, args.num_classes, args.mask_threshold,
                  os.path.join(report_dir, "report.png"), args.images, width=args.report_width)
-    text = (f"medt-evaluate: {summary['images']} images: pooled F1 {summary['pooled_f1']:.4f} IoU "
+    excluded = summary["images_without_foreground"]
+    text = (f"medt-evaluate: {summary['images']} images"
+            + (f" ({excluded} without any foreground, left out of the per-image mean)" if excluded else "")
+            + f": pooled F1 {summary['pooled_f1']:.4f} IoU "
             f"{summary['pooled_iou']:.4f}; per-image mean F1 {summary['mean_f1']:.4f} IoU {summary['mean_iou']:.4f}")
     if args.official_protocol:
         text += f"; official protocol F1 {summary['official_mean_f1']:.4f} IoU {summary['official_mean_iou']:.4f}"

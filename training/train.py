@@ -10,6 +10,13 @@ needs, rewritten atomically after every epoch), ``best.weights.h5`` (best
 validation F1), ``checkpoints/epoch_NNNN.weights.h5`` (every
 ``checkpoint_every`` epochs), and after training ``model.keras`` (the best
 weights), ``test_metrics.json`` and ``test_predictions.png``.
+
+Validation and test follow ``eval_protocol``: ``tiled`` runs the
+sliding-window inference of ``medt-predict`` on each whole image and pools
+the metrics over the split's pixels (``training.whole_image``); ``resize``
+runs ``model.evaluate`` on images resized to the model's size. A pooled
+F1/IoU with no foreground anywhere is NaN in the logs and ``null`` in
+``test_metrics.json``, never 1.
 """
 
 import dataclasses
@@ -33,8 +40,9 @@ from medt_keras.models.registry import get_spec
 from training import checkpoint, distribution
 from training.config import TrainConfig, apply_overrides, config_names, load_config, parser_with_overrides
 from training.data import SegmentationBatches
-from medt_keras.metrics import ForegroundF1, ForegroundIoU, official_protocol_scores, pooled_scores
+from medt_keras.metrics import ForegroundF1, ForegroundIoU, json_safe, official_protocol_scores, pooled_scores
 from medt_keras.optimizers import OfficialAdam
+from training.whole_image import WholeImageValidation, preview_arrays, resolve_protocol, whole_image_scores
 from training.visualize import prediction_grid
 
 SPLITS = ("train", "validation", "test")
@@ -83,10 +91,10 @@ class RunKeeper(keras.callbacks.Callback):
     the last good state stays on disk.
     """
 
-    def __init__(self, directory, optimizer, config, meta, test_batches=None):
+    def __init__(self, directory, optimizer, config, meta, test_scores=None):
         super().__init__()
         self.directory, self.optimizer, self.config, self.meta = directory, optimizer, config, meta
-        self.test_batches = test_batches
+        self.test_scores = test_scores  # model -> {"f1", "iou", ...}, or None
         self.diverged = None
         self._epoch = 0
         self._started = time.time()
@@ -105,14 +113,15 @@ class RunKeeper(keras.callbacks.Callback):
         if self.diverged is not None:
             return
         logs = {k: float(v) for k, v in (logs or {}).items()}
-        if self.test_batches is not None:
+        if self.test_scores is not None:
             # Reported only, never used for choosing: the official table evaluated the test set every epoch.
-            results = self.model.evaluate(self.test_batches, verbose=0, return_dict=True)
+            results = self.test_scores(self.model)
             logs.update(test_f1=float(results["f1"]), test_iou=float(results["iou"]))
         row = {"epoch": epoch + 1, **logs, "seconds": round(time.time() - self._started, 2)}
         self.meta["history"].append(row)
         score = logs.get("val_f1")
-        improved = score is not None and score > self.meta["best_val_f1"]
+        # NaN (no foreground in the validation split) never counts as an improvement.
+        improved = score is not None and math.isfinite(score) and score > self.meta["best_val_f1"]
         if improved:
             self.meta["best_val_f1"], self.meta["best_epoch"] = score, epoch + 1
         self.meta["next_epoch"] = epoch + 1
@@ -150,7 +159,8 @@ def make_batches(config, sources, process_index=0, process_count=1, distributed=
     # last partial batch, evaluation pads it with zero-weight copies.
     train = SegmentationBatches(
         sources["train"], config.batch_size, shuffle=True, flip_probability=config.flip_probability,
-        crop_size=config.crop_size, limit=config.max_train_examples, drop_remainder=distributed,
+        crop_size=config.crop_size, foreground_fraction=config.foreground_fraction,
+        limit=config.max_train_examples, drop_remainder=distributed,
         examples_per_epoch=config.examples_per_epoch, name=f"{config.dataset} train", **common,
     )
     validation = SegmentationBatches(
@@ -229,6 +239,10 @@ def train(config, resume=False, verbose="auto", multi_process=None):
     in_channels = int(first_image.shape[-1])
     # uint8 files are divided by 255; datasets of other types store frames percentile-normalised.
     normalize = "dtype" if first_image.dtype == np.uint8 else "percentile"
+    protocol = resolve_protocol(config, validation_batches, test_batches)
+    if protocol == "tiled" and config.distribution != "none":
+        raise ValueError("eval_protocol tiled runs on one process without data parallelism; "
+                         "use --eval-protocol resize with --distribution.")
 
     model = build_model(config, in_channels, normalize)
     optimizer = OfficialAdam(learning_rate=config.learning_rate, l2=config.weight_decay)
@@ -246,13 +260,28 @@ def train(config, resume=False, verbose="auto", multi_process=None):
         meta["config"] = dataclasses.asdict(config)
         print(f"medt-train: resuming {directory} at epoch {meta['next_epoch'] + 1}.", flush=True)
     gates.apply(meta["next_epoch"])
-    keeper = RunKeeper(write_dir, optimizer, config, meta, test_batches if config.test_each_epoch else None)
+    if protocol == "tiled":
+        def test_scores(model):
+            return whole_image_scores(model, test_batches, config.num_classes, config.tile_overlap)[0]
+    else:
+        def test_scores(model):
+            return model.evaluate(test_batches, verbose=0, return_dict=True)
+    keeper = RunKeeper(write_dir, optimizer, config, meta, test_scores if config.test_each_epoch else None)
+    callbacks = [EpochData(train_batches), gates, keeper]
+    validation_data = validation_batches
+    if protocol == "tiled":
+        # Before the keeper, which reads val_f1 from the same logs.
+        callbacks.insert(2, WholeImageValidation(validation_batches, config.num_classes, config.tile_overlap))
+        validation_data = None
 
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
     print(
         f"medt-train: {config.model} on {config.dataset}: {train_batches.size} train / "
-        f"{validation_batches.size} validation / {test_batches.size} test examples, "
+        f"{validation_batches.size} validation / {test_batches.size} test examples"
+        + (f" ({train_batches.epoch_size} random {config.crop_size}x{config.crop_size} crops per epoch)"
+           if train_batches.crops else "")
+        + f", evaluation {protocol}, "
         f"{config.img_size}x{config.img_size}x{in_channels}, {sum(int(np.prod(v.shape)) for v in model.trainable_variables):,} parameters, "
         f"epochs {meta['next_epoch'] + 1}..{config.epochs}, output {directory}"
         + (f", data-parallel over {device_count} devices in {process_count} process(es)"
@@ -262,10 +291,10 @@ def train(config, resume=False, verbose="auto", multi_process=None):
     if meta["next_epoch"] < config.epochs:
         model.fit(
             train_batches,
-            validation_data=validation_batches,
+            validation_data=validation_data,
             epochs=config.epochs,
             initial_epoch=meta["next_epoch"],
-            callbacks=[EpochData(train_batches), gates, keeper],
+            callbacks=callbacks,
             shuffle=False,
             verbose=verbose,
         )
@@ -284,8 +313,12 @@ def train(config, resume=False, verbose="auto", multi_process=None):
         best = os.path.join(directory, "best.weights.h5")
     if os.path.isfile(best):
         model.load_weights(best)
-    report = evaluate_test(model, test_batches, config, write_dir, full=process_count == 1)
+    if protocol == "tiled":
+        report = evaluate_test_tiled(model, test_batches, config, write_dir)
+    else:
+        report = evaluate_test(model, test_batches, config, write_dir, full=process_count == 1)
     report.update(
+        eval_protocol=protocol,
         best_epoch=meta["best_epoch"],
         best_val_f1=meta["best_val_f1"],
         epochs=config.epochs,
@@ -296,9 +329,11 @@ def train(config, resume=False, verbose="auto", multi_process=None):
     if not chief:
         shutil.rmtree(write_dir, ignore_errors=True)
         return report
-    checkpoint.atomic_write_text(os.path.join(directory, "test_metrics.json"), json.dumps(report, indent=2) + "\n")
+    # NaN (an undefined score) is written as null: the file stays valid JSON.
+    checkpoint.atomic_write_text(os.path.join(directory, "test_metrics.json"),
+                                 json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     print(
-        f"medt-train: test F1 {report['f1']:.4f}  IoU {report['iou']:.4f}  "
+        f"medt-train: test F1 {report['f1']:.4f}  IoU {report['iou']:.4f} ({protocol})  "
         f"(official protocol, per-image mean: F1 {report['official_f1']:.4f} IoU {report['official_iou']:.4f}) "
         f"with the best validation epoch {report['best_epoch']}; "
         f"{report['seconds_total']:.0f} s; files in {directory}",
@@ -360,6 +395,35 @@ def evaluate_test(model, batches, config, directory, full=True):
             shown[chosen], masks[chosen], predictions[chosen], os.path.join(directory, "test_predictions.png"),
             names=[names[i] for i in chosen],
         )
+    return report
+
+
+def evaluate_test_tiled(model, batches, config, directory):
+    """The ``tiled`` protocol on the test split: whole images, sliding windows, pooled and per-image scores.
+
+    ``f1``/``iou``: pooled over all pixels of the whole test images (NaN if
+    undefined); ``official_*``: the paper's per-image mean on the same whole
+    images (TP = 0 scored 1, and under ``*_tp0_as_0`` scored 0 unless the
+    image is empty in both).
+    """
+    scores, kept = whole_image_scores(model, batches, config.num_classes, config.tile_overlap, keep=True)
+    report = dict(f1=scores["f1"], iou=scores["iou"], loss=scores["loss"], examples=len(kept),
+                  pixels=scores["pixels"])
+    predictions = [p for _, _, p in kept]
+    masks = [m for _, m, _ in kept]
+    if config.num_classes == 2:
+        report["official_f1"], report["official_iou"] = official_protocol_scores(predictions, masks)
+        report["official_f1_tp0_as_0"], report["official_iou_tp0_as_0"] = official_protocol_scores(
+            predictions, masks, tp_zero_scores_one=False
+        )
+    else:
+        report["official_f1"], report["official_iou"] = scores["f1"], scores["iou"]
+    count = min(config.preview_images, len(kept))
+    if count:
+        images, shown_masks, shown_predictions, chosen = preview_arrays(kept, count)
+        names = batches.names()
+        prediction_grid(images, shown_masks, shown_predictions, os.path.join(directory, "test_predictions.png"),
+                        names=[names[i] for i in chosen], scale=1)
     return report
 
 

@@ -144,3 +144,31 @@ def export_frames(directory, split="test", manual_dir=None):
         written.append(index)
     return written
 
+
+def export_medt_folder(directory, manual_dir=None):
+    """Writes all 20 frames in the official ``medt_folder`` layout, the splits of this builder.
+
+    ``<directory>/{train,validation,test}/img/frameNN.png``: the frame
+    normalised as the tiles are (``percentile_normalize``) and rounded to
+    8 bits, as a user's own data usually comes; ``labelcol/frameNN.png``:
+    the mask, 0/255. ``medt-train --dataset medt_folder/gray --manual-dir
+    <directory>`` then trains on whole frames. Returns ``{split: [frame
+    indices]}``.
+    """
+    from medt_keras.files import atomic_path
+
+    frames, labels = read_stacks(manual_dir)
+    written = {}
+    for split, indices in SPLIT_FRAMES.items():
+        for folder in ("img", "labelcol"):
+            os.makedirs(os.path.join(directory, split, folder), exist_ok=True)
+        for index in indices:
+            image = np.round(percentile_normalize(frames[index]) * 255.0).astype(np.uint8)
+            mask = ((labels[index] > 0) * 255).astype(np.uint8)
+            for folder, array in (("img", image), ("labelcol", mask)):
+                with atomic_path(os.path.join(directory, split, folder, f"frame{index:02d}.png")) as temporary:
+                    with open(temporary, "wb") as handle:
+                        handle.write(encode_png(array))
+        written[split] = list(indices)
+    return written
+

