@@ -98,9 +98,10 @@ class TilePredictor:
     ``TilePredictor(model)(tiles)``: ``tiles`` ``(batch, th, tw, channels)``
     float32 -> ``(batch, th, tw, classes)`` float32. On the JAX backend the
     result is a JAX array returned before the device has finished
-    (``np.asarray`` waits for it); the model's weights are read when the
-    predictor is made, so make one per image (it is cheap) while a model
-    trains. Other backends: ``model.predict_on_batch`` and a float64 softmax.
+    (``np.asarray`` waits for it). The weights are read at every call: Keras'
+    own train and predict functions donate the variables' buffers, so values
+    read earlier may be gone. Other backends: ``model.predict_on_batch`` and
+    a float64 softmax.
     """
 
     def __init__(self, model):
@@ -110,12 +111,12 @@ class TilePredictor:
         self.jax = keras.backend.backend() == "jax"
         if self.jax:
             self.program = _program(model)
-            self.trainable = [v.value for v in model.trainable_variables]
-            self.non_trainable = [v.value for v in model.non_trainable_variables]
 
     def __call__(self, tiles):
         if self.jax:
-            return self.program(self.trainable, self.non_trainable, tiles)
+            model = self.model
+            trainable = [v.value for v in model.trainable_variables]
+            return self.program(trainable, [v.value for v in model.non_trainable_variables], tiles)
         return softmax(self.model.predict_on_batch(tiles))
 
 

@@ -38,6 +38,10 @@ def test_model_size_image_gives_exactly_the_model(model):
     np.testing.assert_array_equal(result, program)  # one tile: the program's softmax, untouched
     # The program (batch 8, float32 softmax) is the model within float32 rounding.
     np.testing.assert_allclose(result, softmax(model.predict_on_batch(image[None]))[0], rtol=1e-5, atol=1e-6)
+    # Keras' predict function donated the variables' buffers: a predictor made before still works.
+    predictor = TilePredictor(model)
+    model.predict_on_batch(image[None])
+    np.testing.assert_array_equal(np.asarray(predictor(batch))[0], program)
 
 
 def test_large_image_interior_equals_the_model_on_each_tile(model):

