@@ -111,12 +111,14 @@ class TilePredictor:
         self.jax = keras.backend.backend() == "jax"
         if self.jax:
             self.program = _program(model)
+            # Collecting the variables walks every layer; their values are read per call.
+            self.trainable = list(model.trainable_variables)
+            self.non_trainable = list(model.non_trainable_variables)
 
     def __call__(self, tiles):
         if self.jax:
-            model = self.model
-            trainable = [v.value for v in model.trainable_variables]
-            return self.program(trainable, [v.value for v in model.non_trainable_variables], tiles)
+            trainable = [v.value for v in self.trainable]
+            return self.program(trainable, [v.value for v in self.non_trainable], tiles)
         return softmax(self.model.predict_on_batch(tiles))
 
 
