@@ -83,8 +83,10 @@ def _program(model):
         import jax
         import jax.numpy as jnp
 
+        owner = weakref.ref(model)  # a strong reference from the value would keep its key alive forever
+
         def probabilities(trainable, non_trainable, tiles):
-            logits, _ = model.stateless_call(trainable, non_trainable, tiles, training=False)
+            logits, _ = owner().stateless_call(trainable, non_trainable, tiles, training=False)
             return jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
 
         program = jax.jit(probabilities)

@@ -79,3 +79,17 @@ def test_small_image_is_padded_and_cropped_back(model):
     image = np.random.default_rng(3).random((70, 90, 1)).astype(np.float32)
     result = sliding_window_probabilities(model, image)
     assert result.shape == (70, 90, 2) and result.flags.c_contiguous
+
+
+def test_the_program_cache_lets_a_model_go():
+    import gc
+    import weakref
+
+    from medt_keras.inference import _program
+
+    temporary = medt_keras.GatedAxialUNet(img_size=32, in_channels=1, **TINY)
+    _program(temporary)
+    gone = weakref.ref(temporary)
+    del temporary
+    gc.collect()
+    assert gone() is None
