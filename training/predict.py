@@ -139,7 +139,11 @@ def predict_files(model, files, output, *, channel_order=None, normalize=None, o
     """Segments each file; returns ``(written stems, {file: error message})``.
 
     ``channel_order`` / ``normalize``: ``None`` takes the model's own (see ``resolve_preprocessing``).
+    The next file is read and the last one's files written in threads while
+    the model runs (decoding, PNG encoding and file I/O release the GIL).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from training.visualize import overlay as overlay_picture
 
     channel_order, normalize = resolve_preprocessing(model, channel_order, normalize)
@@ -147,29 +151,41 @@ def predict_files(model, files, output, *, channel_order=None, normalize=None, o
     os.makedirs(output, exist_ok=True)
     channels = int(model.input_shape[-1])
     done, failed = [], {}
-    for number, path in enumerate(files, 1):
-        stem = os.path.splitext(os.path.basename(path))[0]
-        try:
-            image = prepare_image(path, channels, channel_order, normalize)
-            if progress:
-                print(f"[{number}/{len(files)}] {path} {image.shape[0]}x{image.shape[1]}", flush=True)
-            probs = sliding_window_probabilities(model, image, overlap=overlap, batch_size=batch_size, blend=blend,
-                                                 progress=progress)
-            mask = mask_from_probabilities(probs, threshold)
-            binary = probs.shape[-1] == 2
-            write_png(os.path.join(output, f"{stem}.png"), mask * 255 if binary else mask)
-            if probabilities:
-                with atomic_path(os.path.join(output, f"{stem}_probabilities.npy")) as temporary:
-                    with open(temporary, "wb") as handle:
-                        np.save(handle, probs)
-            if overlay:
-                shown = image[..., ::-1] if channels == 3 and channel_order == "bgr" else image
-                picture = overlay_picture(shown, np.zeros_like(mask), mask, alpha=0.45)
-                write_png(os.path.join(output, f"{stem}_overlay.png"), picture.astype(np.uint8))
-            done.append(stem)
-        except (DatasetError, ValueError) as error:
-            failed[path] = str(error)
-            print(f"medt-predict: error: {error}", file=sys.stderr, flush=True)
+
+    def write(stem, image, probs, mask):
+        binary = probs.shape[-1] == 2
+        write_png(os.path.join(output, f"{stem}.png"), mask * 255 if binary else mask)
+        if probabilities:
+            with atomic_path(os.path.join(output, f"{stem}_probabilities.npy")) as temporary:
+                with open(temporary, "wb") as handle:
+                    np.save(handle, probs)
+        if overlay:
+            shown = image[..., ::-1] if channels == 3 and channel_order == "bgr" else image
+            picture = overlay_picture(shown, np.zeros_like(mask), mask, alpha=0.45)
+            write_png(os.path.join(output, f"{stem}_overlay.png"), picture.astype(np.uint8))
+        return stem
+
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        def read(index):
+            if index < len(files):
+                return reader.submit(prepare_image, files[index], channels, channel_order, normalize)
+
+        upcoming, writes = read(0), []
+        for number, path in enumerate(files, 1):
+            stem = os.path.splitext(os.path.basename(path))[0]
+            reading, upcoming = upcoming, read(number)
+            try:
+                image = reading.result()
+                if progress:
+                    print(f"[{number}/{len(files)}] {path} {image.shape[0]}x{image.shape[1]}", flush=True)
+                probs = sliding_window_probabilities(model, image, overlap=overlap, batch_size=batch_size,
+                                                     blend=blend, progress=progress)
+                mask = mask_from_probabilities(probs, threshold)
+                writes.append(writer.submit(write, stem, image, probs, mask))
+            except (DatasetError, ValueError) as error:
+                failed[path] = str(error)
+                print(f"medt-predict: error: {error}", file=sys.stderr, flush=True)
+        done = [future.result() for future in writes]
     return done, failed
 
 

@@ -27,3 +27,29 @@ def test_steps_are_timed_without_the_memory_sampler_running():
     # Three timed steps alone, then two with the sampler's thread beside them.
     assert seen == [base] * 3 + [base + 1] * 2
     assert seconds >= 0 and memory.peak_gib > 0
+
+
+def test_sliding_window_mode_prints_the_ratio_and_writes_json(tmp_path, monkeypatch, capsys):
+    import json
+
+    from training import benchmark
+
+    workload = dict(workload="synthetic 256x256", images=1, image_shape=[256, 256], tiles=36, batches=5,
+                    megapixels=0.065536, bare_seconds=2.0, sliding_window_seconds=2.2, bare_tiles_per_second=18.0,
+                    sliding_window_tiles_per_second=16.4, megapixels_per_second=0.0298, ratio_to_bare=1.1,
+                    ratio_to_bare_cpu_time=1.05, bare_one_at_a_time_seconds=2.1, ratio_to_bare_one_at_a_time=1.05,
+                    window_peak_rss_gib=0.5)
+    specs = []
+
+    def child(spec):
+        specs.append(spec)
+        return dict(implementation="medt-keras", model="gated", tile=64, batch=8, overlap=0.25, compile_seconds=1.0,
+                    workloads=[workload], peak_rss_gib=0.9, device="cpu")
+
+    monkeypatch.setattr(benchmark, "_run_child", child)
+    assert benchmark.main(["--sliding-window", "--synthetic", "256", "--json", str(tmp_path / "s.json")]) == 0
+    assert specs == [dict(kind="sliding", model_name="gated", tile=64, batch=8, overlap=0.25, synthetic=256,
+                          repeats=5)]
+    assert "synthetic 256x256" in capsys.readouterr().out
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["results"][0]["workloads"][0]["ratio_to_bare"] == 1.1

@@ -63,7 +63,39 @@ def test_predict_on_a_model_size_image_equals_the_model(saved_model, tmp_path):
     assert predict.main([path, os.fspath(tmp_path / "x.png"), "-o", os.fspath(tmp_path / "o"), "--quiet",
                          "--probabilities"]) == 0
     direct = softmax(model.predict_on_batch(image[None, :, :, ::-1].astype(np.float32) / 255))[0]
-    np.testing.assert_array_equal(np.load(tmp_path / "o" / "x_probabilities.npy"), direct)
+    # The prediction program's float32 softmax at batch 8 against Keras' batch of 1 in float64.
+    np.testing.assert_allclose(np.load(tmp_path / "o" / "x_probabilities.npy"), direct, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_compiles_one_program_for_images_of_every_size(saved_model, tmp_path):
+    import jax
+
+    compile_event = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
+    _, path = saved_model
+    model = predict.load_model(path)  # a fresh model: nothing compiled for it yet
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(5)
+    # Smaller than a tile, a tile, and 12 tiles (batches of 5, 5 and 2): one tile-batch shape for all.
+    for name, shape in {"small": (20, 25), "tile": (32, 32), "large": (75, 101)}.items():
+        Image.fromarray(rng.integers(0, 256, shape + (3,)).astype(np.uint8)).save(inputs / f"{name}.png")
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == compile_event:
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        done, failed = predict.predict_files(model, predict.collect_inputs([inputs]), tmp_path / "out",
+                                             batch_size=5, probabilities=True, progress=False)
+        again, _ = predict.predict_files(model, [inputs / "large.png"], tmp_path / "again", batch_size=5,
+                                         progress=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not failed and sorted(done) == ["large", "small", "tile"] and again == ["large"]
+    assert np.load(tmp_path / "out" / "large_probabilities.npy").shape == (75, 101, 2)
+    assert len(compiles) == 1, f"{len(compiles)} programs compiled; expected one per model input size"
 
 
 def test_predict_errors_for_empty_folder_and_bad_checkpoint(saved_model, tmp_path, capsys):
