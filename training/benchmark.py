@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from training import devices
+
 MODELS = {"medt": "MedT", "logo": "LoGo", "gated": "GatedAxialUNet", "axialunet": "AxialUNet"}
 
 
@@ -271,14 +273,24 @@ def main(argv=None):
     parser.add_argument("--official", metavar="PATH", help="checkout of the official MedT repository")
     parser.add_argument("--json", metavar="FILE", help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    devices.add_argument(parser)
     args = parser.parse_args(argv)
 
     if args.child:
         spec = json.loads(args.child)
         kind = spec.pop("kind")
-        result = {"keras": measure_keras, "official": measure_official, "peak": measure_peak_gflops}[kind](**spec)
-        print(json.dumps(result))
+        measure = {"keras": measure_keras, "official": measure_official, "peak": measure_peak_gflops,
+                   "platform": devices.platform}[kind]
+        print(json.dumps(measure(**spec)))
         return 0
+
+    # Asked of a child, as everything that starts JAX here: on a GPU the
+    # first JAX process takes most of its memory.
+    try:
+        devices.check("medt-bench", args.require_accelerator, info=_run_child({"kind": "platform"}))
+    except devices.AcceleratorError as error:
+        print(f"medt-bench: error: {error}", file=sys.stderr)
+        return 2
 
     peak = _run_child({"kind": "peak"})
     environment = {name: os.environ.get(name, "") for name in ("LD_PRELOAD", "XLA_FLAGS")}
