@@ -396,8 +396,8 @@ class AxialAttention(keras.layers.Layer):
         heads = self.num_heads
         count = (batch // groups) * lines * length * length
 
-        def per_group(x):  # (n, b, G) -> (groups, G)
-            return ops.sum(ops.reshape(x, (groups, -1, heads)), axis=1)
+        def per_group(x):  # (n, b, G) -> (groups, G); item i is in group i % groups
+            return ops.sum(ops.reshape(x, (-1, groups, lines, heads)), axis=(0, 2))
 
         def outer(x):  # (..., c) -> (..., c, c)
             return x[..., :, None] * x[..., None, :]
@@ -426,8 +426,8 @@ class AxialAttention(keras.layers.Layer):
 
         gamma = ops.reshape(ops.cast(norm.gamma, stat_dtype), (len(sums), heads))
         scale = gamma * ops.rsqrt(variance + norm.epsilon)  # (groups, terms, G)
-        # Per example: groups are consecutive equal slices of the batch.
-        scale = ops.repeat(scale, batch // groups, axis=0)
+        # Per example: item i of the batch is in group i % groups.
+        scale = ops.tile(scale, (batch // groups, 1, 1))
 
         def term_scale(t):
             s = scale[:, t] if gates[t] is None else scale[:, t] * gates[t]
