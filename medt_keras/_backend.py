@@ -4,6 +4,7 @@ Imported before anything imports Keras, so that ``import medt_keras`` on a
 fresh machine selects JAX without the user setting ``KERAS_BACKEND``.
 """
 
+import contextlib
 import os
 import sys
 import warnings
@@ -29,6 +30,25 @@ def enable_float64():
 
         if not jax.config.jax_enable_x64:
             jax.config.update("jax_enable_x64", True)
+
+
+@contextlib.contextmanager
+def highest_matmul_precision():
+    """Matrix products and convolutions at full float32 (or float64) precision inside the block.
+
+    ``jax.default_matmul_precision("highest")`` under JAX, nothing on other
+    backends; usable as a decorator. JAX's default lets GPUs multiply
+    float32 in TF32 (10-bit mantissa) and TPUs in bfloat16 passes; parity
+    measurements need the products the reference computed. On the CPU it
+    changes nothing. Functions jitted inside the block compile with it.
+    """
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    import jax
+
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 # XLA's CPU compiler by default schedules for parallelism and moves the

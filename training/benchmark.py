@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from training import devices
+
 
 def _model_name(text):
     """A registered model name or alias, as its canonical name (argparse ``type``)."""
@@ -263,7 +265,9 @@ def measure_sliding_window(model_name, tile, batch, overlap, synthetic, repeats,
 
     from medt_keras.inference import TilePredictor, sliding_window_probabilities, tile_starts
 
-    model = getattr(medt_keras, MODELS[model_name])(img_size=tile, in_channels=1, num_classes=2)
+    from medt_keras.models.registry import get_spec
+
+    model = get_spec(model_name).model_class(img_size=tile, in_channels=1, num_classes=2)
     stride = max(1, int(round(tile * (1.0 - overlap))))
 
     def count_tiles(image):
@@ -457,22 +461,32 @@ def main(argv=None):
     parser.add_argument("--sliding-window", action="store_true",
                         help="time sliding-window prediction (HeLa test frames, a synthetic image) against bare "
                              "inference of as many tiles")
-    parser.add_argument("--sliding-model", default="gated", choices=sorted(MODELS), help="--sliding-window's model")
+    parser.add_argument("--sliding-model", default="gated", type=_model_name, help="--sliding-window's model")
     parser.add_argument("--tile", type=int, default=64, help="--sliding-window's model input size")
     parser.add_argument("--overlap", type=float, default=0.25, help="--sliding-window's tile overlap")
     parser.add_argument("--synthetic", type=int, default=4096, help="--sliding-window's synthetic image side")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    devices.add_argument(parser)
     args = parser.parse_args(argv)
 
     if args.child:
         spec = json.loads(args.child)
         kind = spec.pop("kind")
         measure = {"keras": measure_keras, "official": measure_official, "peak": measure_peak_gflops,
-                   "sliding": measure_sliding_window}[kind]
+                   "sliding": measure_sliding_window,
+                   "platform": devices.platform}[kind]
         print(json.dumps(measure(**spec)))
         return 0
     if args.sliding_window:
         return sliding_window_main(args, argv)
+
+    # Asked of a child, as everything that starts JAX here: on a GPU the
+    # first JAX process takes most of its memory.
+    try:
+        devices.check("medt-bench", args.require_accelerator, info=_run_child({"kind": "platform"}))
+    except devices.AcceleratorError as error:
+        print(f"medt-bench: error: {error}", file=sys.stderr)
+        return 2
 
     peak = _run_child({"kind": "peak"})
     environment = {name: os.environ.get(name, "") for name in ("LD_PRELOAD", "XLA_FLAGS")}

@@ -33,6 +33,7 @@ import numpy as np
 from medt_keras.datasets.images import DatasetError, encode_png, percentile_normalize, read_image_native
 from medt_keras.files import atomic_path
 from medt_keras.inference import BLENDS, sliding_window_probabilities
+from training import devices
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -206,12 +207,14 @@ def main(argv=None):
     parser.add_argument("--probabilities", action="store_true", help="also write <stem>_probabilities.npy")
     parser.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
     parser.add_argument("--quiet", action="store_true")
+    devices.add_argument(parser)
     args = parser.parse_args(argv)
     started = time.time()
     try:
+        devices.check("medt-predict", args.require_accelerator)
         model = load_model(args.checkpoint)
         files = collect_inputs(args.inputs)
-    except (DatasetError, ValueError) as error:
+    except (DatasetError, devices.AcceleratorError, ValueError) as error:
         print(f"medt-predict: error: {error}", file=sys.stderr)
         return 2
     done, failed = predict_files(

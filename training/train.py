@@ -37,7 +37,7 @@ import keras
 
 from medt_keras.datasets import DatasetError, load
 from medt_keras.models.registry import get_spec
-from training import checkpoint, distribution
+from training import checkpoint, devices, distribution
 from training.config import TrainConfig, apply_overrides, config_names, load_config, parser_with_overrides
 from training.data import SegmentationBatches
 from medt_keras.metrics import ForegroundF1, ForegroundIoU, json_safe, official_protocol_scores, pooled_scores
@@ -205,12 +205,13 @@ def _resolve_resume(config, directory, resume):
     return dataclasses.replace(saved_config, **changes), saved
 
 
-def train(config, resume=False, verbose="auto", multi_process=None):
+def train(config, resume=False, verbose="auto", multi_process=None, require_accelerator=False):
     """Trains, evaluates on the test split and writes the run's files; returns the test report (a dict).
 
     ``multi_process``: ``configure`` arguments of ``training.distribution``
     for a multi-host run (``coordinator_address``, ``num_processes``,
-    ``process_id``, ``cloud_tpu``).
+    ``process_id``, ``cloud_tpu``). ``require_accelerator``: raise
+    ``training.devices.AcceleratorError`` if JAX finds only CPUs.
     """
     directory = config.output_dir or os.path.join("runs", "run")
     config = dataclasses.replace(config, output_dir=directory)
@@ -223,6 +224,8 @@ def train(config, resume=False, verbose="auto", multi_process=None):
     process_index, process_count, device_count = distribution.configure(
         config.distribution, config.batch_size, **(multi_process or {})
     )
+    # After configure: a multi-process run must initialise before JAX starts.
+    devices.check("medt-train", require_accelerator)
     chief = process_index == 0
     os.makedirs(directory, exist_ok=True)
     # Saving gathers replicated variables, a collective every process must
@@ -433,6 +436,7 @@ def main(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue the run in the output directory")
     parser.add_argument("--verbose", default="auto", help="Keras verbosity: auto, 0, 1 (progress bar) or 2")
     parser.add_argument("--list-configs", action="store_true")
+    devices.add_argument(parser)
     hosts = parser.add_argument_group("multi-process (multi-host) runs, with --distribution data_parallel")
     hosts.add_argument("--coordinator-address", help="host:port of process 0 (or JAX_COORDINATOR_ADDRESS)")
     hosts.add_argument("--num-processes", type=int, help="(or JAX_NUM_PROCESSES)")
@@ -450,8 +454,9 @@ def main(argv=None):
         verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
         multi_process = dict(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
                              process_id=args.process_id, cloud_tpu=args.cloud_tpu)
-        train(config, resume=args.resume, verbose=verbose, multi_process=multi_process)
-    except (DatasetError, TrainingDiverged, ValueError) as error:
+        train(config, resume=args.resume, verbose=verbose, multi_process=multi_process,
+              require_accelerator=args.require_accelerator)
+    except (DatasetError, TrainingDiverged, devices.AcceleratorError, ValueError) as error:
         print(f"medt-train: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from medt_keras._backend import enable_float64
+from medt_keras._backend import enable_float64, highest_matmul_precision
 from weights_converter.convert import load_official_checkpoint
 from weights_converter.mapping import official_entries
 
@@ -112,6 +112,7 @@ def cross_entropy(logits, target):
     return -jnp.mean(picked)
 
 
+@highest_matmul_precision()  # no TF32 on GPU, no bfloat16 passes on TPU
 def measure_case(pth_path, npz_path=None):
     """Converts ``pth_path`` and compares it with its ``.npz`` in every way."""
     import jax

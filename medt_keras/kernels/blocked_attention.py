@@ -1,10 +1,11 @@
 """Axial attention for JAX on CPU, computed a block of lines at a time.
 
 This is the one place where medt-keras leaves ``keras.ops`` for JAX itself:
-``AxialAttention`` calls ``blocked_attention`` when Keras runs on JAX, JAX
-on the CPU and the attention maps fill at least one block (see
-``enabled``); everywhere else it uses its ``keras.ops`` form, against which
-the tests check this kernel.
+``AxialAttention(attention="blocked")`` calls ``blocked_attention`` on any
+JAX platform, and its default ``attention="auto"`` does where JAX runs on
+the CPU and the attention maps fill at least one block (see ``enabled``);
+everywhere else it uses its ``keras.ops`` form, against which the tests
+check this kernel.
 
 Why: written as whole-tensor operations, the attention of a 64-pixel axis
 makes ``(batch, lines, heads, L, L)`` maps of 33 MiB (MedT at 128x128,
@@ -55,38 +56,24 @@ _BROADCAST_CHANNELS = 4
 # channels: about 57 -> 48 ms; 2 and 4: about 110 -> 70 ms).
 _MAP_BROADCAST_CHANNELS = 1
 
-_enabled = True
-
 
 def enabled(shape=None):
-    """Whether ``AxialAttention`` uses this kernel for queries of ``shape``.
+    """Whether ``AxialAttention(attention="auto")`` uses this kernel for queries of ``shape``.
 
-    Yes where JAX runs on the CPU, ``set_enabled`` has not turned it off
-    and, given ``shape`` ``(batch, lines, heads, L, c)``, the layer's maps
-    fill at least one block. Smaller maps gain little and pay for compiling
+    Yes where JAX runs on the CPU and, given ``shape`` ``(batch, lines,
+    heads, L, c)``, the layer's maps fill at least one block. Smaller maps gain little and pay for compiling
     the loops (two training tests of small models: 71 s with it, 62 s
     without); from one block on the kernel won even without blocking, as
     its broadcast products replace batched matrix products of tiny
     matrices (MedT's 8-pixel local layers, 64 x 8 lines, 2 query channels,
     forward and backward: 8.7 -> 6.0 ms; 4 channels 9.8 -> 9.1 ms).
     """
-    if not _enabled or jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu":
         return False
     if shape is None:
         return True
     batch, lines, heads, length = shape[:4]
     return batch * lines * heads * length * length >= BLOCK_ELEMENTS
-
-
-def set_enabled(value):
-    """Turns the kernel on or off for layers traced from now on; returns the previous setting.
-
-    Off, ``AxialAttention`` computes with ``keras.ops`` (what it does on
-    GPU and TPU); the tests use this to compare the two.
-    """
-    global _enabled
-    previous, _enabled = _enabled, bool(value)
-    return previous
 
 
 def blocked_attention(q, k, v, positional=None):

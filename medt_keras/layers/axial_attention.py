@@ -12,6 +12,10 @@ from medt_keras.layers.batch_norm import BatchNorm
 
 _AXES = ("height", "width")
 
+# The implementations of the softmax attention ``AxialAttention`` chooses
+# from (its ``attention`` argument).
+ATTENTION_IMPLEMENTATIONS = ("auto", "keras_ops", "blocked")
+
 
 @keras.saving.register_keras_serializable(package="medt_keras")
 class AxialAttention(keras.layers.Layer):
@@ -68,6 +72,25 @@ class AxialAttention(keras.layers.Layer):
             rematerialises the computation and applies the updates outside.)
             On CPU it needs an XLA flag that must be set before JAX starts;
             see ``medt_keras._backend.prepare_rematerialization``.
+        attention: how the softmax attention is computed, the same
+            function either way (equal in float64):
+
+            * ``"auto"`` (default): ``"blocked"`` where Keras runs on JAX,
+              JAX on the CPU and the layer's attention maps fill at least
+              one block (``medt_keras.kernels.blocked_attention.enabled``),
+              ``"keras_ops"`` everywhere else (GPU, TPU, other backends);
+            * ``"keras_ops"``: whole-tensor ``keras.ops``, on any backend
+              and platform; XLA fuses it on GPU and TPU;
+            * ``"blocked"``: the pure-JAX kernel
+              ``medt_keras.kernels.blocked_attention`` (a block of lines at
+              a time, maps recomputed in the backward pass), on any JAX
+              platform; an error on other Keras backends.
+
+    Numerics: when the compute dtype is float16 or bfloat16 (a
+    ``mixed_*`` policy), both implementations compute the logits, the
+    softmax, its normaliser and the weighted sums in float32 from the
+    low-precision queries, keys and values, and every BatchNorm takes its
+    statistics in float32; the layer's output is in the compute dtype.
 
     Input shape: ``(batch, height, width, channels)``.
     Output shape: ``(batch, height // strides, width // strides, filters)``.
@@ -85,9 +108,17 @@ class AxialAttention(keras.layers.Layer):
         gates_trainable=False,
         batch_groups=1,
         rematerialize=False,
+        attention="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}.")
+        if attention == "blocked" and keras.backend.backend() != "jax":
+            raise ValueError(
+                f'attention="blocked" is a JAX kernel; the Keras backend is {keras.backend.backend()!r}. '
+                'Use attention="keras_ops" (or "auto").'
+            )
         if axis not in _AXES:
             raise ValueError(f"axis must be one of {_AXES}, got {axis!r}.")
         if filters % num_heads:
@@ -112,6 +143,7 @@ class AxialAttention(keras.layers.Layer):
         self.rematerialize = bool(rematerialize)
         if self.rematerialize:
             prepare_rematerialization()
+        self.attention = attention
         self.head_channels = head_channels
 
         norm_kwargs = dict(batch_groups=self.batch_groups, dtype=self.dtype_policy)
@@ -222,13 +254,16 @@ class AxialAttention(keras.layers.Layer):
         half = d // 2
         statistics = []
 
+        work = self._work_dtype
         qkv = ops.matmul(x, ops.cast(self.qkv_kernel, self.compute_dtype))
         if training:
             qkv, mean, variance = self.qkv_norm.normalize_batch(qkv)
-            qkv = ops.cast(qkv, self.compute_dtype)
             statistics.append((mean, variance))
         else:
             qkv = self.qkv_norm(qkv, training=False)
+        # From here to the output BatchNorm in the working dtype: float32
+        # under a float16/bfloat16 policy (see the class docstring).
+        qkv = ops.cast(qkv, work)
         qkv = ops.reshape(qkv, (batch, lines, length, heads, 2 * d))
         # Heads before positions, (n, b, G, L, c): the batch axes of every
         # product below lead, in the order of the (n, b, G, L, L) maps.
@@ -236,7 +271,7 @@ class AxialAttention(keras.layers.Layer):
 
         tables = None
         if self.positional_encoding:
-            table = ops.cast(self._relative_table(length), self.compute_dtype)
+            table = ops.cast(self._relative_table(length), work)
             tables = table[..., :half], table[..., half:d], table[..., d:]
         # The similarity BatchNorm and the gates scale each term; the scales
         # go into the query (q.k, q.r^q) or key (k.r^k) before the products.
@@ -268,7 +303,7 @@ class AxialAttention(keras.layers.Layer):
             out = ops.cast(out, self.compute_dtype)
             statistics.append((mean, variance))
         else:
-            out = self._normalized_output_inference(terms)
+            out = ops.cast(self._normalized_output_inference(terms), self.compute_dtype)
 
         if self.axis == "height":
             out = ops.transpose(out, (0, 2, 1, 3))
@@ -278,8 +313,18 @@ class AxialAttention(keras.layers.Layer):
             )
         return out, statistics
 
+    @property
+    def _work_dtype(self):
+        # The dtype of the attention itself: at least float32. A softmax
+        # over up to hundreds of logits in bfloat16 (8 significant bits)
+        # rounds its normaliser and weights by up to 2^-8 each; see
+        # tests/models/test_mixed_precision.py for what that does to MedT.
+        if self.compute_dtype in ("float16", "bfloat16"):
+            return "float32"
+        return self.compute_dtype
+
     def _gate(self, gate, dtype=None):
-        return ops.cast(gate, dtype or self.compute_dtype)
+        return ops.cast(gate, dtype or self._work_dtype)
 
     def _attend(self, q, k, v, positional, training):
         """Softmax attention along L: ``(y,)``, or ``(y, y_position)`` with positional encodings.
@@ -293,15 +338,16 @@ class AxialAttention(keras.layers.Layer):
             y_i = sum_j softmax_j(s_ij) v_j
             y_position_i = sum_j softmax_j(s_ij) v_table_ij
 
-        Each output ``(n, b, G, L, d)``. With JAX on the CPU and maps of at
-        least one block this is ``medt_keras.kernels.blocked_attention`` (a
-        block of lines at a time, so the maps stay in cache and are never
-        stored for the backward pass); otherwise ``_softmax_attention`` in
-        ``keras.ops``, which the kernel's tests check it against.
+        Each output ``(n, b, G, L, d)``. ``medt_keras.kernels.blocked_attention``
+        (a block of lines at a time, so the maps stay in cache and are never
+        stored for the backward pass) or ``_softmax_attention`` in
+        ``keras.ops``, which the kernel's tests check it against, as the
+        ``attention`` argument chooses.
         """
-        kernel = _blocked_attention_kernel(q.shape)
-        if kernel is not None:
-            return kernel(q, k, v, positional)
+        if _uses_blocked_kernel(self.attention, q.shape):
+            from medt_keras.kernels import blocked_attention
+
+            return blocked_attention.blocked_attention(q, k, v, positional)
         # Inference writes the logits as broadcast sums (see
         # _BROADCAST_CHANNELS); training keeps the einsums, whose backward
         # pass is the faster one.
@@ -316,9 +362,9 @@ class AxialAttention(keras.layers.Layer):
     def _similarity_scales_inference(self):
         """The similarity BatchNorm's scales times the gates, one ``(1, 1, G, 1, 1)`` per term."""
         scale, _ = self.similarity_norm.inference_affine()
-        scale = ops.reshape(ops.cast(scale, self.compute_dtype), (-1, self.num_heads))
+        scale = ops.reshape(ops.cast(scale, self._work_dtype), (-1, self.num_heads))
         scales = []
-        for t, gate in enumerate(self._term_gates(self.compute_dtype)[: ops.shape(scale)[0]]):
+        for t, gate in enumerate(self._term_gates(self._work_dtype)[: ops.shape(scale)[0]]):
             s = scale[t] if gate is None else scale[t] * gate
             scales.append(ops.reshape(s, (1, 1, self.num_heads, 1, 1)))
         return scales
@@ -350,8 +396,8 @@ class AxialAttention(keras.layers.Layer):
         heads = self.num_heads
         count = (batch // groups) * lines * length * length
 
-        def per_group(x):  # (n, b, G) -> (groups, G)
-            return ops.sum(ops.reshape(x, (groups, -1, heads)), axis=1)
+        def per_group(x):  # (n, b, G) -> (groups, G); item i is in group i % groups
+            return ops.sum(ops.reshape(x, (-1, groups, lines, heads)), axis=(0, 2))
 
         def outer(x):  # (..., c) -> (..., c, c)
             return x[..., :, None] * x[..., None, :]
@@ -380,12 +426,12 @@ class AxialAttention(keras.layers.Layer):
 
         gamma = ops.reshape(ops.cast(norm.gamma, stat_dtype), (len(sums), heads))
         scale = gamma * ops.rsqrt(variance + norm.epsilon)  # (groups, terms, G)
-        # Per example: groups are consecutive equal slices of the batch.
-        scale = ops.repeat(scale, batch // groups, axis=0)
+        # Per example: item i of the batch is in group i % groups.
+        scale = ops.tile(scale, (batch // groups, 1, 1))
 
         def term_scale(t):
             s = scale[:, t] if gates[t] is None else scale[:, t] * gates[t]
-            return ops.reshape(ops.cast(s, self.compute_dtype), (batch, 1, heads, 1, 1))
+            return ops.reshape(ops.cast(s, self._work_dtype), (batch, 1, heads, 1, 1))
 
         param_shape = tuple(norm.moving_mean.shape)
         mean = ops.reshape(mean, (groups,) + param_shape)
@@ -400,7 +446,7 @@ class AxialAttention(keras.layers.Layer):
         inference, so the stacked tensor is never built.
         """
         scale, shift = self.output_norm.inference_affine()
-        dtype = self.compute_dtype
+        dtype = self._work_dtype
         if len(terms) > 1:
             scales = ops.unstack(ops.cast(scale, dtype), axis=-1)
             shift = ops.sum(shift, axis=-1)
@@ -435,6 +481,7 @@ class AxialAttention(keras.layers.Layer):
                 "gates_trainable": self.gates_trainable,
                 "batch_groups": self.batch_groups,
                 "rematerialize": self.rematerialize,
+                "attention": self.attention,
             }
         )
         return config
@@ -455,14 +502,15 @@ class AxialAttention(keras.layers.Layer):
 _BROADCAST_CHANNELS = 4
 
 
-def _blocked_attention_kernel(shape):
-    # The JAX kernel where Keras runs on JAX and the kernel applies (JAX on
-    # the CPU, maps of at least one block), else None.
-    if keras.backend.backend() != "jax":
-        return None
+def _uses_blocked_kernel(attention, shape):
+    """Whether ``attention`` (see ``AxialAttention``) means the JAX kernel for queries of ``shape``."""
+    if attention == "keras_ops" or keras.backend.backend() != "jax":
+        return False
+    if attention == "blocked":
+        return True
     from medt_keras.kernels import blocked_attention
 
-    return blocked_attention.blocked_attention if blocked_attention.enabled(shape) else None
+    return blocked_attention.enabled(shape)
 
 
 def _softmax_attention(q, k, v, positional, broadcast):

@@ -32,6 +32,8 @@ class AxialBlock(keras.layers.Layer):
         rematerialize: passed to both attention layers (see
             ``AxialAttention``): recompute their attention maps in the
             backward pass instead of storing them.
+        attention: passed to both attention layers: "auto", "keras_ops" or
+            "blocked" (see ``AxialAttention``).
 
     Input shape: ``(batch, height, width, channels)``.
     Output shape: ``(batch, height // strides, width // strides, 2 * filters)``.
@@ -50,6 +52,7 @@ class AxialBlock(keras.layers.Layer):
         gates_trainable=False,
         batch_groups=1,
         rematerialize=False,
+        attention="auto",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -62,6 +65,7 @@ class AxialBlock(keras.layers.Layer):
         self.gates_trainable = bool(gates_trainable)
         self.batch_groups = int(batch_groups)
         self.rematerialize = bool(rematerialize)
+        self.attention = attention
         out_channels = self.expansion * self.filters
         common = dict(dtype=self.dtype_policy)
         norm = dict(batch_groups=self.batch_groups, **common)
@@ -73,6 +77,7 @@ class AxialBlock(keras.layers.Layer):
             gates_trainable=self.gates_trainable,
             batch_groups=self.batch_groups,
             rematerialize=self.rematerialize,
+            attention=self.attention,
             **common,
         )
         conv = dict(use_bias=False, kernel_initializer=FanInUniform(), **common)
@@ -149,6 +154,7 @@ class AxialBlock(keras.layers.Layer):
                 "gates_trainable": self.gates_trainable,
                 "batch_groups": self.batch_groups,
                 "rematerialize": self.rematerialize,
+                "attention": self.attention,
             }
         )
         return config

@@ -21,12 +21,16 @@ class BatchNorm(keras.layers.Layer):
     * ``axis`` may name several axes, e.g. ``(2, 3)`` for a tensor whose
       channels are laid out as (term, head); the parameters then have the
       shape of those axes.
-    * ``batch_groups``: in training the batch is split into this many equal,
-      consecutive groups along axis 0, each normalised with its own
-      statistics, and the moving statistics are updated once per group, in
-      group order. This is what running the layer once per group does, and
-      is how MedT's local branch (one call per image patch) is reproduced
-      with all patches folded into the batch.
+    * ``batch_groups``: in training the batch is split into this many
+      interleaved groups along axis 0, item ``i`` in group ``i %
+      batch_groups``, each normalised with its own statistics, and the
+      moving statistics are updated once per group, in group order. This is
+      what running the layer once per group does, and is how MedT's local
+      branch (one call per image patch) is reproduced with all patches
+      folded into the batch, each image's patches contiguous
+      (``PatchFold``). Interleaved, not consecutive, groups keep a batch
+      sharded over devices sharded: each device holds whole images, and the
+      statistics are one cross-device sum.
     * ``num_batches_tracked`` counts updates as PyTorch does, so converted
       checkpoints round-trip exactly.
 
@@ -141,10 +145,11 @@ class BatchNorm(keras.layers.Layer):
         x = ops.cast(inputs, self._stat_dtype)
         groups = self.batch_groups
         full_shape = ops.shape(x)
-        grouped = ops.reshape(x, (groups, -1) + tuple(full_shape[1:]))
+        # (batch / groups, groups, ...): item i is grouped[i // groups, i % groups].
+        grouped = ops.reshape(x, (-1, groups) + tuple(full_shape[1:]))
         # Grouped axis a + 1 is input axis a; reduce over all but the groups
         # and the channels.
-        reduce_axes = tuple(a + 1 for a in range(self._rank) if a not in self._channel_axes)
+        reduce_axes = (0,) + tuple(a + 1 for a in range(1, self._rank) if a not in self._channel_axes)
         count = math.prod(grouped.shape[a] for a in reduce_axes)
         # sum / count, not ops.mean: Keras' JAX mean accumulates float64 in
         # float32, which alone breaks float64 parity.

@@ -8,12 +8,14 @@ from keras import ops
 class PatchFold(keras.layers.Layer):
     """Cuts each image into a ``grid x grid`` array of patches, folded into the batch.
 
-    Patches are ordered patch-major and row-major: output item
-    ``(i * grid + j) * batch + n`` is patch (row i, column j) of image n. So
-    the output is ``grid**2`` consecutive groups of ``batch`` items, one
-    group per patch position, which is what ``BatchNorm(batch_groups=grid**2)``
-    needs to normalise each patch position with its own statistics, as the
-    official MedT local branch does by running once per patch.
+    Patches are ordered batch-major, then row-major: output item
+    ``n * grid**2 + i * grid + j`` is patch (row i, column j) of image n.
+    Each image's patches are contiguous, so a batch sharded over devices
+    stays sharded with no data moving between them; the items of one patch
+    position are every ``grid**2``-th, the interleaved groups of
+    ``BatchNorm(batch_groups=grid**2)``, which normalises each patch
+    position with its own statistics, as the official MedT local branch
+    does by running once per patch.
 
     Input shape: ``(batch, height, width, channels)``, height and width
     divisible by ``grid``.
@@ -37,7 +39,7 @@ class PatchFold(keras.layers.Layer):
         _, height, width, channels = ops.shape(inputs)
         ph, pw = height // g, width // g
         x = ops.reshape(inputs, (-1, g, ph, g, pw, channels))
-        x = ops.transpose(x, (1, 3, 0, 2, 4, 5))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
         return ops.reshape(x, (-1, ph, pw, channels))
 
     def compute_output_shape(self, input_shape):

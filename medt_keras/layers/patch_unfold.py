@@ -9,7 +9,8 @@ class PatchUnfold(keras.layers.Layer):
     """Reassembles ``grid x grid`` patches folded by ``PatchFold`` into images.
 
     Input shape: ``(grid**2 * batch, patch_height, patch_width, channels)``,
-    patch-major as ``PatchFold`` writes it.
+    batch-major as ``PatchFold`` writes it (item ``n * grid**2 + i * grid + j``
+    is patch (i, j) of image n).
     Output shape: ``(batch, grid * patch_height, grid * patch_width, channels)``.
     """
 
@@ -20,8 +21,8 @@ class PatchUnfold(keras.layers.Layer):
     def call(self, inputs):
         g = self.grid
         _, ph, pw, channels = ops.shape(inputs)
-        x = ops.reshape(inputs, (g, g, -1, ph, pw, channels))
-        x = ops.transpose(x, (2, 0, 3, 1, 4, 5))
+        x = ops.reshape(inputs, (-1, g, g, ph, pw, channels))
+        x = ops.transpose(x, (0, 1, 3, 2, 4, 5))
         return ops.reshape(x, (-1, g * ph, g * pw, channels))
 
     def compute_output_shape(self, input_shape):

@@ -199,6 +199,9 @@ class AxialUNet(OfficialModel):
             attention maps in the backward pass instead of storing them
             (less memory, about one more forward pass of the attention;
             the same computation up to rounding). See ``AxialAttention``.
+        attention: the attention implementation of every attention layer:
+            "auto" (the blocked JAX kernel on CPU where it pays, keras.ops
+            elsewhere), "keras_ops" or "blocked" (see ``AxialAttention``).
         dtype: dtype or policy of every layer ("float64" needs JAX x64).
 
     Input: ``(batch, height, width, in_channels)`` float.
@@ -217,6 +220,7 @@ class AxialUNet(OfficialModel):
         blocks=(1, 2, 4, 1),
         gates_trainable=False,
         rematerialize=False,
+        attention="auto",
         dtype=None,
         **kwargs,
     ):
@@ -232,6 +236,7 @@ class AxialUNet(OfficialModel):
             gated=self.gated,
             gates_trainable=gates_trainable,
             rematerialize=bool(rematerialize),
+            attention=attention,
         )
         x = axial_unet_features(inputs, builder, width_scale, blocks, block_config)
         outputs = builder.conv(builder.relu(x), num_classes, 1, "head")
@@ -244,6 +249,7 @@ class AxialUNet(OfficialModel):
             blocks=blocks,
             gates_trainable=bool(gates_trainable),
             rematerialize=bool(rematerialize),
+            attention=attention,
         )
         super().__init__(inputs, outputs, hyperparameters, dtype=dtype, **kwargs)
 

@@ -48,7 +48,7 @@ class LoGo(OfficialModel):
     moving statistics once per patch position, as the official loop does.
     The two branches are added, then a 3x3 convolution and the 1x1 head.
 
-    Args: as ``AxialUNet``, plus ``patch_grid`` (patches per side; height
+    Args: as ``AxialUNet`` (``attention`` applies to both branches), plus ``patch_grid`` (patches per side; height
     and width must be divisible by 32 * patch_grid).
     Input: ``(batch, height, width, in_channels)``.
     Output: logits ``(batch, height, width, num_classes)``.
@@ -68,6 +68,7 @@ class LoGo(OfficialModel):
         gates_trainable=False,
         patch_grid=4,
         rematerialize=False,
+        attention="auto",
         dtype=None,
         **kwargs,
     ):
@@ -85,6 +86,7 @@ class LoGo(OfficialModel):
             gated=self.gated,
             gates_trainable=gates_trainable,
             rematerialize=bool(rematerialize),
+            attention=attention,
         )
         x = global_builder.stem(inputs, int(STEM_WIDTH * s))
         x1 = global_builder.stage(x, 1, int(STAGE_WIDTHS[0] * s), blocks[0], 1, global_config)
@@ -98,6 +100,7 @@ class LoGo(OfficialModel):
             num_heads=groups,
             positional_encoding=self.local_positional,
             rematerialize=bool(rematerialize),
+            attention=attention,
         )
         patches = PatchFold(patch_grid, name="local_patch_fold", dtype=dtype)(inputs)
         # The official local stem is as wide as the global branch's output,
@@ -125,6 +128,7 @@ class LoGo(OfficialModel):
             gates_trainable=bool(gates_trainable),
             patch_grid=int(patch_grid),
             rematerialize=bool(rematerialize),
+            attention=attention,
         )
         super().__init__(inputs, outputs, hyperparameters, dtype=dtype, **kwargs)
 

@@ -119,16 +119,6 @@ def test_bfloat16_keeps_its_dtype_and_computes_the_softmax_in_float32():
     assert {t.dtype for t in jax.tree.leaves(grads)} == {jnp.dtype(jnp.bfloat16)}
 
 
-def test_set_enabled_switches_and_returns_the_previous_setting():
-    previous = kernel.set_enabled(False)
-    try:
-        assert previous is True
-        assert not kernel.enabled()
-    finally:
-        kernel.set_enabled(previous)
-    assert kernel.enabled() == (jax.default_backend() == "cpu")
-
-
 def test_used_only_for_maps_of_at_least_one_block(monkeypatch):
     monkeypatch.setattr(kernel, "BLOCK_ELEMENTS", 2 * 4 * 3 * 5 * 5)
     on_cpu = jax.default_backend() == "cpu"

@@ -16,7 +16,7 @@ def x64():
     medt_keras.enable_float64()
 
 
-def _keras_layer(params, x_nhwc, groups, axis, positional, gated, strides=1):
+def _keras_layer(params, x_nhwc, groups, axis, positional, gated, strides=1, attention="auto"):
     filters = params["qkv_weight"].shape[0] // 2
     layer = AxialAttention(
         filters,
@@ -25,6 +25,7 @@ def _keras_layer(params, x_nhwc, groups, axis, positional, gated, strides=1):
         strides=strides,
         positional_encoding=positional,
         gated=gated,
+        attention=attention,
         dtype="float64",
     )
     layer.build(x_nhwc.shape)
@@ -50,15 +51,12 @@ def _keras_layer(params, x_nhwc, groups, axis, positional, gated, strides=1):
     return layer
 
 
-@pytest.fixture(params=["kernel", "keras-ops"])
+@pytest.fixture(params=["blocked", "keras_ops"])
 def implementation(request, monkeypatch):
-    # With JAX on the CPU the layer attends through the blocked kernel once
-    # its maps exceed a block: blocks of one line here, so these small maps
-    # go through it too. "keras-ops" checks the form every other backend uses.
+    # The blocked kernel in blocks of one line, so that these small maps
+    # span several blocks; "keras_ops" is the form GPU and TPU use.
     monkeypatch.setattr(blocked_attention, "BLOCK_ELEMENTS", 1)
-    previous = blocked_attention.set_enabled(request.param == "kernel")
-    yield request.param
-    blocked_attention.set_enabled(previous)
+    return request.param
 
 
 FORMS = [
@@ -85,7 +83,7 @@ def test_matches_official_formulas(positional, gated, axis, training, filters, i
         x, params, 2, axis == "width", training, gates=GATES if gated else None, positional=positional
     )
     x_nhwc = x.transpose(0, 2, 3, 1)
-    layer = _keras_layer(params, x_nhwc, 2, axis, positional, gated)
+    layer = _keras_layer(params, x_nhwc, 2, axis, positional, gated, attention=implementation)
     y = np.asarray(layer(x_nhwc, training=training)).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(y, expected, rtol=0, atol=1e-11 * np.abs(expected).max())
 
@@ -98,7 +96,7 @@ def test_one_query_channel_per_head_and_stride(implementation):
     params = random_attention_params(rng, 16, 16, 8, 8)
     expected = axial_attention(x, params, 8, True, True, gates=GATES, stride=2)
     x_nhwc = x.transpose(0, 2, 3, 1)
-    layer = _keras_layer(params, x_nhwc, 8, "width", True, True, strides=2)
+    layer = _keras_layer(params, x_nhwc, 8, "width", True, True, strides=2, attention=implementation)
     y = np.asarray(layer(x_nhwc, training=True)).transpose(0, 3, 1, 2)
     assert y.shape == (1, 16, 4, 4)
     np.testing.assert_allclose(y, expected, rtol=0, atol=1e-11 * np.abs(expected).max())
@@ -140,11 +138,18 @@ def test_gates_frozen_by_default_and_trainable_on_request():
     assert sum("gate" in v.path for v in free.trainable_variables) == 4
 
 
-def test_serialization_round_trip():
-    layer = AxialAttention(8, num_heads=2, axis="width", strides=2, gated=True, name="attn")
+@pytest.mark.parametrize("attention", ["auto", "keras_ops", "blocked"])
+def test_serialization_round_trip(attention):
+    layer = AxialAttention(8, num_heads=2, axis="width", strides=2, gated=True, attention=attention, name="attn")
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
     assert isinstance(restored, AxialAttention)
+    assert restored.attention == attention
     assert restored.get_config() == layer.get_config()
+
+
+def test_unknown_attention_is_a_clear_error():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        AxialAttention(8, num_heads=2, attention="flash")
 
 
 def _gradients_and_updates(layer, x):
@@ -165,32 +170,36 @@ def _gradients_and_updates(layer, x):
 
 @pytest.mark.parametrize("positional,gated", FORMS)
 def test_kernel_and_keras_ops_give_the_same_outputs_gradients_and_statistics(positional, gated, monkeypatch):
-    # One layer, traced once with the blocked kernel (blocks of two lines)
-    # and once without it: training outputs, every gradient (tables and
+    # The same layer with attention="blocked" (blocks of two lines) and
+    # attention="keras_ops": training outputs, every gradient (tables and
     # gates included) and the BatchNorm updates agree in float64, and so do
     # the inference outputs.
     monkeypatch.setattr(blocked_attention, "BLOCK_ELEMENTS", 4 * 2 * 2 * 6 * 6)
     rng = np.random.default_rng(6)
     x = rng.normal(size=(4, 6, 6, 8))
-    layer = AxialAttention(
-        8,
-        num_heads=2,
-        axis="height",
-        positional_encoding=positional,
-        gated=gated,
-        gates_trainable=gated,
-        batch_groups=2,
-        dtype="float64",
-    )
-    layer.build(x.shape)
+    layers = [
+        AxialAttention(
+            8,
+            num_heads=2,
+            axis="height",
+            positional_encoding=positional,
+            gated=gated,
+            gates_trainable=gated,
+            batch_groups=2,
+            attention=attention,
+            dtype="float64",
+        )
+        for attention in ("blocked", "keras_ops")
+    ]
+    for layer in layers:
+        layer.build(x.shape)
+    for target, source in zip(layers[1].variables, layers[0].variables):
+        target.assign(source.value)
     results, inference = [], []
-    for enabled in (True, False):
-        previous = blocked_attention.set_enabled(enabled)
-        try:
-            results.append(_gradients_and_updates(layer, x))
-            inference.append(np.asarray(layer(x, training=False)))
-        finally:
-            blocked_attention.set_enabled(previous)
+    for layer in layers:
+        results.append(_gradients_and_updates(layer, x))
+        inference.append(np.asarray(layer(x, training=False)))
+    layer = layers[0]
     (y0, g0, xg0, u0), (y1, g1, xg1, u1) = results
     np.testing.assert_allclose(np.asarray(y0), np.asarray(y1), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(np.asarray(xg0), np.asarray(xg1), rtol=1e-10, atol=1e-12)

@@ -6,14 +6,18 @@ from medt_keras.layers import PatchFold, PatchUnfold
 
 def test_fold_order_is_the_official_loop_order():
     # The official loop visits patch (i, j) row-major, i first, and slices
-    # x[:, :, 32*i:32*(i+1), 32*j:32*(j+1)]; group i*4+j must be that patch.
+    # x[:, :, 32*i:32*(i+1), 32*j:32*(j+1)]; batch group i*4+j (every 16th
+    # item from i*4+j on, BatchNorm's interleaved groups) must be that patch,
+    # and each image's 16 patches are contiguous.
     x = np.random.default_rng(0).normal(size=(3, 16, 16, 2)).astype("float32")
     folded = np.asarray(PatchFold(4)(x))
     assert folded.shape == (48, 4, 4, 2)
     for i in range(4):
         for j in range(4):
-            group = folded[(i * 4 + j) * 3 : (i * 4 + j + 1) * 3]
+            group = folded[i * 4 + j :: 16]
             np.testing.assert_array_equal(group, x[:, 4 * i : 4 * (i + 1), 4 * j : 4 * (j + 1)])
+    for n in range(3):
+        np.testing.assert_array_equal(folded[16 * n : 16 * (n + 1)], np.asarray(PatchFold(4)(x[n : n + 1])))
 
 
 def test_unfold_inverts_fold():

@@ -139,6 +139,17 @@ def test_rematerialize_reaches_every_attention_layer_and_round_trips():
     assert not any(b.height_attention.rematerialize for b in _blocks(medt_keras.MedT(img_size=128, **TINY)))
 
 
+@pytest.mark.parametrize("cls", [medt_keras.MedT, medt_keras.LoGo, medt_keras.AxialUNet, medt_keras.GatedAxialUNet])
+def test_attention_implementation_reaches_every_attention_layer_and_round_trips(cls):
+    model = cls(img_size=64 if cls in (medt_keras.AxialUNet, medt_keras.GatedAxialUNet) else 128,
+                attention="keras_ops", **TINY)
+    attention = [layer for block in _blocks(model) for layer in (block.height_attention, block.width_attention)]
+    assert attention and all(layer.attention == "keras_ops" for layer in attention)
+    assert model.get_config()["attention"] == "keras_ops"
+    restored = cls.from_config(model.get_config())
+    assert all(b.width_attention.attention == "keras_ops" for b in _blocks(restored))
+
+
 def test_mixed_bfloat16_policy_trains_with_float32_statistics():
     # bf16 compute for accelerators; variables and BatchNorm statistics stay float32.
     rng = np.random.default_rng(0)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from medt_keras import datasets
 from training import checkpoint
@@ -38,6 +39,23 @@ def test_eight_device_data_parallel_fit_equals_one_device():
     worst = max(report["differences"].items(), key=lambda item: item[1])
     assert worst[1] < 1e-8, worst
     assert report["mismatch"] == "batch size 4 does not divide over 8 devices; use a multiple of 8 (e.g. --batch-size 8)."
+
+
+@pytest.mark.parametrize("attention", ["auto", "keras_ops"])
+def test_data_parallel_train_step_communicates_only_by_all_reduce(attention):
+    # MedT's train step (tiny widths, batch 8 of 128x128) compiled under
+    # DataParallel over 8 devices, with the CPU's blocked kernel ("auto")
+    # and with the GPU/TPU form: the batch stays sharded through the patch
+    # fold, the local branch's per-patch BatchNorm groups, the attention and
+    # the unfold; gradients and batch statistics are all-reduced. With the
+    # earlier patch-major fold XLA all-gathered the folded patches and ran
+    # the local branch replicated on every device (2 all-gathers).
+    result = subprocess.run([sys.executable, "-m", "tests.training.hlo_worker", attention], env=_env(8), cwd=ROOT,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 8
+    assert set(report["collectives"]) == {"all-reduce"}, report
 
 
 def _free_port():
