@@ -167,7 +167,7 @@ def test_errors_name_the_file_or_name(tmp_path):
     for source, message in cases.items():
         with pytest.raises(LoadError, match=message):
             load(source)
-    with pytest.raises(LoadError, match="'medt': MedT takes no no_such_argument; it takes blocks, dtype"):
+    with pytest.raises(LoadError, match="'medt': MedT takes no no_such_argument; it takes attention, blocks, dtype"):
         load("medt", no_such_argument=1, width_scale=0.03125, groups=2)
     assert issubclass(LoadError, ValueError)  # callers that caught ValueError keep working
 
