@@ -13,7 +13,7 @@ import inspect
 import os
 
 from medt_keras.errors import LoadError
-from medt_keras.models.registry import MODELS, get_spec
+from medt_keras.models.registry import MODELS, get_spec, spec_of
 from medt_keras.preprocessing import OFFICIAL_PREPROCESSING
 
 KERAS_SUFFIX = ".keras"
@@ -56,12 +56,21 @@ def _load_keras(path, compile, dtype, hyperparameters):
     import keras
 
     _no_overrides(path, hyperparameters, "a .keras file holds its architecture")
-    if dtype is not None:
-        raise LoadError(f"{path}: a .keras file holds its dtype; dtype= applies to the other kinds only.")
     try:
-        return keras.saving.load_model(path, compile=compile)
+        model = keras.saving.load_model(path, compile=compile and dtype is None)
     except (ValueError, OSError, KeyError, TypeError) as error:
         raise LoadError(f"{path}: not a readable Keras model file ({type(error).__name__}: {error}).") from error
+    if dtype is None:
+        return model
+    # Another policy (e.g. a float32-trained model run in mixed_bfloat16): the
+    # same architecture rebuilt under it, with the saved weights. The compile
+    # state belongs to the saved policy and is left behind.
+    spec = spec_of(model)
+    if spec is None:
+        raise LoadError(f"{path}: dtype= needs one of the MedT-family models; this file holds {type(model).__name__}.")
+    rebuilt = _build(spec, {**model.get_config(), "dtype": dtype}, path)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 def _load_weights(path, architecture, config, dtype, hyperparameters):
@@ -132,8 +141,10 @@ def load(
         config: for a ``.weights.h5`` file, a dict of hyperparameters
             (``model.get_config()``) with ``"architecture"``.
         compile: for a ``.keras`` file, restore the compile state.
-        dtype: dtype policy ("float32", "float64", "mixed_bfloat16"), for
-            every kind but ``.keras``; "float64" turns on JAX's x64 mode.
+        dtype: dtype policy ("float32", "float64", "mixed_bfloat16"); for a
+            ``.keras`` file, the saved model rebuilt under it with its
+            weights and without its compile state; "float64" turns on JAX's
+            x64 mode.
         resample_positions: for an official checkpoint, interpolate its
             relative-position tables to another ``img_size``.
         **hyperparameters: keyword arguments of the model class

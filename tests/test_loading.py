@@ -117,6 +117,28 @@ def test_keras_file(tiny_model, tmp_path):
         load(path, img_size=64)
 
 
+def test_keras_file_in_another_dtype_policy(tiny_model, tmp_path):
+    path = tmp_path / "tiny.keras"
+    tiny_model.save(path)
+    model = load(path, dtype="mixed_bfloat16")
+    assert type(model) is medt_keras.AxialUNet and not model.compiled
+    assert model.get_config()["dtype"] == "mixed_bfloat16"
+    assert {layer.compute_dtype for layer in model.layers if layer.weights} == {"bfloat16"}
+    for a, b in zip(model.weights, tiny_model.weights):  # variables stay float32, values as saved
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    x = np.random.default_rng(0).random((2, 32, 32, 1), dtype=np.float32)
+    ours, reference = model.predict_on_batch(x), tiny_model.predict_on_batch(x)
+    assert ours.dtype == np.float32 or str(ours.dtype) == "bfloat16"
+    ours = np.asarray(ours, np.float32)
+    assert np.isfinite(ours).all()
+    # bfloat16 keeps 8 bits of mantissa: the logits agree to a few percent of their range, not exactly.
+    scale = np.abs(reference).max()
+    assert 0 < np.abs(ours - reference).max() < 0.1 * scale
+    model.save(tmp_path / "bf16.keras")  # the policy survives a save and a load
+    assert load(tmp_path / "bf16.keras", compile=False).get_config()["dtype"] == "mixed_bfloat16"
+
+
 def test_weights_file_with_its_architecture(tiny_model, tmp_path):
     path = os.fspath(tmp_path / "tiny.weights.h5")
     tiny_model.save_weights(path)

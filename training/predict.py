@@ -38,13 +38,14 @@ from training import devices
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def load_model(path, dtype="float32"):
-    """A ``.keras`` model, or an official ``.pth`` converted on the fly."""
+def load_model(path, dtype=None):
+    """A ``.keras`` model, or an official ``.pth`` converted on the fly; ``dtype``: a policy to run it in
+    (default: as saved, float32 for official checkpoints)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: checkpoint not found.")
     if path.endswith(".keras"):
-        return medt_keras.load(path, compile=False)
+        return medt_keras.load(path, compile=False, dtype=dtype)
     if path.endswith((".pth", ".pt", ".bin", ".safetensors")):
         return medt_keras.load(path, dtype=dtype)
     raise DatasetError(f"{path}: expected a .keras model or an official .pth / .safetensors checkpoint.")
@@ -206,13 +207,15 @@ def main(argv=None):
                         help="two classes: foreground probability threshold instead of argmax")
     parser.add_argument("--probabilities", action="store_true", help="also write <stem>_probabilities.npy")
     parser.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
+    parser.add_argument("--dtype", default=None,
+                        help="dtype policy to run the model in, e.g. mixed_bfloat16 (default: as saved)")
     parser.add_argument("--quiet", action="store_true")
     devices.add_argument(parser)
     args = parser.parse_args(argv)
     started = time.time()
     try:
         devices.check("medt-predict", args.require_accelerator)
-        model = load_model(args.checkpoint)
+        model = load_model(args.checkpoint, dtype=args.dtype)
         files = collect_inputs(args.inputs)
     except (DatasetError, devices.AcceleratorError, ValueError) as error:
         print(f"medt-predict: error: {error}", file=sys.stderr)

@@ -152,6 +152,10 @@ class OfficialModel(keras.Model):
 
     def __init__(self, inputs, outputs, hyperparameters, dtype=None, preprocessing=None, **kwargs):
         super().__init__(inputs=inputs, outputs=outputs, dtype=dtype, **kwargs)
+        # A functional model keeps float32 as its own policy whatever its
+        # layers use, so the policy the layers were built with is kept here
+        # for the config (else a mixed_bfloat16 model reloads as float32).
+        self._layers_policy = None if dtype is None else keras.dtype_policies.get(dtype).name
         self.hyperparameters = dict(hyperparameters)
         for key, value in self.hyperparameters.items():
             setattr(self, key, value)
@@ -161,7 +165,7 @@ class OfficialModel(keras.Model):
         config = {"name": self.name, "trainable": self.trainable}
         config.update(self.hyperparameters)
         config["blocks"] = list(config["blocks"])
-        config["dtype"] = self.dtype_policy.name
+        config["dtype"] = self._layers_policy or self.dtype_policy.name
         if self.preprocessing is not None:
             config["preprocessing"] = dict(self.preprocessing)
         return config
