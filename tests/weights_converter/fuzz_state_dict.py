@@ -18,7 +18,7 @@ included, at most the file's size plus ``--memory-bound-mb``) and a time
 bound (CPU seconds of the read, ``--time-bound-s``; wall time is reported
 too). Anything else is an escape.
 
-    python -m tests.weights_converter.fuzz_state_dict --cases 20000 --seed 0
+    python -m tests.weights_converter.fuzz_state_dict --cases 20000 --seed 0 --jobs 2
 
 prints the figure (cases, outcomes by kind, worst peak memory and time);
 ``--save DIR`` keeps every escaping file.
@@ -187,7 +187,7 @@ def mutate_legacy(rng, blob):
         return blob[:obj_start] + new + blob[obj_end:], "legacy-ints"
     if kind == "storage-size":
         position, out = tail, bytearray(blob)
-        keys = pickle.loads(blob[starts[4]:tail])
+        keys = pickle._Unpickler(io.BytesIO(blob[starts[4]:tail])).load()
         itemsizes = _legacy_itemsizes(blob[obj_start:obj_end])
         target = rng.randrange(len(keys))
         for index in range(target + 1):  # walk to the target storage's size field
@@ -208,7 +208,7 @@ def _legacy_itemsizes(object_pickle):
     """Storage key -> item size, from an unmutated legacy object pickle."""
     sizes = {}
 
-    class Recorder(pickle.Unpickler):
+    class Recorder(pickle._Unpickler):  # not the C one: see _ReferenceUnpickler
         def find_class(self, module, name):
             if name == "OrderedDict":
                 return collections.OrderedDict
@@ -371,11 +371,41 @@ def same_state_dicts(a, b):
 # The run --------------------------------------------------------------------------------------------
 
 
-def run(cases, seed, memory_bound_mb=64, time_bound_s=2.0, save=None, progress=False):
-    """Runs ``cases`` seeded cases; returns a summary dict (see ``format_summary``)."""
+def run(cases, seed, memory_bound_mb=64, time_bound_s=2.0, save=None, progress=False, jobs=1):
+    """Runs cases ``0..cases-1`` of ``seed``; returns a summary dict (see ``format_summary``).
+
+    Case ``i`` draws its seed file and mutations from ``(seed, i)`` alone, so
+    the figure does not depend on ``jobs`` (processes sharing the cases).
+    """
+    if jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            parts = pool.starmap(_run_cases, [(range(j, cases, jobs), seed, memory_bound_mb, time_bound_s, save,
+                                               progress and j == 0) for j in range(jobs)])
+    else:
+        parts = [_run_cases(range(cases), seed, memory_bound_mb, time_bound_s, save, progress)]
+    summary = parts[0]
+    for part in parts[1:]:
+        for kind, count in part["outcomes"].items():
+            summary["outcomes"][kind] = summary["outcomes"].get(kind, 0) + count
+        for how, counts in part["by_mutation"].items():
+            mine = summary["by_mutation"].setdefault(how, {})
+            for kind, count in counts.items():
+                mine[kind] = mine.get(kind, 0) + count
+        for worst, where in (("worst_memory_bytes", "worst_memory_case"), ("worst_seconds", "worst_time_case")):
+            if part[worst] > summary[worst]:
+                summary[worst], summary[where] = part[worst], part[where]
+        summary["worst_wall_seconds"] = max(summary["worst_wall_seconds"], part["worst_wall_seconds"])
+        summary["escapes"] += part["escapes"]
+        summary["seconds"] = max(summary["seconds"], part["seconds"])
+    summary["cases"] = cases
+    return summary
+
+
+def _run_cases(case_numbers, seed, memory_bound_mb, time_bound_s, save, progress):
     from weights_converter import CheckpointError, read_state_dict
 
-    rng = random.Random(seed)
     seeds = seed_files()
     originals = {}
     outcomes, by_mutation = collections.Counter(), collections.defaultdict(collections.Counter)
@@ -389,15 +419,12 @@ def run(cases, seed, memory_bound_mb=64, time_bound_s=2.0, save=None, progress=F
             path = os.path.join(scratch, name + suffix)
             open(path, "wb").write(blob)
             originals[name] = read_state_dict(path)
-        for case in range(cases):
+        for case in case_numbers:
+            rng = random.Random(f"{seed}-{case}")  # each case reproducible on its own
             name, suffix, blob = rng.choice(seeds)
             mutated, how = mutate(rng, name, blob)
-            if rng.random() < 0.1:  # now and then, two mutations on top of each other
-                try:
-                    mutated, second = mutate(rng, name, mutated)
-                    how += "+" + second
-                except Exception:
-                    pass
+            if rng.random() < 0.1:  # now and then, flipped bytes on top of the first mutation
+                mutated, how = flip_bytes(rng, mutated, rng.choice([1, 2, 8])), how + "+flip-bytes"
             path = os.path.join(scratch, f"case{suffix}")
             with open(path, "wb") as handle:
                 handle.write(mutated)
@@ -446,10 +473,10 @@ def run(cases, seed, memory_bound_mb=64, time_bound_s=2.0, save=None, progress=F
                     os.makedirs(save, exist_ok=True)
                     with open(os.path.join(save, f"case{case}-{name}-{how}{suffix}"), "wb") as handle:
                         handle.write(mutated)
-            if progress and (case + 1) % 1000 == 0:
-                print(f"  {case + 1} cases, {dict(outcomes)}", file=sys.stderr, flush=True)
+            if progress and sum(outcomes.values()) % 1000 == 0:
+                print(f"  {sum(outcomes.values())} cases, {dict(outcomes)}", file=sys.stderr, flush=True)
     return dict(
-        cases=cases, seed=seed, outcomes=dict(outcomes), by_mutation={k: dict(v) for k, v in by_mutation.items()},
+        cases=len(case_numbers), seed=seed, outcomes=dict(outcomes), by_mutation={k: dict(v) for k, v in by_mutation.items()},
         worst_memory_bytes=worst_memory[0], worst_memory_case=worst_memory[1], worst_seconds=worst_time[0],
         worst_time_case=worst_time[1], worst_wall_seconds=worst_wall, escapes=escapes, seconds=time.perf_counter() - start_all,
         memory_bound_mb=memory_bound_mb, time_bound_s=time_bound_s,
@@ -484,8 +511,16 @@ def main(argv=None):
     parser.add_argument("--memory-bound-mb", type=float, default=64)
     parser.add_argument("--time-bound-s", type=float, default=2.0)
     parser.add_argument("--save", help="folder for escaping files")
+    parser.add_argument("--jobs", type=int, default=1, help="processes sharing the cases (same figure)")
+    parser.add_argument("--address-space-gb", type=float, default=8,
+                        help="RLIMIT_AS per process: a runaway allocation is a MemoryError, not an OOM kill")
     args = parser.parse_args(argv)
-    summary = run(args.cases, args.seed, args.memory_bound_mb, args.time_bound_s, args.save, progress=True)
+    import resource
+
+    limit = int(args.address_space_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    summary = run(args.cases, args.seed, args.memory_bound_mb, args.time_bound_s, args.save, progress=True,
+                  jobs=args.jobs)
     print(format_summary(summary))
     return 1 if summary["escapes"] else 0
 
