@@ -435,8 +435,10 @@ def _run_cases(case_numbers, seed, memory_bound_mb, time_bound_s, save, progress
             error = result = None
             try:
                 result = read_state_dict(path)
-            except CheckpointError:
+            except CheckpointError as exc:
                 outcome = REFUSED
+                if "exhausted" in str(exc):  # a MemoryError (under RLIMIT_AS) or RecursionError inside the reader
+                    outcome, error = OVER_MEMORY, str(exc)[-200:]
             except BaseException as exc:  # noqa: BLE001 - anything else is what we are looking for
                 if isinstance(exc, KeyboardInterrupt):
                     raise
@@ -455,7 +457,7 @@ def _run_cases(case_numbers, seed, memory_bound_mb, time_bound_s, save, progress
                 else:
                     outcome = MISMATCH
                 result = reference = None
-            if outcome not in (ESCAPE, MISMATCH):
+            if outcome not in (ESCAPE, MISMATCH, OVER_MEMORY):
                 if peak > len(mutated) + memory_bound_mb * 2**20:
                     outcome, error = OVER_MEMORY, f"peak {peak} bytes for a file of {len(mutated)}"
                 elif cpu_seconds > time_bound_s:
