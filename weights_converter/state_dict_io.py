@@ -230,6 +230,17 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     dispatch[pickle.BUILD[0]] = _load_build
 
+    def _refuse_buffer(self):
+        # BYTEARRAY8 allocates its declared length (up to 2^64) before reading
+        # a byte; buffers are protocol 5 out-of-band data. No state_dict uses them.
+        raise CheckpointError(
+            f"{self._source}: the pickle holds a bytearray or an out-of-band buffer; a state_dict never does."
+        )
+
+    for _opcode in (pickle.BYTEARRAY8, pickle.NEXT_BUFFER, pickle.READONLY_BUFFER):
+        dispatch[_opcode[0]] = _refuse_buffer
+    del _opcode
+
     def persistent_load(self, pid):
         def fail(what):
             raise CheckpointError(f"{self._source}: storage record {_short(pid)}: {what}.")

@@ -382,7 +382,7 @@ def run(cases, seed, memory_bound_mb=64, time_bound_s=2.0, save=None, progress=F
 
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
             parts = pool.starmap(_run_cases, [(range(j, cases, jobs), seed, memory_bound_mb, time_bound_s, save,
-                                               progress and j == 0) for j in range(jobs)])
+                                               progress) for j in range(jobs)])
     else:
         parts = [_run_cases(range(cases), seed, memory_bound_mb, time_bound_s, save, progress)]
     summary = parts[0]
@@ -476,7 +476,9 @@ def _run_cases(case_numbers, seed, memory_bound_mb, time_bound_s, save, progress
                     with open(os.path.join(save, f"case{case}-{name}-{how}{suffix}"), "wb") as handle:
                         handle.write(mutated)
             if progress and sum(outcomes.values()) % 1000 == 0:
-                print(f"  {sum(outcomes.values())} cases, {dict(outcomes)}", file=sys.stderr, flush=True)
+                print(f"  [{case_numbers[0]}::{case_numbers.step if isinstance(case_numbers, range) else 1}] "
+                      f"{sum(outcomes.values())} cases, {dict(outcomes)}, worst {worst_memory[0] / 2**20:.2f} MiB "
+                      f"{worst_time[0] * 1000:.0f} ms CPU", file=sys.stderr, flush=True)
     return dict(
         cases=len(case_numbers), seed=seed, outcomes=dict(outcomes), by_mutation={k: dict(v) for k, v in by_mutation.items()},
         worst_memory_bytes=worst_memory[0], worst_memory_case=worst_memory[1], worst_seconds=worst_time[0],

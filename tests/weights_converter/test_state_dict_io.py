@@ -327,3 +327,15 @@ def test_reading_imports_no_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_fuzzer_found_bytearray8_is_refused_before_allocating(tmp_path):
+    # Found by fuzz_state_dict (seed 0, case 8850: a flipped byte in data.pkl):
+    # the BYTEARRAY8 opcode makes the pure-Python unpickler allocate its
+    # declared length before reading anything; 2^33 would be 8 GiB.
+    import struct
+
+    path = tmp_path / "bytearray.pth"
+    payload = b"\x80\x05\x96" + struct.pack("<Q", 2**33) + b"tiny."
+    path.write_bytes(torch_zip_bytes({}, extra_pickle=payload))
+    _refused_quickly(path, "bytearray.pth: the pickle holds a bytearray or an out-of-band buffer", memory_bound=1 << 20)
