@@ -41,6 +41,40 @@ def atomic_path(path):
             os.remove(temporary)
 
 
+def remove_stale_temporaries(directory):
+    """Deletes the temporaries of ``atomic_path`` left by killed processes in ``directory`` and below.
+
+    A temporary (``.tmp-PID-NAME``) is never read, but a kill leaves it
+    behind half-written; those of a process that no longer runs are removed
+    when a run starts or resumes. Returns the paths removed.
+    """
+    removed = []
+    for folder, _subfolders, files in os.walk(os.fspath(directory)):
+        for name in files:
+            if not name.startswith(".tmp-"):
+                continue
+            pid = name[len(".tmp-"):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                os.remove(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def atomic_write_text(path, text):
     with atomic_path(path) as temporary:
         with open(temporary, "w") as handle:

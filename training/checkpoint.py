@@ -12,7 +12,14 @@ import os
 import numpy as np
 
 # Re-exported: the loop and the command-line tools write through these.
-from medt_keras.files import atomic_path, atomic_write_csv, atomic_write_text, save_model, save_weights  # noqa: F401
+from medt_keras.files import (  # noqa: F401
+    atomic_path,
+    atomic_write_csv,
+    atomic_write_text,
+    remove_stale_temporaries,
+    save_model,
+    save_weights,
+)
 
 STATE_FILE = "run_state.npz"
 

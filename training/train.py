@@ -131,6 +131,10 @@ class RunKeeper(keras.callbacks.Callback):
             checkpoint.save_weights(
                 self.model, os.path.join(self.directory, "checkpoints", f"epoch_{epoch + 1:04d}.weights.h5")
             )
+        # run_state.npz is the commit point: a kill before it leaves the
+        # previous epoch's state (the files above are rewritten identically
+        # when the epoch is redone); log.csv is derived from it and rewritten
+        # on resume, should a kill come between the two.
         checkpoint.save_run_state(self.directory, self.model, self.optimizer, self.meta)
         checkpoint.atomic_write_csv(os.path.join(self.directory, "log.csv"), self.meta["history"])
 
@@ -228,6 +232,8 @@ def train(config, resume=False, verbose="auto", multi_process=None, require_acce
     devices.check("medt-train", require_accelerator)
     chief = process_index == 0
     os.makedirs(directory, exist_ok=True)
+    if chief:
+        checkpoint.remove_stale_temporaries(directory)  # half-written files of a killed run
     # Saving gathers replicated variables, a collective every process must
     # join; processes other than 0 write to a scratch folder, deleted at the end.
     write_dir = directory if chief else tempfile.mkdtemp(prefix=f"medt-train-process{process_index}-")
@@ -262,6 +268,8 @@ def train(config, resume=False, verbose="auto", multi_process=None, require_acce
         meta = checkpoint.restore_run_state(directory, model, optimizer)
         meta["config"] = dataclasses.asdict(config)
         print(f"medt-train: resuming {directory} at epoch {meta['next_epoch'] + 1}.", flush=True)
+        if chief and meta["history"]:
+            checkpoint.atomic_write_csv(os.path.join(directory, "log.csv"), meta["history"])
     gates.apply(meta["next_epoch"])
     if protocol == "tiled":
         def test_scores(model):

@@ -74,6 +74,13 @@ def main(argv=None):
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except Exception as error:  # a well-formed file whose tensors fit no model
+        print(
+            f"error: {args.source}: its state_dict does not describe a model this converter can build "
+            f"({type(error).__name__}: {str(error)[:300]})",
+            file=sys.stderr,
+        )
+        return 1
     print(f"Keras model: {type(model).__name__}, {count_official_parameters(model):,} parameters")
     directory = os.path.dirname(os.path.abspath(args.destination))
     os.makedirs(directory, exist_ok=True)

@@ -174,12 +174,20 @@ def load_official_checkpoint(path, dtype="float32", resample_positions=False, **
     Raises ``CheckpointError`` naming the file and every key at fault.
     """
     state_dict = read_state_dict(path)
-    name, hyperparameters = infer_architecture(state_dict, source=str(path))
-    hyperparameters.update(overrides)
-    model = build_model(name, dtype=dtype, **hyperparameters)
-    return load_state_dict_into(
-        model, state_dict, source=str(path), resample_positions=resample_positions
-    )
+    try:
+        name, hyperparameters = infer_architecture(state_dict, source=str(path))
+        hyperparameters.update(overrides)
+        model = build_model(name, dtype=dtype, **hyperparameters)
+        return load_state_dict_into(
+            model, state_dict, source=str(path), resample_positions=resample_positions
+        )
+    except CheckpointError:
+        raise
+    except Exception as error:  # a well-formed file whose tensors fit no model
+        raise CheckpointError(
+            f"{path}: its state_dict does not describe a model this converter can build "
+            f"({type(error).__name__}: {str(error)[:300]})."
+        ) from error
 
 
 def export_official_state_dict(model):

@@ -16,6 +16,7 @@ shipped in ``tests/fixtures/official`` and the full-size ones in
 import argparse
 import dataclasses
 import glob
+import math
 import os
 import sys
 import time
@@ -85,8 +86,24 @@ def _nchw(a):
     return np.transpose(np.asarray(a), (0, 3, 1, 2))
 
 
+def _all_finite(*arrays):
+    return all(bool(np.all(np.isfinite(np.asarray(a, dtype=np.float64)))) for a in arrays)
+
+
 def _relative_max(ours, reference):
+    """max |ours - reference| / max |reference|; NaN (a failure) if either holds a NaN or an Inf."""
+    if not _all_finite(ours, reference):
+        return float("nan")
     return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
+
+
+def worst_key(errors):
+    """The key of the largest error, a NaN counting as larger than any number.
+
+    ``max(errors, key=errors.get)`` would lose a NaN: it compares false
+    both ways, so a NaN in any but the first entry is never picked.
+    """
+    return max(errors, key=lambda key: (math.isnan(errors[key]), errors[key]))
 
 
 def _jitted_forward(model, training):
@@ -153,6 +170,8 @@ def measure_case(pth_path, npz_path=None):
     )
     train64 = _relative_max(_nchw(logits), ref["y_train"])
     loss64 = float(abs(float(loss) - float(ref["loss"])) / abs(float(ref["loss"])))
+    if not _all_finite(loss, ref["loss"]):
+        loss64 = float("nan")
 
     grad_of = {id(v): g for v, g in zip(trainable_vars, grads)}
     after_of = {id(v): a for v, a in zip(non_trainable_vars, new_non_trainable)}
@@ -167,7 +186,7 @@ def measure_case(pth_path, npz_path=None):
         if grad_key in ref.files:
             ours = entry.to_official(np.asarray(grad_of[id(entry.variable)]))
             reference = ref[grad_key]
-            error = np.linalg.norm(ours - reference)
+            error = np.linalg.norm(ours - reference) if _all_finite(ours, reference) else float("nan")
             scale = max(np.linalg.norm(reference), ZERO_GRADIENT_FLOOR * reference_norm)
             grad_errors[entry.key] = float(error / scale)
             raw_grad_errors[entry.key] = float(error / max(np.linalg.norm(reference), 1e-300))
@@ -177,8 +196,8 @@ def measure_case(pth_path, npz_path=None):
                 counters_equal &= int(ours) == int(ref[after_key])
             else:
                 stats_errors[entry.key] = _relative_max(ours, ref[after_key])
-    grad_worst = max(grad_errors, key=grad_errors.get)
-    stats_worst = max(stats_errors, key=stats_errors.get)
+    grad_worst = worst_key(grad_errors)
+    stats_worst = worst_key(stats_errors)
     if len(grad_errors) != len(reference_grads):
         raise AssertionError(
             f"{npz_path}: {len(reference_grads) - len(grad_errors)} reference gradients have no Keras variable"
@@ -261,7 +280,7 @@ def main(argv=None):
             ("raw gradient", r.raw_grad_errors),
             ("BN statistic", r.stats_errors),
         ):
-            for key in sorted(errors, key=errors.get, reverse=True)[: args.worst]:
+            for key in sorted(errors, key=lambda k: (math.isnan(errors[k]), errors[k]), reverse=True)[: args.worst]:
                 print(f"    {title:<12} {key:<60} {errors[key]:.1e}")
     print(f"{len(paths) - failed} passed, {failed} failed")
     return 1 if failed else 0

@@ -4,13 +4,26 @@ A ``.pth`` file is a pickle, and unpickling can run arbitrary code. This
 reader never imports torch and resolves only the few globals a state_dict
 needs (the tensor rebuild functions, the storage types, OrderedDict); any
 other global in the file is refused before anything is built from it.
+
+The numbers inside the tensor records are not trusted either. Unpickling
+only records each tensor (storage, offset, shape, strides); every record
+is then validated before a byte of its storage is read or a tensor is
+allocated: non-negative sizes, strides and offsets, element counts and byte
+extents within bounds, the view inside its storage, the storage's bytes
+exactly those the pickle declares, and no tensor materialising more bytes
+than its storage holds (no stride-0 broadcasts, no overlapping views). What
+a file can make the reader allocate is thereby bounded by a small multiple
+of the file's size. Every failure, anticipated or not, is a
+``CheckpointError`` naming the file and, where there is one, the tensor.
 """
 
 import collections
 import io
 import json
+import math
 import os
 import pickle
+import reprlib
 import struct
 import zipfile
 
@@ -49,6 +62,23 @@ _SAFETENSORS_DTYPES = {
     "BOOL": np.bool_,
 }
 
+# Any count, stride, offset or byte extent beyond this is refused before
+# arithmetic on it (no file this reader can hold comes near it).
+_MAX_INT = 2**62
+_MAX_DIMS = 32  # numpy allows 64; no state_dict tensor has more than a handful
+_MAX_NESTING = 8  # {"state_dict": {"model": ...}} wrappers followed at most this deep
+
+_short_repr = reprlib.Repr()
+_short_repr.maxstring = _short_repr.maxother = 60
+_short_repr.maxlevel = 3
+
+
+def _short(value):
+    try:
+        return _short_repr.repr(value)
+    except Exception:  # a repr that fails must not hide the real error
+        return f"<{type(value).__name__}>"
+
 
 def _numpy_dtype(dtype):
     if dtype == "bfloat16":
@@ -58,36 +88,90 @@ def _numpy_dtype(dtype):
     return np.dtype(dtype)
 
 
+def _is_int(value):
+    return type(value) is int  # not bool, not a float that happens to be whole
+
+
+def _checked_int(value, what, fail):
+    if not _is_int(value):
+        fail(f"{what} is {_short(value)}, not an integer")
+    if value < 0:
+        fail(f"{what} is negative ({value})")
+    if value > _MAX_INT:
+        fail(f"{what} is implausibly large ({value})")
+    return value
+
+
+def _checked_shape(value, what, fail):
+    if not isinstance(value, (tuple, list)):
+        fail(f"{what} is {_short(value)}, not a tuple of integers")
+    if len(value) > _MAX_DIMS:
+        fail(f"{what} has {len(value)} dimensions (at most {_MAX_DIMS} are accepted)")
+    return tuple(_checked_int(v, what, fail) for v in value)
+
+
+def _check_view(size, stride, offset, storage_numel, fail):
+    """Validates a strided view into a storage of ``storage_numel`` elements.
+
+    Everything is Python integers (no overflow). The view must lie inside
+    the storage and its elements must not overlap (a real state_dict never
+    has stride-0 broadcasts or self-overlapping tensors), so it holds at
+    most as many elements as the storage.
+    """
+    if len(size) != len(stride):
+        fail(f"shape {size} has {len(size)} dimensions but strides {stride} have {len(stride)}")
+    numel = math.prod(size)
+    if numel == 0:
+        if offset > storage_numel:
+            fail(f"storage offset {offset} lies past the end of its storage ({storage_numel} elements)")
+        return 0
+    if numel > storage_numel:
+        fail(f"shape {size} has {numel} elements but its storage holds only {storage_numel}")
+    extent = 1  # elements spanned by the dimensions taken so far
+    for n, s in sorted(((n, s) for n, s in zip(size, stride) if n > 1), key=lambda d: d[1]):
+        if s < extent:
+            fail(
+                f"shape {size} with strides {stride} makes elements overlap (a stride-0 broadcast "
+                "or a self-overlapping view); a state_dict never needs one"
+            )
+        extent += (n - 1) * s
+    if offset + extent > storage_numel:
+        fail(
+            f"shape {size}, strides {stride} at offset {offset} reach element {offset + extent - 1} "
+            f"of a storage of {storage_numel} elements"
+        )
+    return numel
+
+
 class _StorageType:
     def __init__(self, name):
         self.name = name
         self.dtype = _numpy_dtype(_STORAGE_DTYPES[name])
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, *_unused):
-    if isinstance(storage, _DeferredStorage):
-        return _DeferredTensor(storage, (storage_offset, size, stride))
-    size, stride = tuple(size), tuple(stride)
-    if len(size) != len(stride):
-        raise CheckpointError(f"a tensor has shape {size} but strides {stride}")
-    itemsize = storage.dtype.itemsize
-    needed = storage_offset + (
-        1 + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else 0
-    )
-    if needed > storage.size:
-        raise CheckpointError(
-            f"a tensor of shape {size} needs {needed} elements but its storage holds {storage.size}"
-        )
-    view = np.lib.stride_tricks.as_strided(
-        storage[storage_offset:],
-        shape=size,
-        strides=tuple(s * itemsize for s in stride),
-        writeable=False,
-    )
-    return np.array(view)
+class _StorageRef:
+    """A storage named by the pickle; its bytes are read only after validation."""
+
+    __slots__ = ("key", "dtype", "numel", "view")
+
+    def __init__(self, key, dtype, numel, view):
+        self.key, self.dtype, self.numel, self.view = key, dtype, numel, view
 
 
-def _rebuild_parameter(data, *_unused):
+class _TensorRecord:
+    """The arguments of a tensor rebuild call, checked and materialised later."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, args):
+        self.args = args
+
+
+def _rebuild_tensor(*args):
+    return _TensorRecord(args)
+
+
+def _rebuild_parameter(data=None, *_unused):
     return data
 
 
@@ -100,14 +184,20 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only state_dict globals and reads storages lazily."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Unpickler that resolves only state_dict globals and reads no storage.
 
-    def __init__(self, file, load_storage, source):
+    The pure-Python unpickler: its memo is a dict, so a memo index from the
+    file cannot make it allocate a table of that size (the C unpickler's
+    memo is an array sized by the largest index).
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, source, declare_storage=None):
         super().__init__(file)
-        self._load_storage = load_storage
         self._source = source
-        self._storages = {}
+        self._declare_storage = declare_storage
 
     def find_class(self, module, name):
         if (module, name) in _ALLOWED_GLOBALS:
@@ -115,7 +205,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
             return _StorageType(name)
         hint = ""
-        if not module.startswith(("torch", "collections", "numpy")):
+        if not str(module).startswith(("torch", "collections", "numpy")):
             hint = (
                 " If this is a whole pickled model (torch.save(model)), save its "
                 "model.state_dict() instead."
@@ -125,23 +215,164 @@ class _RestrictedUnpickler(pickle.Unpickler):
             f"tensors, and loading this global could run code from the file.{hint}"
         )
 
+    def _load_build(self):
+        # BUILD sets attributes; only an OrderedDict's (torch's state_dict
+        # carries ``_metadata``) are accepted, never those of a function or type.
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if not (type(inst) is collections.OrderedDict and isinstance(state, dict)):
+            raise CheckpointError(
+                f"{self._source}: the pickle sets the state of a {type(inst).__name__}; "
+                "a state_dict never does that."
+            )
+        for key, value in state.items():
+            if not isinstance(key, str):
+                raise CheckpointError(f"{self._source}: the pickle sets an attribute named {_short(key)}.")
+            inst.__dict__[key] = value
+
+    dispatch[pickle.BUILD[0]] = _load_build
+
+    def _refuse_buffer(self):
+        # BYTEARRAY8 allocates its declared length (up to 2^64) before reading
+        # a byte; buffers are protocol 5 out-of-band data. No state_dict uses them.
+        raise CheckpointError(
+            f"{self._source}: the pickle holds a bytearray or an out-of-band buffer; a state_dict never does."
+        )
+
+    for _opcode in (pickle.BYTEARRAY8, pickle.NEXT_BUFFER, pickle.READONLY_BUFFER):
+        dispatch[_opcode[0]] = _refuse_buffer
+    del _opcode
+
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise CheckpointError(f"{self._source}: unsupported persistent id {pid!r}")
+        def fail(what):
+            raise CheckpointError(f"{self._source}: storage record {_short(pid)}: {what}.")
+
+        if self._declare_storage is None:
+            fail("a storage where none may be")
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            fail("unsupported persistent id")
         storage_type, key, _location, numel = pid[1:5]
         if not isinstance(storage_type, _StorageType):
-            raise CheckpointError(f"{self._source}: storage of unknown type {storage_type!r}")
-        cache_key = (key, storage_type.name)
-        if cache_key not in self._storages:
-            self._storages[cache_key] = self._load_storage(str(key), storage_type.dtype, numel)
-        storage = self._storages[cache_key]
+            fail(f"storage of unknown type {_short(storage_type)}")
+        if not isinstance(key, str):
+            fail(f"storage key {_short(key)} is not a string")
+        _checked_int(numel, "its element count", fail)
+        view = None
         if len(pid) > 5 and pid[5] is not None:  # legacy view: (view_key, offset, size)
+            if not (isinstance(pid[5], tuple) and len(pid[5]) == 3):
+                fail("malformed storage view")
             _view_key, offset, size = pid[5]
-            storage = storage[offset : offset + size]
-        return storage
+            _checked_int(offset, "its view's offset", fail)
+            _checked_int(size, "its view's size", fail)
+            if offset + size > numel:
+                fail(f"its view of {size} elements at offset {offset} lies outside its {numel} elements")
+            view = (offset, size)
+        self._declare_storage(key, storage_type.dtype, numel, fail)
+        return _StorageRef(key, storage_type.dtype, numel, view)
+
+
+class _Declarations:
+    """Each storage key's dtype and element count, as the pickle declares them (consistently)."""
+
+    def __init__(self):
+        self.storages = {}
+
+    def __call__(self, key, dtype, numel, fail):
+        previous = self.storages.setdefault(key, (dtype, numel))
+        if previous != (dtype, numel):
+            fail(
+                f"storage {key} declared again as {numel} x {dtype} after {previous[1]} x {previous[0]}"
+            )
+
+
+def _unpickle(stream, source, declare_storage=None):
+    return _RestrictedUnpickler(stream, source, declare_storage).load()
+
+
+def _find_state_dict(obj, path):
+    """The tensor dict inside what was saved: the dict itself, or its 'state_dict'/'model' entry."""
+    for _ in range(_MAX_NESTING):
+        if isinstance(obj, dict) and obj and all(isinstance(v, _TensorRecord) for v in obj.values()):
+            for key in obj:
+                if not isinstance(key, str):
+                    raise CheckpointError(f"{path}: a tensor is named {_short(key)}, not a string.")
+            return obj
+        if not isinstance(obj, dict):
+            break
+        for key in ("state_dict", "model_state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+        else:
+            break
+    raise CheckpointError(
+        f"{path}: holds a {type(obj).__name__}, not a state_dict (a dict of tensor names to tensors)."
+    )
+
+
+def _materialise(records, path, load_storage):
+    """Validates every tensor record, then reads storages and builds the arrays.
+
+    ``load_storage(ref, fail)`` returns the root storage of ``ref`` as a
+    native-endian 1-d array of exactly ``ref.numel`` elements.
+    """
+    plans = []
+    for key, record in records.items():
+
+        def fail(what, key=key):
+            raise CheckpointError(f"{path}: tensor {key!r}: {what}.")
+
+        args = record.args
+        if len(args) < 4:
+            fail(f"its record has {len(args)} fields, at least 4 expected")
+        storage, offset, size, stride = args[:4]
+        if not isinstance(storage, _StorageRef):
+            fail(f"its storage is {_short(storage)}, not a storage record")
+        offset = _checked_int(offset, "storage offset", fail)
+        size = _checked_shape(size, "shape", fail)
+        stride = _checked_shape(stride, "strides", fail)
+        base, limit = 0, storage.numel
+        if storage.view is not None:
+            base, limit = storage.view
+        numel = _check_view(size, stride, offset, limit, fail)
+        plans.append((key, storage, base + offset, size, stride, numel, fail))
+
+    # No two distinct views may together hold more than their storage:
+    # what the tensors materialise is bounded by what the storages hold.
+    charged = collections.Counter()
+    seen = {}
+    for key, storage, offset, size, stride, numel, fail in plans:
+        identity = (storage.key, offset, size, stride)
+        if identity in seen:
+            continue
+        seen[identity] = None
+        charged[storage.key] += numel
+        if charged[storage.key] > storage.numel:
+            fail(
+                f"it overlaps other tensors of storage {storage.key}: together they hold "
+                f"{charged[storage.key]} elements of its {storage.numel}"
+            )
+
+    tensors = collections.OrderedDict()
+    built = {}
+    for key, storage, offset, size, stride, numel, fail in plans:
+        identity = (storage.key, offset, size, stride)
+        if identity not in built:
+            data = load_storage(storage, fail)
+            itemsize = data.dtype.itemsize
+            view = np.lib.stride_tricks.as_strided(
+                data[offset:] if numel else data[:0],
+                shape=size,
+                strides=tuple(s * itemsize for s in stride),
+                writeable=False,
+            )
+            built[identity] = np.array(view)
+        tensors[key] = built[identity]
+    return tensors
 
 
 def _read_zip_pth(path):
+    file_size = os.path.getsize(path)
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile as error:
@@ -152,58 +383,80 @@ def _read_zip_pth(path):
     with archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
-        if len(pickles) != 1:
+        if len(set(pickles)) != 1:
             raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}.")
         prefix = pickles[0][: -len("data.pkl")]
+
+        def read_entry(name, size, what):
+            """Exactly ``size`` bytes of entry ``name``, never decompressing more than one byte past them."""
+            try:
+                info = archive.getinfo(name)
+            except KeyError:
+                raise CheckpointError(f"{path}: {what}: {name} is missing from the archive.") from None
+            if info.file_size != size:
+                raise CheckpointError(
+                    f"{path}: {what}: {name} holds {info.file_size} bytes, {size} expected."
+                )
+            try:
+                with archive.open(info) as handle:
+                    raw = handle.read(size + 1)
+            except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as error:
+                raise CheckpointError(f"{path}: {what}: {name} is damaged ({error}).") from None
+            if len(raw) != size:
+                raise CheckpointError(
+                    f"{path}: {what}: {name} decompresses to {'more' if len(raw) > size else len(raw)} "
+                    f"bytes, {size} expected."
+                )
+            return raw
+
+        def entry_size(name, what, limit):
+            try:
+                size = archive.getinfo(name).file_size
+            except KeyError:
+                raise CheckpointError(f"{path}: {what}: {name} is missing from the archive.") from None
+            if size > limit:
+                raise CheckpointError(
+                    f"{path}: {what}: {name} claims {size} bytes uncompressed, more than the "
+                    f"{limit} this reader accepts for it."
+                )
+            return size
+
         byteorder = "little"
         if prefix + "byteorder" in names:
-            byteorder = archive.read(prefix + "byteorder").decode().strip()
+            name = prefix + "byteorder"
+            raw = read_entry(name, entry_size(name, "byte order", 16), "byte order")
+            byteorder = raw.decode("ascii", "replace").strip()
+            if byteorder not in ("little", "big"):
+                raise CheckpointError(f"{path}: byte order {byteorder!r} is neither 'little' nor 'big'.")
 
-        def load_storage(key, dtype, numel):
-            name = f"{prefix}data/{key}"
-            try:
-                raw = archive.read(name)
-            except KeyError:
-                raise CheckpointError(f"{path}: storage {name} is missing from the archive.") from None
-            except (zipfile.BadZipFile, EOFError, OSError) as error:
-                raise CheckpointError(f"{path}: storage {name} is damaged ({error}).") from None
-            dt = dtype.newbyteorder("<" if byteorder == "little" else ">")
-            if len(raw) < numel * dt.itemsize:
-                raise CheckpointError(
-                    f"{path}: storage {name} holds {len(raw)} bytes, {numel * dt.itemsize} expected."
-                )
-            return np.frombuffer(raw, dtype=dt, count=numel).astype(dtype)
+        pickle_size = entry_size(pickles[0], "the pickle", file_size)
+        data = read_entry(pickles[0], pickle_size, "the pickle")
+        declarations = _Declarations()
+        obj = _unpickle(io.BytesIO(data), path, declarations)
+        del data
+        records = _find_state_dict(obj, path)
 
-        try:
-            data = archive.read(pickles[0])
-        except (zipfile.BadZipFile, EOFError, OSError) as error:
-            raise CheckpointError(f"{path}: {pickles[0]} is damaged ({error}).") from None
-        return _unpickle(data, load_storage, path)
+        storages = {}
+        budget = [file_size]  # storage bytes read in all: at most the file's size
+
+        def load_storage(ref, fail):
+            if ref.key not in storages:
+                nbytes = ref.numel * ref.dtype.itemsize
+                if nbytes > budget[0]:
+                    fail(
+                        f"its storage {ref.key} ({nbytes} bytes) with the storages before it is "
+                        f"larger than the file ({file_size} bytes)"
+                    )
+                budget[0] -= nbytes
+                raw = read_entry(f"{prefix}data/{ref.key}", nbytes, f"storage {ref.key}")
+                dt = ref.dtype.newbyteorder("<" if byteorder == "little" else ">")
+                storages[ref.key] = np.frombuffer(raw, dtype=dt).astype(ref.dtype)
+            return storages[ref.key]
+
+        return _materialise(records, path, load_storage)
 
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
-
-class _DeferredStorage:
-    """A legacy-format storage whose bytes come after the pickle that uses it."""
-
-    def __init__(self, key, dtype, numel):
-        self.key, self.dtype, self.size = key, dtype, numel
-        self.offset = 0
-
-    def __getitem__(self, item):  # a legacy view into a larger storage
-        view = _DeferredStorage(self.key, self.dtype, self.size)
-        view.offset = self.offset + (item.start or 0)
-        return view
-
-
-class _DeferredTensor:
-    def __init__(self, storage, args):
-        self.storage, self.args = storage, args
-
-    def resolve(self, storages):
-        data = storages[self.storage.key][self.storage.offset :]
-        return _rebuild_tensor(data, *self.args)
 
 
 def _read_legacy_pth(path):
@@ -213,98 +466,132 @@ def _read_legacy_pth(path):
     the storage keys) followed by each storage's element count and bytes.
     """
     with open(path, "rb") as f:
-        stream = io.BytesIO(f.read())
-    deferred = {}
+        blob = f.read()
+    stream = io.BytesIO(blob)
+    if _unpickle(stream, path) != _LEGACY_MAGIC:
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint (neither a zip archive nor the legacy format)."
+        )
+    _unpickle(stream, path)  # protocol version
+    _unpickle(stream, path)  # system info
+    declarations = _Declarations()
+    obj = _unpickle(stream, path, declarations)
+    keys = _unpickle(stream, path)
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise CheckpointError(f"{path}: the storage key list is {_short(keys)}, not a list of strings.")
+    if len(set(keys)) != len(keys):
+        raise CheckpointError(f"{path}: the storage key list names a storage twice.")
+    records = _find_state_dict(obj, path)
 
-    def load_storage(key, dtype, numel):
-        deferred.setdefault(key, (dtype, numel))
-        return _DeferredStorage(key, dtype, numel)
-
-    try:
-        header = _RestrictedUnpickler(stream, None, path)
-        if header.load() != _LEGACY_MAGIC:
+    storages = {}
+    position = stream.tell()
+    for key in keys:
+        if key not in declarations.storages:
+            raise CheckpointError(f"{path}: storage {key} is listed but no tensor declares it.")
+        dtype, declared = declarations.storages[key]
+        if position + 8 > len(blob):
+            raise CheckpointError(f"{path}: storage {key}: the file ends before its size (truncated?).")
+        (numel,) = struct.unpack_from("<q", blob, position)
+        position += 8
+        if numel != declared:
             raise CheckpointError(
-                f"{path}: not a PyTorch checkpoint (neither a zip archive nor the legacy format)."
+                f"{path}: storage {key} holds {numel} elements but the pickle declares {declared}."
             )
-        header.load()  # protocol version
-        header.load()  # system info
-        obj = _RestrictedUnpickler(stream, load_storage, path).load()
-        keys = _RestrictedUnpickler(stream, None, path).load()
-        storages = {}
-        for key in keys:
-            (numel,) = struct.unpack("<q", stream.read(8))
-            dtype = deferred.get(key, (np.dtype(np.uint8), 0))[0]
-            raw = stream.read(numel * dtype.itemsize)
-            if len(raw) != numel * dtype.itemsize:
-                raise EOFError(f"storage {key} ends early")
-            storages[key] = np.frombuffer(raw, dtype=dtype).copy()
-    except CheckpointError:
-        raise
-    except (EOFError, pickle.UnpicklingError, struct.error, ValueError, TypeError) as error:
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint: truncated or damaged ({error})."
-        ) from None
+        nbytes = numel * dtype.itemsize
+        if position + nbytes > len(blob):
+            raise CheckpointError(
+                f"{path}: storage {key}: {nbytes} bytes declared, {len(blob) - position} left in the "
+                "file (truncated?)."
+            )
+        storages[key] = (position, nbytes)
+        position += nbytes
 
-    def resolve(value):
-        if isinstance(value, _DeferredTensor):
-            return value.resolve(storages)
-        if isinstance(value, dict):
-            return type(value)((k, resolve(v)) for k, v in value.items())
-        return value
+    converted = {}
 
-    return resolve(obj)
+    def load_storage(ref, fail):
+        if ref.key not in storages:
+            fail(f"its storage {ref.key} is not in the file's storage list")
+        if ref.key not in converted:
+            start, nbytes = storages[ref.key]
+            little = ref.dtype.newbyteorder("<")
+            converted[ref.key] = np.frombuffer(blob, dtype=little, count=ref.numel, offset=start).astype(
+                ref.dtype
+            )
+        return converted[ref.key]
 
-
-def _unpickle_stream(stream, load_storage, source):
-    try:
-        return _RestrictedUnpickler(stream, load_storage, source).load()
-    except CheckpointError:
-        raise
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, IndexError) as error:
-        raise CheckpointError(
-            f"{source}: not a readable PyTorch checkpoint: the pickle is truncated or damaged ({error})."
-        ) from None
-
-
-def _unpickle(data, load_storage, source):
-    return _unpickle_stream(io.BytesIO(data), load_storage, source)
+    return _materialise(records, path, load_storage)
 
 
 def _read_safetensors(path):
     with open(path, "rb") as f:
         blob = f.read()
+
+    def fail(what):
+        raise CheckpointError(f"{path}: not a readable safetensors file: {what}.")
+
+    if len(blob) < 8:
+        fail(f"{len(blob)} bytes, shorter than the 8-byte header length")
+    (header_size,) = struct.unpack_from("<Q", blob)
+    if header_size > len(blob) - 8:
+        fail(f"the header length {header_size} runs past the end of the file ({len(blob)} bytes)")
     try:
-        (header_size,) = struct.unpack("<Q", blob[:8])
-        header = json.loads(blob[8 : 8 + header_size])
-    except (struct.error, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error}).") from None
+        header = json.loads(blob[8 : 8 + header_size].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        fail(f"the header is not JSON ({_short(str(error))})")
+    if not isinstance(header, dict):
+        fail(f"the header is a {type(header).__name__}, not a JSON object")
     data = memoryview(blob)[8 + header_size :]
-    tensors = collections.OrderedDict()
+    plans = []
     for key, info in header.items():
         if key == "__metadata__":
+            if not isinstance(info, dict):
+                fail("__metadata__ is not an object")
             continue
-        begin, end = info["data_offsets"]
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}.")
-        if end > len(data):
-            raise CheckpointError(f"{path}: tensor {key!r} lies past the end of the file (truncated?).")
-        dtype = _numpy_dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
-        array = np.frombuffer(data[begin:end], dtype=dtype).reshape(info["shape"])
-        tensors[key] = array.astype(dtype.newbyteorder("="))
+
+        def fail_tensor(what, key=key):
+            raise CheckpointError(f"{path}: tensor {key!r}: {what}.")
+
+        if not isinstance(info, dict):
+            fail_tensor(f"its entry is {_short(info)}, not an object")
+        dtype_name = info.get("dtype")
+        if not isinstance(dtype_name, str) or dtype_name not in _SAFETENSORS_DTYPES:
+            fail_tensor(f"unsupported dtype {_short(dtype_name)}")
+        shape = _checked_shape(info.get("shape"), "shape", fail_tensor)
+        offsets = info.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            fail_tensor(f"data_offsets {_short(offsets)} is not a pair of integers")
+        begin = _checked_int(offsets[0], "its begin offset", fail_tensor)
+        end = _checked_int(offsets[1], "its end offset", fail_tensor)
+        if not begin <= end <= len(data):
+            fail_tensor(f"data_offsets [{begin}, {end}] do not lie within the {len(data)} data bytes")
+        dtype = _numpy_dtype(_SAFETENSORS_DTYPES[dtype_name])
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes:
+            fail_tensor(f"shape {list(shape)} of {dtype_name} needs {nbytes} bytes, data_offsets give {end - begin}")
+        plans.append((begin, end, key, dtype, shape))
+    previous_end, previous_key = 0, None
+    for begin, end, key, _dtype, _shape in sorted(plans, key=lambda p: (p[0], p[1])):
+        if begin < previous_end:
+            raise CheckpointError(f"{path}: tensor {key!r}: its bytes overlap those of {previous_key!r}.")
+        if end > begin:
+            previous_end, previous_key = end, key
+    tensors = collections.OrderedDict()
+    for begin, end, key, dtype, shape in plans:
+        little = dtype.newbyteorder("<")
+        tensors[key] = np.frombuffer(data[begin:end], dtype=little).reshape(shape).astype(dtype)
     return tensors
 
 
-def _find_state_dict(obj, path):
-    """The tensor dict inside what was saved: the dict itself, or its 'state_dict'/'model' entry."""
-    if isinstance(obj, dict) and obj and all(isinstance(v, np.ndarray) for v in obj.values()):
-        return obj
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model_state_dict", "model"):
-            if key in obj and isinstance(obj[key], dict):
-                return _find_state_dict(obj[key], path)
-    raise CheckpointError(
-        f"{path}: holds a {type(obj).__name__}, not a state_dict (a dict of tensor names to tensors)."
-    )
+def _read(path):
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise CheckpointError(f"{path}: the file is empty.")
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)
+    if head.startswith(b"PK"):
+        return _read_zip_pth(path)
+    return _read_legacy_pth(path)
 
 
 def read_state_dict(path):
@@ -318,22 +605,29 @@ def read_state_dict(path):
     checkpoint dict holding the weights under ``state_dict`` or ``model`` is
     unwrapped.
 
+    Every tensor record is validated before its storage is read (see the
+    module docstring); any file that is not a well-formed state_dict raises
+    ``CheckpointError`` and no other exception.
+
     Returns:
         dict from key to ``numpy.ndarray``, in the file's order.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file.")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if not head:
-        raise CheckpointError(f"{path}: the file is empty.")
-    if path.endswith(".safetensors"):
-        tensors = _read_safetensors(path)
-    elif head.startswith(b"PK"):
-        tensors = _find_state_dict(_read_zip_pth(path), path)
-    else:
-        tensors = _find_state_dict(_read_legacy_pth(path), path)
+    try:
+        tensors = _read(path)
+    except CheckpointError:
+        raise
+    except (MemoryError, RecursionError) as error:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint: reading it exhausted {type(error).__name__[:-5].lower()}."
+        ) from None
+    except Exception as error:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint: truncated or damaged "
+            f"({type(error).__name__}: {_short(str(error))})."
+        ) from None
     result = collections.OrderedDict()
     for key, value in tensors.items():
         if key.startswith("module."):

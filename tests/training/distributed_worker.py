@@ -1,7 +1,10 @@
 """Run in a subprocess with 8 CPU devices (``XLA_FLAGS``): one device against data parallelism.
 
-Prints one JSON line: the loss curves, the largest difference per variable
-and the error message for a batch that does not divide over the devices.
+Prints one JSON line: the loss curves, the largest difference per variable,
+the error message for a batch that does not divide over the devices, and
+for each run what its compiled train step received and contains (the
+devices the batch is sharded over, each shard's shape, the all-reduce
+instructions of the optimised HLO and the shapes they reduce).
 """
 
 import json
@@ -25,6 +28,63 @@ def _source(count=16, size=128):
     return [{"image": image, "mask": (image > 0.6).astype(np.uint8), "name": b"x"} for image in images]
 
 
+class _StepRecorder:
+    """Compiles Keras' jitted train step ahead of its first call and records what it saw.
+
+    Keeps the compiled executable (so nothing compiles twice), the sharding of
+    the first batch's images as the step receives them, and the all-reduce
+    instructions of the optimised HLO.
+    """
+
+    def __init__(self):
+        import keras.src.backend.jax.trainer as jax_trainer
+
+        self.module, self.original = jax_trainer, jax_trainer.jit
+        self.report = {}
+
+    def __enter__(self):
+        def recording_jit(fn, **kwargs):
+            jitted = self.original(fn, **kwargs)
+            if getattr(fn, "__name__", "") != "train_step":
+                return jitted
+            compiled = []
+
+            def step(state, data):
+                if not compiled:
+                    compiled.append(jitted.lower(state, data).compile())
+                    self._record(compiled[0], data)
+                return compiled[0](state, data)
+
+            return step
+
+        self.module.jit = recording_jit
+        return self
+
+    def __exit__(self, *exc):
+        self.module.jit = self.original
+
+    def _record(self, compiled, data):
+        import re
+
+        images = data[0]
+        hlo = compiled.as_text()
+        # "%all-reduce.2 = (f64[2,7,7,3]{3,2,1,0}, f64[3]{0}) all-reduce(...)": the reduced operands' shapes,
+        # as sorted dimensions (XLA may hand a gradient over in another layout).
+        results = [m.group(1) for m in re.finditer(r"=\s*(\S.*?)\s+all-reduce(?:-start)?\(", hlo)]
+        shapes = sorted({tuple(sorted(int(d) for d in dims.split(",") if d))
+                         for result in results for dims in re.findall(r"[a-z0-9]+\[([0-9,]*)\]", result)})
+        sharding = getattr(images, "sharding", None)  # None: a host numpy batch, put on the default device
+        self.report = dict(
+            input_devices=len(sharding.device_set) if sharding is not None else 1,
+            input_spec=str(getattr(sharding, "spec", None)),
+            input_shard_shapes=sorted({tuple(s.data.shape) for s in images.addressable_shards})
+            if sharding is not None else [tuple(images.shape)],
+            input_shape=list(images.shape),
+            all_reduces=len(results),
+            all_reduced_shapes=shapes,
+        )
+
+
 def _fit(data_parallel):
     if data_parallel:
         distribution.configure("data_parallel", batch_size=8)
@@ -36,14 +96,16 @@ def _fit(data_parallel):
     batches = SegmentationBatches(_source(), 8, 128, shuffle=True, flip_probability=0.5, drop_remainder=data_parallel)
     losses = []
     record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: losses.append(float(logs["loss"])))
-    model.fit(batches, epochs=2, verbose=0, shuffle=False, callbacks=[record])
-    return losses, {v.path: np.asarray(v.numpy(), np.float64) for v in model.variables}
+    with _StepRecorder() as recorder:
+        model.fit(batches, epochs=2, verbose=0, shuffle=False, callbacks=[record])
+    step = dict(recorder.report, trainable_shapes=sorted({tuple(sorted(v.shape)) for v in model.trainable_variables}))
+    return losses, {v.path: np.asarray(v.numpy(), np.float64) for v in model.variables}, step
 
 
 def main():
     medt_keras.enable_float64()
-    single_losses, single = _fit(False)
-    parallel_losses, parallel = _fit(True)
+    single_losses, single, single_step = _fit(False)
+    parallel_losses, parallel, parallel_step = _fit(True)
     differences = {path: float(np.max(np.abs(single[path] - parallel[path]))) for path in single}
     try:
         distribution.configure("data_parallel", batch_size=4)
@@ -57,6 +119,8 @@ def main():
         same_variables=sorted(single) == sorted(parallel),
         differences=differences,
         mismatch=mismatch,
+        single_step=single_step,
+        parallel_step=parallel_step,
     )))
 
 

@@ -45,3 +45,15 @@ def test_run_state_round_trip_and_mismatch_error(tmp_path):
     wider_optimizer.build(wider.trainable_variables)
     with pytest.raises(ValueError, match="dense/kernel saved with shape"):
         checkpoint.restore_run_state(tmp_path, wider, wider_optimizer)
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    # A SIGKILL during an atomic write leaves ".tmp-PID-NAME" behind, half-written.
+    (tmp_path / "checkpoints").mkdir()
+    dead = tmp_path / "checkpoints" / ".tmp-999999999-epoch_0002.weights.h5"
+    alive = tmp_path / f".tmp-{os.getppid()}-run_state.npz"  # a process still writing it
+    kept = tmp_path / "run_state.npz"
+    for path in (dead, alive, kept):
+        path.write_bytes(b"partial")
+    assert checkpoint.remove_stale_temporaries(tmp_path) == [os.fspath(dead)]
+    assert alive.exists() and kept.exists() and not dead.exists()

@@ -34,10 +34,15 @@ def test_eight_device_data_parallel_fit_equals_one_device():
     # MedT, float64, 2 epochs of 2 global batches of 8: the same loss curve (Keras
     # tracks the loss in float32) and the same variables, BatchNorm statistics
     # included: batch statistics are taken over the global batch (synchronised BN).
+    assert np.all(np.isfinite(report["single_losses"])) and np.all(np.isfinite(report["parallel_losses"]))
     np.testing.assert_allclose(report["parallel_losses"], report["single_losses"], rtol=1e-6)
     assert len(report["single_losses"]) == 4
-    worst = max(report["differences"].items(), key=lambda item: item[1])
+    differences = report["differences"]
+    assert all(np.isfinite(v) for v in differences.values()), {k: v for k, v in differences.items() if not np.isfinite(v)}
+    worst = max(differences.items(), key=lambda item: item[1])
     assert worst[1] < 1e-8, worst
+
+    _assert_data_parallel_step(report["parallel_step"], report["single_step"])
     assert report["mismatch"] == "batch size 4 does not divide over 8 devices; use a multiple of 8 (e.g. --batch-size 8)."
 
 
@@ -56,6 +61,31 @@ def test_data_parallel_train_step_communicates_only_by_all_reduce(attention):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["devices"] == 8
     assert set(report["collectives"]) == {"all-reduce"}, report
+
+
+def _assert_data_parallel_step(parallel, single):
+    """Data parallelism really ran, as seen in the compiled train steps.
+
+    The step received the global batch of 8 sharded over the 8 devices (one
+    example each), and its optimised HLO all-reduces gradients: among the
+    shapes its all-reduce instructions reduce (up to layout) are conv
+    kernels' (batch statistics are 1-d, the loss a scalar) and a good part
+    of all the trainable variables' shapes (XLA reduces some gradients in
+    other shapes, before a reshape or split across instructions). The
+    one-device step has no all-reduce, on a batch that is not sharded.
+    """
+    import math
+
+    assert parallel["input_devices"] == 8 and parallel["input_shape"] == [8, 128, 128, 1]
+    assert parallel["input_spec"].startswith("P('batch'")
+    assert parallel["input_shard_shapes"] == [[1, 128, 128, 1]]
+    assert single["input_devices"] == 1 and single["all_reduces"] == 0
+    assert parallel["all_reduces"] > 0
+    reduced = {tuple(shape) for shape in parallel["all_reduced_shapes"]}
+    trainable = {tuple(shape) for shape in parallel["trainable_shapes"]}
+    kernels = [s for s in trainable & reduced if len(s) == 4 and math.prod(s) > 64]
+    assert len(kernels) >= 3, (sorted(reduced), sorted(trainable))
+    assert len(trainable & reduced) >= len(trainable) // 3, (sorted(reduced), sorted(trainable))
 
 
 def _free_port():

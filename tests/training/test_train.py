@@ -198,3 +198,120 @@ def test_predict_on_the_trained_model_needs_no_preprocessing_flags(data, uninter
     assert predict.main([os.fspath(uninterrupted / "model.keras"), images, "-o", os.fspath(tmp_path), "--quiet"]) == 0
     assert "warning" not in capsys.readouterr().err
     assert len(os.listdir(tmp_path)) == len(os.listdir(images))
+
+
+def _stopped(process, timeout=600):
+    """Waits until ``process`` stops itself (SIGSTOP at its stop point); False if it exits first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            return False
+        with open(f"/proc/{process.pid}/stat") as handle:
+            if handle.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return True
+        time.sleep(0.01)
+    raise AssertionError("the run neither stopped nor ended")
+
+
+def _assert_every_file_readable(directory):
+    """No file under its real name is half-written: each one parses whole. Temporaries are never read."""
+    import zipfile
+
+    import h5py
+
+    for folder, _subfolders, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(folder, name)
+            if name.startswith(".tmp-"):
+                continue
+            if name.endswith(".npz"):
+                with np.load(path) as archive:
+                    for key in archive.files:
+                        archive[key]
+            elif name.endswith(".h5"):
+                with h5py.File(path, "r") as handle:
+                    handle.visititems(lambda _, item: item[()] if isinstance(item, h5py.Dataset) else None)
+            elif name.endswith(".keras"):
+                with zipfile.ZipFile(path) as archive:
+                    assert archive.testzip() is None, path
+            elif name.endswith(".json"):
+                json.loads(open(path).read())
+            elif name.endswith(".csv"):
+                lines = open(path).read().strip().splitlines()
+                assert len({line.count(",") for line in lines}) == 1, path
+            elif name.endswith(".png"):
+                raw = open(path, "rb").read()
+                assert raw.startswith(b"\x89PNG") and raw.endswith(b"IEND\xaeB`\x82"), path
+    meta = checkpoint.read_run_state(directory)
+    if meta is not None:  # the state's epoch has every file it refers to
+        done = meta["next_epoch"]
+        assert [row["epoch"] for row in meta["history"]] == list(range(1, done + 1))
+        for epoch in range(1, done + 1):
+            assert os.path.isfile(os.path.join(directory, "checkpoints", f"epoch_{epoch:04d}.weights.h5"))
+        if meta["best_epoch"]:
+            assert os.path.isfile(os.path.join(directory, "best.weights.h5"))
+
+
+@pytest.mark.slow
+def test_random_kills_lose_nothing(data, uninterrupted, tmp_path):
+    # Four SIGKILLs at seeded moments, each followed by --resume: during start-up
+    # and compilation (a random delay), inside an epoch (a random training batch),
+    # while an epoch checkpoint is renamed into place (just before or just after)
+    # and while run_state.npz is (its temporary written, not yet renamed). The run
+    # ends with the variables of the uninterrupted one, and after every kill each
+    # file on disk parses whole.
+    import random
+
+    rng = random.Random(16)
+    output = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+
+    def launch(stop_at, *extra):
+        command = [sys.executable, "-m", "tests.training.kill_points", *_command(data, output, "--epochs", "3",
+                                                                                 *extra)[3:]]
+        return subprocess.Popen(command, env=dict(env, MEDT_STOP_AT=stop_at), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+    def next_epoch():
+        meta = checkpoint.read_run_state(output) if (output / checkpoint.STATE_FILE).exists() else None
+        return 0 if meta is None else meta["next_epoch"]
+
+    moments = [
+        lambda: ("", rng.uniform(1.0, 8.0)),
+        lambda: (f"batch:{rng.randint(8, 11)}", None),  # the second epoch this process trains (6 batches each)
+        lambda: (f"replace:epoch_{next_epoch() + 1:04d}.weights.h5:{rng.choice(['before', 'after'])}", None),
+        lambda: ("replace:run_state.npz:before", None),
+    ]
+    resume = ()
+    for moment in moments:
+        stop_at, delay = moment()
+        before = next_epoch()
+        process = launch(stop_at, *resume)
+        if delay is not None:
+            time.sleep(delay)
+            assert process.poll() is None, f"ended before the kill at {delay:.1f} s: {process.stderr.read()[-2000:]}"
+        else:
+            assert _stopped(process), f"ended before {stop_at}: {process.stderr.read()[-2000:]}"
+        process.kill()
+        assert process.wait() == -signal.SIGKILL
+        process.stderr.close()
+        _assert_every_file_readable(output)
+        assert next_epoch() >= before  # a kill never takes back a completed epoch
+        resume = ("--resume",)
+    assert next_epoch() < 3  # the kills all came before the end
+    result = subprocess.run([sys.executable, "-m", "tests.training.kill_points",
+                             *_command(data, output, "--epochs", "3", "--resume")[3:]],
+                            env=dict(env, MEDT_STOP_AT=""), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_every_file_readable(output)
+    assert not [n for _, _, files in os.walk(output) for n in files if n.startswith(".tmp-")]
+
+    expected, resumed = _state_arrays(uninterrupted), _state_arrays(output)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        if expected[key].dtype.kind in "fc":
+            np.testing.assert_allclose(resumed[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        else:
+            np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)
+    with open(output / "log.csv") as handle:
+        assert len(handle.read().strip().splitlines()) == 4

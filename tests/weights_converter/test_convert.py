@@ -219,3 +219,16 @@ def test_cli_other_size(tmp_path, capsys):
     assert "--resample-positions" in capsys.readouterr().err
     assert convert_main([GATED, str(destination), "--img-size", "64x96", "--resample-positions"]) == 0
     assert "img_size = [64, 96]" in capsys.readouterr().out
+
+
+def test_well_formed_file_that_fits_no_model_is_a_checkpoint_error(tmp_path, capsys):
+    # Right key names, nonsense shapes: whatever goes wrong while inferring
+    # and building the model surfaces as a CheckpointError naming the file.
+    odd = {"conv1.weight": np.zeros((), np.float32), "adjust.weight": np.zeros((), np.float32),
+           "decoder1.weight": np.zeros((), np.float32)}
+    path = tmp_path / "odd.pth"
+    path.write_bytes(torch_zip_bytes(odd))
+    with pytest.raises(CheckpointError, match="odd.pth: "):
+        load_official_checkpoint(path)
+    assert convert_main([str(path), str(tmp_path / "out.keras")]) == 1
+    assert "odd.pth" in capsys.readouterr().err
