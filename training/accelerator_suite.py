@@ -79,6 +79,7 @@ import traceback
 
 DEFAULT_BUDGET_S = 420.0
 DEFAULT_PARITY_BUDGET_S = 150.0
+UNMEASURED_ESTIMATE_S = 30.0  # an item's assumed cost when nothing like it has been measured
 
 
 def _device_memory():
@@ -425,7 +426,11 @@ class Suite:
     def _record(self, item):
         self.report["items"].append(item)
         self.save()
-        print(f"[{self.elapsed():7.1f} s] {item['kind']:<10} {item['name']:<58} {_summary(item)}", flush=True)
+        try:
+            line = _summary(item)
+        except (KeyError, TypeError, ValueError):  # an item without the usual numbers still gets its line
+            line = f"{item['status']} ({item['seconds']:.1f} s)"
+        print(f"[{self.elapsed():7.1f} s] {item['kind']:<10} {item['name']:<58} {line}", flush=True)
 
 
 def _fmt(value, spec):
@@ -565,6 +570,8 @@ def main(argv=None):
     plan += [(model, size, dtype, b) for size in others for model in models for dtype in args.dtypes for b in small]
     for model, size, dtype, batch in plan:
         estimate = _throughput_estimate(suite.report["items"], model, size, batch, dtype, args.repeats)
+        # Nothing measured yet: a full model's first compile takes tens of seconds; start none in less.
+        estimate = UNMEASURED_ESTIMATE_S if estimate is None else estimate
         suite.run(
             "throughput", f"{model} {size}x{size} batch {batch} {dtype}",
             lambda m=model, s=size, d=dtype, b=batch: measure_throughput(m, s, b, d, args.repeats, args.model_kwargs),
@@ -581,7 +588,7 @@ def main(argv=None):
             for batch in args.official_batches:
                 builder = get_spec(model).official_builder
                 suite.run(
-                    "official", f"official {model} {first}x{first} batch {batch}",
+                    "official", f"official {model} {first}x{first} batch {batch}", estimate_s=UNMEASURED_ESTIMATE_S,
                     lambda b=builder, n=batch: measure_official_cuda(args.official, b, first, n, args.repeats),
                     model=model, size=first, batch=batch, dtype="float32",
                 )
