@@ -588,9 +588,9 @@ def main(argv=None):
             for batch in args.official_batches:
                 builder = get_spec(model).official_builder
                 suite.run(
-                    "official", f"official {model} {first}x{first} batch {batch}", estimate_s=UNMEASURED_ESTIMATE_S,
+                    "official", f"official {model} {first}x{first} batch {batch}",
                     lambda b=builder, n=batch: measure_official_cuda(args.official, b, first, n, args.repeats),
-                    model=model, size=first, batch=batch, dtype="float32",
+                    estimate_s=UNMEASURED_ESTIMATE_S, model=model, size=first, batch=batch, dtype="float32",
                 )
     suite.report["finished"] = True
     suite.save()
