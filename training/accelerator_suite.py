@@ -14,13 +14,15 @@ Order of work (each line one or more items):
    environment variables, ``jax.print_environment_info`` (nvidia-smi on GPUs);
 2. peak: a 2048^3 float32 matrix product at default and at highest
    precision (TF32 or not on NVIDIA GPUs) and a bfloat16 one, in GFLOP/s;
-3. parity (``weights_converter.parity.measure_case``) of the shipped tiny
-   fixtures (``tests/fixtures/official``), then the full-size ones where
-   present (``../shared/fixtures/official/full`` or ``shared/fixtures/official/full``
-   inside the checkout, MedT and gated first), each at highest matmul
-   precision (the whole parity contract: float32 eval, float64 eval, train,
-   loss, gradients, BatchNorm statistics) and at default precision (float32
-   eval only: what TF32 does to it); at most ``--parity-budget-s`` of the budget;
+3. parity with the official outputs, at most ``--parity-budget-s`` of the
+   budget: at highest matmul precision the whole contract
+   (``weights_converter.parity.measure_case``: float32 eval, float64 eval,
+   train, loss, gradients, BatchNorm statistics), at default precision the
+   float32 eval only (what TF32 does to it). First the shipped tiny fixtures
+   (``tests/fixtures/official``, every architecture) at highest; then each
+   full-size one where present (``../shared/fixtures/official/full`` or
+   ``shared/fixtures/official/full`` inside the checkout; MedT, gated first)
+   at default, then highest; the tiny ones at default last;
 4. throughput of our models through ``train_on_batch`` / ``predict_on_batch``
    (images/s, compile seconds, device memory): the first model at the first
    size, float32 then mixed_bfloat16, the first two batch sizes; the other
@@ -336,7 +338,7 @@ def _torch_cuda_unavailable():
 
 
 def _fixture_paths(explicit):
-    """Fixtures to check: ``explicit`` paths/folders, or the shipped tiny ones then the full-size ones (MedT, gated first)."""
+    """Fixtures to check: ``explicit`` paths/folders, or the shipped tiny ones, then full-size (MedT, gated first)."""
     from weights_converter.parity import _expand, default_case_paths
 
     if explicit:
@@ -403,7 +405,8 @@ class Suite:
         if limit_s is not None:
             left = min(left, limit_s)
         if estimate_s is not None and estimate_s > left:
-            return self.skip(kind, name, f"over budget: estimated {estimate_s:.1f} s, {max(left, 0):.1f} s left", **meta)
+            reason = f"over budget: estimated {estimate_s:.1f} s, {max(left, 0):.1f} s left"
+            return self.skip(kind, name, reason, **meta)
         if left <= 0:
             return self.skip(kind, name, "over budget: no time left", **meta)
         item = dict(kind=kind, name=name, **meta)
@@ -455,7 +458,8 @@ def _summary(item):
     if kind in ("throughput", "official"):
         memory = (item.get("device_memory") or {}).get("peak_bytes_in_use")
         compile_s = item.get("compile_train_seconds", 0) + item.get("compile_infer_seconds", 0)
-        return (f"train {item['train_images_per_second']:.1f} img/s, infer {item['infer_images_per_second']:.1f} img/s, "
+        return (f"train {item['train_images_per_second']:.1f} img/s, "
+                f"infer {item['infer_images_per_second']:.1f} img/s, "
                 f"compile {compile_s:.1f} s, peak {_fmt(memory and memory / 2**30, '.2f')} GiB {took}")
     return took
 
@@ -538,23 +542,32 @@ def main(argv=None):
         n = 4096 if accelerator else 512  # bfloat16 products are slow on CPUs; their peak there means little
         suite.run("peak", f"bfloat16 {n}^3", lambda: measure_matmul_gflops("bfloat16", n=n), estimate_s=30)
 
-    # 3. Parity, highest precision (the contract) then default (TF32 on NVIDIA).
+    # 3. Parity. The contract at highest precision on the tiny fixtures (every
+    # architecture, cheap); then each full-size one at default precision
+    # (cheap: one float32 forward, shows what TF32 does at full width) and at
+    # highest; the tiny ones at default precision last.
     fixtures = _fixture_paths(args.fixtures) if args.fixtures != [] else []
+    is_full = {path: os.sep + "tests" + os.sep not in path for path in fixtures}
+    order = [(p, "highest") for p in fixtures if not is_full[p]]
+    order += [(p, precision) for p in fixtures if is_full[p] for precision in ("default", "highest")]
+    order += [(p, "default") for p in fixtures if not is_full[p]]
     parity_start = suite.elapsed()
     durations = {}
-    for path in fixtures:
+    for path, precision in order:
         case = os.path.basename(os.path.splitext(path)[0])
-        full = os.sep + "tests" + os.sep not in path
-        for precision, fn in (("highest", parity_highest), ("default", parity_eval32_default)):
-            known = durations.get((full, precision)) or (
-                None if not full else 3 * max(durations.get((False, precision), 0), 1))
-            item = suite.run(
-                "parity", f"{case} {precision}", lambda fn=fn: fn(path),
-                estimate_s=known, limit_s=args.parity_budget_s - (suite.elapsed() - parity_start),
-                case=case, fixture=path, full_size=full, precision=precision,
-            )
-            if item["status"] == "ok":
-                durations[(full, precision)] = max(durations.get((full, precision), 0), item["seconds"])
+        full = is_full[path]
+        fn = parity_highest if precision == "highest" else parity_eval32_default
+        # Until one is measured, a full-size case is guessed at 3x the slowest
+        # tiny contract, its float32 eval alone at 1x.
+        tiny = durations.get((False, "highest"), 1.0)
+        known = durations.get((full, precision)) or (None if not full else tiny * (3 if precision == "highest" else 1))
+        item = suite.run(
+            "parity", f"{case} {precision}", lambda fn=fn, path=path: fn(path),
+            estimate_s=known, limit_s=args.parity_budget_s - (suite.elapsed() - parity_start),
+            case=case, fixture=path, full_size=full, precision=precision,
+        )
+        if item["status"] == "ok":
+            durations[(full, precision)] = max(durations.get((full, precision), 0), item["seconds"])
     if fixtures:
         # measure_case turned on x64; throughput is of the float32/bfloat16 models as users run them.
         jax.config.update("jax_enable_x64", False)
