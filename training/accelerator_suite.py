@@ -1,4 +1,4 @@
-"""``medt-bench --suite accelerator``: everything worth knowing about one device, in one budgeted run.
+r"""``medt-bench --suite accelerator``: everything worth knowing about one device, in one budgeted run.
 
 Written for a session lent one accelerator for a few minutes: it runs in
 one process (JAX starts once), measures the most valuable numbers first,
@@ -34,18 +34,26 @@ Order of work (each line one or more items):
    torch`` works and ``torch.cuda.is_available()``; else one item "skipped"
    with the reason.
 
-Command for a device session (H200, 15 minutes of device time; keep the
-run's ``timeout_s`` above the budget, ~600)::
+Command for a device session (one H200, 15 minutes of device time, the
+machine's start included): prepare here, in the checkout's root, once::
 
-    PYTHONUNBUFFERED=1 KERAS_BACKEND=jax python3 -m training.benchmark --suite accelerator \
-        --budget-s 420 --official .official --json $OUT/accelerator.json
+    printf '/.whl/\n/.official/\n/shared/\n' >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl keras==3.15.1 namex optree
+    mkdir -p shared/fixtures/official/full .official   # only the checkout travels, 64 MiB at most
+    cp ../shared/fixtures/official/full/{medt,gated}_img128_* shared/fixtures/official/full/   # ~35 MB
+    # lib/ of github:jeya-maria-jose/Medical-Transformer (the fetch tool's mirror) into .official:
+    git --git-dir=MIRROR archive HEAD lib | tar -x -C .official
 
-The device image has jax/jaxlib (CUDA) and torch but no keras: carry its
-wheels (keras, namex, optree) as the device README describes. Only the
-checkout travels (``../shared`` does not; 64 MiB at most): copy the
-full-size fixtures wanted (``medt_img128*``, ``gated_img128*``, ~35 MB) into
-``shared/fixtures/official/full`` inside it, and ``lib/`` of the official
-repository into an ignored, carried ``.official``.
+then run once (``run`` with ``carry=[".whl", ".official"]``, ``timeout_s=600``)::
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+    PYTHONPATH=/tmp/site:$PWD KERAS_BACKEND=jax PYTHONUNBUFFERED=1 timeout 570 python3 -m training.benchmark \
+        --suite accelerator --budget-s 420 --official .official --json $OUT/accelerator.json 2>&1 | tee $OUT/log
+
+The device image has jax/jaxlib 0.11 (CUDA 13) and torch but no keras
+(nor its needs namex and optree). The JSON is complete after every item,
+so a run killed at its limit keeps all it measured.
 
 JSON (``--json FILE``, rewritten after every item)::
 
