@@ -94,7 +94,7 @@ UNMEASURED_ESTIMATE_S = 30.0  # an item's assumed cost when nothing like it has 
 
 
 def _device_memory():
-    """``{"bytes_in_use", "peak_bytes_in_use"}`` of device 0, or ``None`` where JAX reports none (CPU)."""
+    """``{"bytes_in_use", "peak_bytes_in_use", "bytes_limit"}`` of device 0; ``None`` where JAX has none (CPU)."""
     import jax
 
     try:
@@ -123,6 +123,7 @@ def platform_info():
         "keras": keras.__version__,
         "numpy": np.__version__,
         "backend": jax.default_backend(),
+        "default_matmul_precision": jax.config.jax_default_matmul_precision,  # None: the backend's own (TF32)
         "devices": [
             {"id": d.id, "platform": d.platform, "device_kind": d.device_kind, "str": str(d)} for d in devices
         ],
