@@ -442,7 +442,16 @@ def _fmt(value, spec):
 
 
 def main(argv=None):
+    chooser = argparse.ArgumentParser(add_help=False)
+    chooser.add_argument("--suite", choices=("models", "accelerator"), default="models")
+    if chooser.parse_known_args(argv)[0].suite == "accelerator":  # budgeted, in one process: its own module
+        from training.accelerator_suite import main as accelerator_main
+
+        return accelerator_main(chooser.parse_known_args(argv)[1])
     parser = argparse.ArgumentParser(prog="medt-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=("models", "accelerator"), default="models",
+                        help="accelerator: parity, speed and memory on this device in one budgeted run "
+                        "(medt-bench --suite accelerator --help)")
     parser.add_argument("--models", nargs="+", default=["medt", "gated"], type=_model_name,
                         help="model names or aliases (medt, logo, gated, axialunet, ...)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[128])
