@@ -266,3 +266,18 @@ def test_padded_evaluation_equals_the_exact_examples():
     want = model.evaluate(x, y, batch_size=6, verbose=0, return_dict=True)
     for key in ("loss", "f1", "iou"):
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+def test_steps_per_execution_trains_the_same_weights(data, uninterrupted, tmp_path):
+    """Three steps per compiled call (6 batches per epoch) end where one step per call does."""
+    output = tmp_path / "spe"
+    _run(data, output, "--epochs", "3", "--steps-per-execution", "3", "--loader-workers", "1")
+    expected, got = _state_arrays(uninterrupted), _state_arrays(output)
+    for key in expected:
+        if expected[key].dtype.kind in "fc":
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    history = [checkpoint.read_run_state(d)["history"] for d in (uninterrupted, output)]
+    assert [row["epoch"] for row in history[1]] == [1, 2, 3]
+    for a, b in zip(*history):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4)
+        np.testing.assert_allclose(b["val_loss"], a["val_loss"], rtol=1e-4)
