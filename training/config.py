@@ -68,13 +68,23 @@ class TrainConfig:
     # Recompute attention maps in the backward pass instead of storing them
     # (less memory, same results; see AxialAttention).
     rematerialize: bool = False
+    # Training steps per compiled call of model.fit (Keras steps_per_execution): fewer
+    # host round trips per step; callbacks and the progress bar see every n-th step.
+    steps_per_execution: int = 1
+    # Threads that build batches ahead of the model (keras.utils.PyDataset workers);
+    # 0 or 1 builds them in the training loop's thread.
+    loader_workers: int = 4
+    # Check the loss after every step, naming the batch that diverged. It reads the loss
+    # from the device each step, which waits for the step to finish; off, the check reads
+    # the epoch's mean loss (NaN if any step was) at the end of the epoch.
+    nan_check_each_step: bool = False
 
     def __post_init__(self):
         # Any registered name or alias; kept as the canonical name so resumed runs compare equal.
         self.model = get_spec(self.model).name
         if self.channel_order not in ("bgr", "rgb"):
             raise ValueError(f"channel_order: {self.channel_order!r}; use 'bgr' (official, OpenCV order) or 'rgb'.")
-        for name in ("batch_size", "epochs", "img_size", "checkpoint_every", "num_classes"):
+        for name in ("batch_size", "epochs", "img_size", "checkpoint_every", "num_classes", "steps_per_execution"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.eval_protocol not in ("auto", "tiled", "resize"):

@@ -16,6 +16,9 @@ image (uniform over its foreground pixels), for masks where objects are
 sparse; an image without foreground gets a uniform crop.
 """
 
+import concurrent.futures
+import threading
+
 import numpy as np
 
 import keras
@@ -92,7 +95,21 @@ class SegmentationBatches(keras.utils.PyDataset):
             training needs every batch to divide over the devices).
         pad_remainder: fill the last batch up to ``batch_size`` with copies
             whose pixels get sample weight 0, and yield ``(images, masks,
-            weights)`` for every batch (data-parallel evaluation).
+            weights (b, h, w) float32)`` for every batch, so evaluation runs
+            one program whatever the split's size. Real pixels get weight
+            ``num_batches * batch_size / epoch_size`` (1 when nothing is
+            padded): Keras divides a batch's weighted loss sum by all its
+            elements, padding included, and averages batches by their full
+            size, so this factor makes the reported loss the mean over the
+            real examples exactly. Ratios such as F1 and IoU are unchanged
+            by a common factor.
+        workers, max_queue_size: with ``workers`` > 1, a pool of that many
+            threads builds the next ``max_queue_size`` batches of the epoch
+            while the model runs (0 or 1: each batch is built when asked
+            for). A prefetched batch is keyed by (epoch, index) and built
+            from that epoch's plan, so results do not change. (Not Keras'
+            own ``PyDataset`` workers: its enqueuer may start the next
+            epoch's batches before ``epoch`` is set.)
     """
 
     def __init__(
@@ -114,8 +131,12 @@ class SegmentationBatches(keras.utils.PyDataset):
         process_count=1,
         drop_remainder=False,
         pad_remainder=False,
+        workers=1,
+        max_queue_size=10,
     ):
         super().__init__()
+        self.workers_, self.max_queue_size_ = int(workers), int(max_queue_size)
+        self._pool, self._ahead, self._lock = None, {}, threading.Lock()
         self.source = source
         self.size = len(source) if limit is None else min(limit, len(source))
         if self.size == 0:
@@ -172,14 +193,14 @@ class SegmentationBatches(keras.utils.PyDataset):
             self._areas = np.array(shapes, np.int64).reshape(-1, 2)
         return self._areas
 
-    def _epoch_plan(self):
+    def _epoch_plan(self, epoch=None):
         """``(order, flips, crops)`` for the epoch, each of length ``epoch_size``.
 
         ``crops[k]`` is ``(u_y, u_x, u_foreground, centred)``: uniforms that
         place crop ``k`` (see ``example``); drawn here so the plan depends on
         (seed, epoch) alone.
         """
-        rng = np.random.default_rng([self.seed, self.epoch])
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
         if self.crops:
             areas = np.prod(self.image_shapes(), axis=1).astype(np.float64)
             order = rng.choice(self.size, size=self.epoch_size, replace=True, p=areas / areas.sum())
@@ -240,7 +261,23 @@ class SegmentationBatches(keras.utils.PyDataset):
     def __getitem__(self, batch_index):
         if batch_index >= self.num_batches:
             raise IndexError(batch_index)
-        order, flips, crops = self._epoch_plan()
+        if self.workers_ <= 1:
+            return self.build(self.epoch, batch_index)
+        key = (self.epoch, batch_index)
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.workers_, thread_name_prefix=self.name)
+            future = self._ahead.pop(key, None) or self._pool.submit(self.build, *key)
+            for stale in [k for k in self._ahead if k[0] != key[0] or k[1] < batch_index]:
+                self._ahead.pop(stale).cancel()
+            for ahead in range(batch_index + 1, min(batch_index + 1 + self.max_queue_size_, self.num_batches)):
+                if (key[0], ahead) not in self._ahead:
+                    self._ahead[key[0], ahead] = self._pool.submit(self.build, key[0], ahead)
+        return future.result()
+
+    def build(self, epoch, batch_index):
+        """Batch ``batch_index`` of epoch ``epoch`` (see the class docstring for what it holds)."""
+        order, flips, crops = self._epoch_plan(epoch)
         start = batch_index * self.batch_size
         positions = list(range(start, min(start + self.batch_size, self.epoch_size)))
         real = len(positions)
@@ -253,7 +290,8 @@ class SegmentationBatches(keras.utils.PyDataset):
         images, masks = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
         if not self.pad_remainder:
             return images, masks
-        weights = np.array([1.0 if k < real else 0.0 for k in mine], np.float32)
+        scale = self.num_batches * self.batch_size / self.epoch_size
+        weights = np.array([scale if k < real else 0.0 for k in mine], np.float32)
         return images, masks, np.broadcast_to(weights[:, None, None], masks.shape).copy()
 
     def names(self):

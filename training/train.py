@@ -84,18 +84,38 @@ class EpochData(keras.callbacks.Callback):
         self.batches.epoch = epoch
 
 
+class StepNaNCheck(keras.callbacks.Callback):
+    """Opt-in (``nan_check_each_step``): stops at the first non-finite step loss and names its batch.
+
+    ``float(loss)`` waits for the step on the device every step; without
+    this callback the run checks the epoch's mean loss instead.
+    """
+
+    def __init__(self, keeper):
+        super().__init__()
+        self.keeper = keeper
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.keeper.diverged = (self.keeper._epoch, batch, float(loss))
+            self.model.stop_training = True
+
+
 class RunKeeper(keras.callbacks.Callback):
     """After each completed epoch: best and periodic weights, the resumable state, the CSV log.
 
     A NaN or infinite loss stops training before the epoch's checkpoint, so
-    the last good state stays on disk.
+    the last good state stays on disk. The check reads the epoch's mean
+    loss at its end (NaN or infinite if any step's was): no batch hook, so
+    Keras dispatches steps without waiting for the device.
     """
 
     def __init__(self, directory, optimizer, config, meta, test_scores=None):
         super().__init__()
         self.directory, self.optimizer, self.config, self.meta = directory, optimizer, config, meta
         self.test_scores = test_scores  # model -> {"f1", "iou", ...}, or None
-        self.diverged = None
+        self.diverged = None  # (epoch index, batch index or None, loss)
         self._epoch = 0
         self._started = time.time()
 
@@ -103,13 +123,11 @@ class RunKeeper(keras.callbacks.Callback):
         self._epoch = epoch
         self._started = time.time()
 
-    def on_train_batch_end(self, batch, logs=None):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.diverged = (self._epoch, batch, float(loss))
-            self.model.stop_training = True
-
     def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("loss")
+        if self.diverged is None and loss is not None and not math.isfinite(float(loss)):
+            self.diverged = (epoch, None, float(loss))
+            self.model.stop_training = True
         if self.diverged is not None:
             return
         logs = {k: float(v) for k, v in (logs or {}).items()}
@@ -154,32 +172,40 @@ def build_model(config, in_channels, normalize="auto"):
 
 
 def make_batches(config, sources, process_index=0, process_count=1, distributed=False):
+    """``(train, validation, test)`` ``SegmentationBatches`` of the config.
+
+    Every batch of a split has the same shape, so each phase compiles one
+    program: training drops a last partial batch (a fresh permutation each
+    epoch, so no example is always left out), evaluation pads it with
+    zero-weight copies. ``distributed`` is kept for callers; batches are
+    built this way for every run.
+    """
     missing = [s for s in SPLITS if s not in sources]
     if missing:
         raise DatasetError(f"{config.dataset}: no {', '.join(missing)} split (has: {', '.join(sources)}).")
     common = dict(image_size=config.img_size, channel_order=config.channel_order, seed=config.seed,
-                  process_index=process_index, process_count=process_count)
-    # Data-parallel batches must divide over the devices: training drops a
-    # last partial batch, evaluation pads it with zero-weight copies.
+                  process_index=process_index, process_count=process_count, workers=config.loader_workers)
+    # Full batches only: data-parallel batches must also divide over the devices.
     train = SegmentationBatches(
         sources["train"], config.batch_size, shuffle=True, flip_probability=config.flip_probability,
         crop_size=config.crop_size, foreground_fraction=config.foreground_fraction,
-        limit=config.max_train_examples, drop_remainder=distributed,
+        limit=config.max_train_examples, drop_remainder=True,
         examples_per_epoch=config.examples_per_epoch, name=f"{config.dataset} train", **common,
     )
     validation = SegmentationBatches(
-        sources["validation"], config.batch_size, limit=config.max_eval_examples, pad_remainder=distributed,
+        sources["validation"], config.batch_size, limit=config.max_eval_examples, pad_remainder=True,
         name=f"{config.dataset} validation", **common,
     )
     test = SegmentationBatches(
-        sources["test"], config.batch_size, limit=config.max_eval_examples, pad_remainder=distributed,
+        sources["test"], config.batch_size, limit=config.max_eval_examples, pad_remainder=True,
         name=f"{config.dataset} test", **common
     )
     return train, validation, test
 
 
 # Fields a resumed run may change: they do not change what is computed.
-RESUME_MAY_CHANGE = ("epochs", "output_dir", "rematerialize")
+RESUME_MAY_CHANGE = ("epochs", "output_dir", "rematerialize", "steps_per_execution", "loader_workers",
+                     "nan_check_each_step")
 
 
 def _resolve_resume(config, directory, resume):
@@ -259,6 +285,7 @@ def train(config, resume=False, verbose="auto", multi_process=None, require_acce
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[ForegroundF1(config.num_classes), ForegroundIoU(config.num_classes)],
+        steps_per_execution=config.steps_per_execution,
     )
     optimizer.build(model.trainable_variables)
     gates = GateSchedule(optimizer, gate_variables(model), config.gate_unfreeze_epoch)
@@ -279,6 +306,8 @@ def train(config, resume=False, verbose="auto", multi_process=None, require_acce
             return model.evaluate(test_batches, verbose=0, return_dict=True)
     keeper = RunKeeper(write_dir, optimizer, config, meta, test_scores if config.test_each_epoch else None)
     callbacks = [EpochData(train_batches), gates, keeper]
+    if config.nan_check_each_step:
+        callbacks.append(StepNaNCheck(keeper))
     validation_data = validation_batches
     if protocol == "tiled":
         # Before the keeper, which reads val_f1 from the same logs.
@@ -311,8 +340,10 @@ def train(config, resume=False, verbose="auto", multi_process=None, require_acce
         )
     if keeper.diverged is not None:
         epoch, batch, loss = keeper.diverged
+        where = f"epoch {epoch + 1}" + (f", batch {batch + 1}" if batch is not None else
+                                        " (--nan-check-each-step true names the batch)")
         raise TrainingDiverged(
-            f"loss became {loss} in epoch {epoch + 1}, batch {batch + 1}; training stopped. The last good state "
+            f"loss became {loss} in {where}; training stopped. The last good state "
             f"(after epoch {meta['next_epoch']}) is in {directory}; lower --learning-rate and --resume."
         )
     train_seconds = time.time() - started
@@ -366,10 +397,11 @@ def evaluate_test(model, batches, config, directory, full=True):
     predictions, masks, images, logit_threshold = [], [], [], []
     for index in range(batches.num_batches):
         x, y, *weights = batches[index]
+        # The whole padded batch: one predict program for every batch.
+        logits = np.asarray(model.predict_on_batch(x))
         if weights:  # padded copies out
             keep = weights[0].reshape(len(y), -1)[:, 0] > 0
-            x, y = x[keep], y[keep]
-        logits = np.asarray(model.predict_on_batch(x))
+            x, y, logits = x[keep], y[keep], logits[keep]
         predictions.append(np.argmax(logits, axis=-1))
         if config.num_classes == 2:
             logit_threshold.append(logits[..., 1] >= 0.5)

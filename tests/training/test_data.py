@@ -114,3 +114,27 @@ def test_foreground_fraction_centres_crops_on_foreground():
     assert hits[1] == np.sum(centred._epoch_plan()[0] == 0) and hits[0] < hits[1] / 5
     with pytest.raises(ValueError, match="foreground_fraction"):
         SegmentationBatches(source, 4, 8, shuffle=True, crop_size=8, examples_per_epoch=8, foreground_fraction=1.5)
+
+
+def test_prefetching_workers_give_the_same_batches_as_none():
+    """Threads build batches ahead, keyed by (epoch, index): an epoch change mid-prefetch uses the new plan."""
+    source = _source(22, size=8)
+    plain = SegmentationBatches(source, 4, 8, shuffle=True, flip_probability=0.5, crop_size=6, drop_remainder=True)
+    threaded = SegmentationBatches(source, 4, 8, shuffle=True, flip_probability=0.5, crop_size=6,
+                                   drop_remainder=True, workers=3, max_queue_size=4)
+    assert threaded.num_batches == 5  # 22 crops: the partial sixth batch is dropped
+    for epoch in (0, 1, 2):
+        plain.epoch = threaded.epoch = epoch
+        for index in (0, 1, 4, 2) if epoch == 1 else range(threaded.num_batches):
+            for a, b in zip(plain[index], threaded[index]):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_padded_evaluation_batches_weigh_real_examples_to_the_exact_mean():
+    """6 examples in batches of 4: 2 zero-weight copies; real pixels weigh 8/6 so Keras' mean over 8 is exact."""
+    batches = SegmentationBatches(_source(6), 4, 6, pad_remainder=True)
+    weights = np.concatenate([batches[i][2] for i in range(batches.num_batches)])
+    assert weights.shape == (8, 6, 6)
+    np.testing.assert_allclose(weights[:6], 8 / 6)
+    np.testing.assert_array_equal(weights[6:], 0.0)
+    assert weights.sum() == pytest.approx(6 * 36 * 8 / 6)

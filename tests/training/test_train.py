@@ -108,7 +108,8 @@ def test_outputs_and_gate_schedule(uninterrupted):
     assert all(not np.array_equal(v.numpy(), initial[v.path]) for v in gate_variables(model))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_state(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("each_step, match", [(False, r"epoch 2 \("), (True, "epoch 2, batch 1")])
+def test_nan_loss_stops_and_keeps_the_last_good_state(data, tmp_path, monkeypatch, each_step, match):
     from training import data as data_module
 
     original = data_module.SegmentationBatches.example
@@ -123,8 +124,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_state(data, tmp_path, monkeypatc
     config = TrainConfig(model="gated", model_args={"blocks": [1, 1, 1, 1], "groups": 2}, img_size=32,
                          dataset="medt_folder", epochs=3, checkpoint_every=1, output_dir=os.fspath(tmp_path / "nan"),
                          **data)
-    with pytest.raises(TrainingDiverged, match="epoch 2, batch 1"):
-        train(config, verbose=0)
+    # The epoch's mean loss is checked at its end; the per-step check (opt-in) also names the batch.
+    with pytest.raises(TrainingDiverged, match=match):
+        train(dataclasses.replace(config, nan_check_each_step=each_step), verbose=0)
     meta = checkpoint.read_run_state(config.output_dir)
     assert meta["next_epoch"] == 1
     state = _state_arrays(config.output_dir)
@@ -315,3 +317,84 @@ def test_random_kills_lose_nothing(data, uninterrupted, tmp_path):
             np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)
     with open(output / "log.csv") as handle:
         assert len(handle.read().strip().splitlines()) == 4
+
+
+@pytest.fixture(scope="module")
+def uneven_data(tmp_path_factory):
+    """Splits that no batch of 4 divides: 26 train, 6 validation, 5 test."""
+    root = tmp_path_factory.mktemp("uneven_data")
+    manual = write_medt_folder(os.fspath(root / "manual"), {"train": 26, "validation": 6, "test": 5}, size=32, seed=1)
+    return dict(manual_dir=manual, data_dir=os.fspath(root / "tfds"))
+
+
+def _tiny_config(data, output_dir, **changes):
+    return TrainConfig(**{**dict(model="gated", model_args={"blocks": [1, 1, 1, 1], "groups": 2}, img_size=32,
+                                 dataset="medt_folder", batch_size=4, gate_unfreeze_epoch=1, checkpoint_every=1,
+                                 preview_images=2, eval_protocol="resize", output_dir=os.fspath(output_dir),
+                                 **data), **changes})
+
+
+@pytest.mark.slow
+def test_one_program_per_phase_with_uneven_splits(uneven_data, tmp_path):
+    """A whole run compiles one train, one evaluation and one predict program (partial batches dropped or padded)."""
+    import jax.monitoring
+
+    names = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(str(kwargs.get("fun_name", "")))
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        report = train(_tiny_config(uneven_data, tmp_path / "run", epochs=2), verbose=0)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    steps = {}
+    for name in names:
+        for phase in ("train", "test", "predict"):
+            if f"{phase}_step" in name:
+                steps.setdefault(phase, []).append(name)
+    assert {phase: len(found) for phase, found in steps.items()} == {"train": 1, "test": 1, "predict": 1}, names
+    assert report["examples"] == 5
+    history = checkpoint.read_run_state(tmp_path / "run")["history"]
+    assert len(history) == 2 and all(np.isfinite(row["val_loss"]) for row in history)
+
+
+def test_padded_evaluation_equals_the_exact_examples():
+    """6 examples in batches of 4 (2 zero-weight copies): loss, F1 and IoU of the 6 examples alone."""
+    import keras
+
+    from medt_keras.metrics import ForegroundF1, ForegroundIoU
+    from training.data import SegmentationBatches
+
+    rng = np.random.default_rng(3)
+    source = [dict(image=rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+                   mask=(rng.random((32, 32, 1)) < 0.3).astype(np.uint8)) for _ in range(6)]
+    config = TrainConfig(model="gated", model_args={"blocks": [1, 1, 1, 1], "groups": 2}, img_size=32)
+    model = build_model(config, in_channels=3)
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=[ForegroundF1(2), ForegroundIoU(2)])
+    padded = SegmentationBatches(source, 4, 32, pad_remainder=True, workers=2)
+    assert padded.num_batches == 2 and padded[1][0].shape[0] == 4
+    exact = SegmentationBatches(source, 6, 32)
+    got = model.evaluate(padded, verbose=0, return_dict=True)
+    x, y = exact[0]
+    want = model.evaluate(x, y, batch_size=6, verbose=0, return_dict=True)
+    for key in ("loss", "f1", "iou"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+def test_steps_per_execution_trains_the_same_weights(data, uninterrupted, tmp_path):
+    """Three steps per compiled call (6 batches per epoch) end where one step per call does."""
+    output = tmp_path / "spe"
+    _run(data, output, "--epochs", "3", "--steps-per-execution", "3", "--loader-workers", "1")
+    expected, got = _state_arrays(uninterrupted), _state_arrays(output)
+    for key in expected:
+        if expected[key].dtype.kind in "fc":
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    history = [checkpoint.read_run_state(d)["history"] for d in (uninterrupted, output)]
+    assert [row["epoch"] for row in history[1]] == [1, 2, 3]
+    for a, b in zip(*history):
+        np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-4)
+        np.testing.assert_allclose(b["val_loss"], a["val_loss"], rtol=1e-4)
