@@ -26,11 +26,11 @@ def _install(spec):
     kind, _, rest = spec.partition(":")
     if kind == "replace":
         name, _, when = rest.rpartition(":")
-        from training import checkpoint
+        from medt_keras import files
 
-        original = checkpoint.os.replace
+        original = files.os.replace
 
-        class _Os:  # checkpoint's view of os, with one rename watched
+        class _Os:  # the atomic writer's view of os, with one rename watched
             def __getattr__(self, attribute):
                 return getattr(os, attribute)
 
@@ -43,7 +43,7 @@ def _install(spec):
                 if hit and when == "after":
                     _stop()
 
-        checkpoint.os = _Os()
+        files.os = _Os()
     elif kind == "batch":
         target = int(rest)
         from training.data import SegmentationBatches
