@@ -12,11 +12,12 @@ import keras
 import medt_keras
 from medt_keras import LoadError, load
 from medt_keras.models.registry import MODELS, OFFICIAL_HYPERPARAMETERS, get_spec
+from tests.conftest import TINY_IMG_SIZE, TINY_MODEL
 from tests.library_only import ROOT, run_without_training
 from tests.weights_converter.torch_format import safetensors_bytes
 
 OFFICIAL_AXIALUNET = ROOT / "tests" / "fixtures" / "official" / "axialunet_img32_c1_k3_b2_s3_w0.03125_g2_l1-1-1-1.pth"
-TINY = dict(img_size=32, in_channels=1, num_classes=3, width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1))
+TINY = dict(img_size=TINY_IMG_SIZE, in_channels=1, num_classes=3, **TINY_MODEL)
 
 
 @pytest.fixture(scope="module")
