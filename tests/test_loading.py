@@ -135,6 +135,27 @@ def test_weights_file_with_its_architecture(tiny_model, tmp_path):
         load(path, architecture="unet")
 
 
+def test_weights_file_saved_before_the_patch_product_rename(tiny_model, tmp_path):
+    # Before PatchProductConv2D was renamed from Conv2D, .weights.h5 files
+    # kept its weights under layers/conv2d*; this writes such a file from the
+    # current one (the mapping itself is checked against a file saved by
+    # the old code in tests/layers/test_patch_product_conv2d.py).
+    import h5py
+
+    from medt_keras.loading import _pre_rename_weight_paths
+
+    path = os.fspath(tmp_path / "old.weights.h5")
+    tiny_model.save_weights(path)
+    renames = _pre_rename_weight_paths(tiny_model)
+    assert renames and all("patch_product_conv2d" in new for new in renames.values())
+    with h5py.File(path, "r+") as f:
+        for old, new in renames.items():
+            f.move(new, old)
+    model = load(path, architecture="axialunet", **TINY)
+    for a, b in zip(model.weights, tiny_model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_official_checkpoints_pth_and_safetensors(tmp_path):
     from weights_converter import load_official_checkpoint, read_state_dict
 
