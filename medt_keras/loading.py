@@ -89,7 +89,13 @@ def _load_weights(path, architecture, config, dtype, hyperparameters):
         options["dtype"] = dtype
     model = _build(spec, options, path)
     try:
-        model.load_weights(path)
+        try:
+            model.load_weights(path)
+        except ValueError:
+            renames = _pre_rename_weight_paths(model)
+            if not renames or not _holds_paths(path, renames):
+                raise
+            _load_pre_rename_weights(model, path, renames)
     except (ValueError, OSError, KeyError) as error:
         raise LoadError(
             f"{path}: does not fit {spec.class_name} built with {options or 'the official hyperparameters'} "
@@ -186,3 +192,59 @@ def load(
     if text.endswith(OFFICIAL_SUFFIXES):
         return _load_official(text, dtype, resample_positions, hyperparameters)
     raise LoadError(f"{text}: unknown kind of file (by its extension); expected one of {_ACCEPTED}.")
+
+
+def _pre_rename_weight_paths(model):
+    """``{old: new}`` weight-file groups of the model's ``PatchProductConv2D`` layers.
+
+    Keras keeps a layer's weights under its snake-cased Python class name,
+    numbered in the order of ``model.layers`` (``layers/conv2d``,
+    ``layers/conv2d_1``, ...). Before its rename ``PatchProductConv2D`` was
+    ``Conv2D``, so ``.weights.h5`` files saved then hold these layers under
+    ``conv2d`` names, counted together with any ``keras.layers.Conv2D`` at the
+    same level. Replays Keras' numbering both ways (``saving_lib._get_unique_name``).
+    """
+    from keras.src.utils import naming
+
+    from medt_keras.layers import PatchProductConv2D
+
+    def unique(name, used):
+        used[name] = used.get(name, -1) + 1
+        return name if used[name] == 0 else f"{name}_{used[name]}"
+
+    old_used, new_used, renames = {}, {}, {}
+    for layer in model.layers:
+        new_name = naming.to_snake_case(type(layer).__name__)
+        old_name = "conv2d" if isinstance(layer, PatchProductConv2D) else new_name
+        old, new = unique(old_name, old_used), unique(new_name, new_used)
+        if old != new:
+            renames[f"layers/{old}"] = f"layers/{new}"
+    return renames
+
+
+def _holds_paths(path, renames):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        # A file of the current layout has some new names that no old name frees.
+        taken = set(renames.values()) - set(renames)
+        return all(old in f for old in renames) and not any(new in f for new in taken)
+
+
+def _load_pre_rename_weights(model, path, renames):
+    """``model.load_weights`` from a copy of ``path`` with its groups renamed as ``renames`` says."""
+    import shutil
+    import tempfile
+
+    import h5py
+
+    with tempfile.TemporaryDirectory() as directory:
+        copy = os.path.join(directory, "renamed" + WEIGHTS_SUFFIX)
+        shutil.copyfile(path, copy)
+        with h5py.File(copy, "r+") as f:
+            # Two passes: an old name may be another layer's new name.
+            for i, old in enumerate(renames):
+                f.move(old, f"{old}__pre_rename_{i}")
+            for i, (old, new) in enumerate(renames.items()):
+                f.move(f"{old}__pre_rename_{i}", new)
+        model.load_weights(copy)

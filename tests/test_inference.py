@@ -3,8 +3,8 @@ import pytest
 
 import medt_keras
 from medt_keras.inference import TilePredictor, blend_window, softmax, sliding_window_probabilities, tile_starts
-
-TINY = dict(width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1))
+from tests.conftest import TINY_IMG_SIZE
+from tests.conftest import TINY_MODEL as TINY
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_the_program_cache_lets_a_model_go():
 
     from medt_keras.inference import _program
 
-    temporary = medt_keras.GatedAxialUNet(img_size=32, in_channels=1, **TINY)
+    temporary = medt_keras.GatedAxialUNet(img_size=TINY_IMG_SIZE, in_channels=1, **TINY)
     _program(temporary)
     gone = weakref.ref(temporary)
     del temporary

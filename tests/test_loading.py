@@ -12,11 +12,12 @@ import keras
 import medt_keras
 from medt_keras import LoadError, load
 from medt_keras.models.registry import MODELS, OFFICIAL_HYPERPARAMETERS, get_spec
+from tests.conftest import TINY_IMG_SIZE, TINY_MODEL
 from tests.library_only import ROOT, run_without_training
 from tests.weights_converter.torch_format import safetensors_bytes
 
 OFFICIAL_AXIALUNET = ROOT / "tests" / "fixtures" / "official" / "axialunet_img32_c1_k3_b2_s3_w0.03125_g2_l1-1-1-1.pth"
-TINY = dict(img_size=32, in_channels=1, num_classes=3, width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1))
+TINY = dict(img_size=TINY_IMG_SIZE, in_channels=1, num_classes=3, **TINY_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,27 @@ def test_weights_file_with_its_architecture(tiny_model, tmp_path):
         load(path, architecture="axialunet", **{**TINY, "num_classes": 2})
     with pytest.raises(LoadError, match="unknown model 'unet'"):
         load(path, architecture="unet")
+
+
+def test_weights_file_saved_before_the_patch_product_rename(tiny_model, tmp_path):
+    # Before PatchProductConv2D was renamed from Conv2D, .weights.h5 files
+    # kept its weights under layers/conv2d*; this writes such a file from the
+    # current one (the mapping itself is checked against a file saved by
+    # the old code in tests/layers/test_patch_product_conv2d.py).
+    import h5py
+
+    from medt_keras.loading import _pre_rename_weight_paths
+
+    path = os.fspath(tmp_path / "old.weights.h5")
+    tiny_model.save_weights(path)
+    renames = _pre_rename_weight_paths(tiny_model)
+    assert renames and all("patch_product_conv2d" in new for new in renames.values())
+    with h5py.File(path, "r+") as f:
+        for old, new in renames.items():
+            f.move(new, old)
+    model = load(path, architecture="axialunet", **TINY)
+    for a, b in zip(model.weights, tiny_model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_official_checkpoints_pth_and_safetensors(tmp_path):

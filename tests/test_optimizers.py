@@ -5,6 +5,7 @@ import keras
 
 import medt_keras
 from medt_keras.optimizers import OfficialAdam
+from tests.conftest import TINY_IMG_SIZE, TINY_MODEL
 
 
 def torch_adam(params, grads_fn, steps, lr, l2, frozen_until=None, beta_1=0.9, beta_2=0.999, eps=1e-8):
@@ -89,9 +90,7 @@ def test_frozen_variables_hold_still_and_count_steps_from_unfreezing():
 
 def test_freezes_medt_gates_in_fit():
     # The official schedule: gates frozen, then unfrozen by a callback.
-    model = medt_keras.GatedAxialUNet(
-        img_size=32, width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1), gates_trainable=True
-    )
+    model = medt_keras.GatedAxialUNet(img_size=TINY_IMG_SIZE, gates_trainable=True, **TINY_MODEL)
     gates = [v for v in model.trainable_variables if "gate" in v.path]
     optimizer = OfficialAdam(1e-2, l2=1e-5)
     optimizer.freeze(gates)

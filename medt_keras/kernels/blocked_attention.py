@@ -37,10 +37,7 @@ import jax.numpy as jnp
 
 # Elements of one block's (batch, lines, heads, L, L) map: 1 MiB in float32,
 # which fits the L2 cache of any current CPU core with room for the
-# operands. Measured on MedT's 64x64 global attention (batch 4, 8 heads),
-# forward and backward of one layer: blocks of 2 lines 81 ms, 4 lines 65,
-# 8 lines (this size) 56, 16 lines 60, 64 lines 104, unblocked 158; the
-# whole-tensor form 148 ms.
+# operands; the fastest of the sizes measured (docs/performance.md).
 BLOCK_ELEMENTS = 1 << 18
 
 # Products that build a map (logits, their gradient) from at most this many
@@ -52,8 +49,7 @@ _BROADCAST_CHANNELS = 4
 # Products that reduce a map against per-line vectors (the outputs, dq, dk,
 # dv) do the same for a single channel only: from two channels on, one
 # batched matrix product beat one broadcast reduction per channel
-# (operation time of a layer's forward and backward, 1 query and 2 value
-# channels: about 57 -> 48 ms; 2 and 4: about 110 -> 70 ms).
+# (docs/performance.md).
 _MAP_BROADCAST_CHANNELS = 1
 
 
@@ -61,12 +57,11 @@ def enabled(shape=None):
     """Whether ``AxialAttention(attention="auto")`` uses this kernel for queries of ``shape``.
 
     Yes where JAX runs on the CPU and, given ``shape`` ``(batch, lines,
-    heads, L, c)``, the layer's maps fill at least one block. Smaller maps gain little and pay for compiling
-    the loops (two training tests of small models: 71 s with it, 62 s
-    without); from one block on the kernel won even without blocking, as
-    its broadcast products replace batched matrix products of tiny
-    matrices (MedT's 8-pixel local layers, 64 x 8 lines, 2 query channels,
-    forward and backward: 8.7 -> 6.0 ms; 4 channels 9.8 -> 9.1 ms).
+    heads, L, c)``, the layer's maps fill at least one block. Smaller maps
+    gain little and pay for compiling the loops; from one block on the
+    kernel won even without blocking, as its broadcast products replace
+    batched matrix products of tiny matrices (timings in
+    docs/performance.md).
     """
     if jax.default_backend() != "cpu":
         return False
@@ -141,8 +136,8 @@ def _channels(x):
     # array, so that inside a block each channel is a contiguous (rows, L)
     # slice. Channels interleaved in one array (channels last, or a channel
     # axis sliced inside the loop) stop XLA's CPU loops over the maps from
-    # vectorising: the backward logits of a 2-channel layer took 10x those
-    # of a 1-channel one.
+    # vectorising (the backward logits of a 2-channel layer took several
+    # times those of a 1-channel one).
     return tuple(x[..., c] for c in range(x.shape[-1]))
 
 

@@ -4,8 +4,8 @@ from medt_keras import _backend  # noqa: F401  (selects JAX before keras loads)
 from medt_keras.layers.axial_attention import AxialAttention
 from medt_keras.layers.axial_block import AxialBlock
 from medt_keras.layers.batch_norm import BatchNorm
-from medt_keras.layers.conv2d import Conv2D
 from medt_keras.layers.patch_fold import PatchFold
+from medt_keras.layers.patch_product_conv2d import PatchProductConv2D
 from medt_keras.layers.patch_unfold import PatchUnfold
 from medt_keras.layers.unused_official_weights import UnusedOfficialWeights
 
@@ -13,8 +13,8 @@ __all__ = [
     "AxialAttention",
     "AxialBlock",
     "BatchNorm",
-    "Conv2D",
     "PatchFold",
+    "PatchProductConv2D",
     "PatchUnfold",
     "UnusedOfficialWeights",
 ]

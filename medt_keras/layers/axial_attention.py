@@ -8,6 +8,7 @@ from keras import ops
 
 from medt_keras._backend import prepare_rematerialization
 from medt_keras.initializers import Normal
+from medt_keras.layers import _attention_ops as attention_ops
 from medt_keras.layers.batch_norm import BatchNorm
 
 _AXES = ("height", "width")
@@ -216,11 +217,6 @@ class AxialAttention(keras.layers.Layer):
         else:
             self.output_norm.build((None, None, length, self.filters))
 
-    def _relative_table(self, length):
-        # table[i, j] = relative_embedding[i - j + span - 1], shape (L, L, 2d).
-        offsets = ops.arange(length)[:, None] - ops.arange(length)[None, :] + (self.span - 1)
-        return ops.take(self.relative_embedding, offsets, axis=0)
-
     def call(self, inputs, training=False):
         if not training:
             return self._forward(inputs, training=False)[0]
@@ -267,11 +263,11 @@ class AxialAttention(keras.layers.Layer):
         qkv = ops.reshape(qkv, (batch, lines, length, heads, 2 * d))
         # Heads before positions, (n, b, G, L, c): the batch axes of every
         # product below lead, in the order of the (n, b, G, L, L) maps.
-        q, k, v = (_swap_heads_and_positions(t) for t in (qkv[..., :half], qkv[..., half:d], qkv[..., d:]))
+        q, k, v = (attention_ops.swap_heads_and_positions(t) for t in (qkv[..., :half], qkv[..., half:d], qkv[..., d:]))
 
         tables = None
         if self.positional_encoding:
-            table = ops.cast(self._relative_table(length), work)
+            table = ops.cast(attention_ops.relative_table(self.relative_embedding, length, self.span), work)
             tables = table[..., :half], table[..., half:d], table[..., d:]
         # The similarity BatchNorm and the gates scale each term; the scales
         # go into the query (q.k, q.r^q) or key (k.r^k) before the products.
@@ -288,7 +284,7 @@ class AxialAttention(keras.layers.Layer):
         outputs = self._attend(q * scales[0], k, v, positional, training)
 
         def to_channels(y):  # (n, b, G, L, c) -> (n, b, L, filters)
-            return ops.reshape(_swap_heads_and_positions(y), (batch, lines, length, self.filters))
+            return ops.reshape(attention_ops.swap_heads_and_positions(y), (batch, lines, length, self.filters))
 
         terms = [to_channels(y) for y in outputs]
         if self.gated:
@@ -340,8 +336,8 @@ class AxialAttention(keras.layers.Layer):
 
         Each output ``(n, b, G, L, d)``. ``medt_keras.kernels.blocked_attention``
         (a block of lines at a time, so the maps stay in cache and are never
-        stored for the backward pass) or ``_softmax_attention`` in
-        ``keras.ops``, which the kernel's tests check it against, as the
+        stored for the backward pass) or ``attention_ops.softmax_attention``
+        in ``keras.ops``, which the kernel's tests check it against, as the
         ``attention`` argument chooses.
         """
         if _uses_blocked_kernel(self.attention, q.shape):
@@ -349,9 +345,9 @@ class AxialAttention(keras.layers.Layer):
 
             return blocked_attention.blocked_attention(q, k, v, positional)
         # Inference writes the logits as broadcast sums (see
-        # _BROADCAST_CHANNELS); training keeps the einsums, whose backward
-        # pass is the faster one.
-        return _softmax_attention(q, k, v, positional, broadcast=not training)
+        # attention_ops.BROADCAST_CHANNELS); training keeps the einsums, whose
+        # backward pass is the faster one.
+        return attention_ops.softmax_attention(q, k, v, positional, broadcast=not training)
 
     def _term_gates(self, dtype):
         # The gates G_Q, G_K of the positional similarity terms (eq. 3).
@@ -363,26 +359,18 @@ class AxialAttention(keras.layers.Layer):
         """The similarity BatchNorm's scales times the gates, one ``(1, 1, G, 1, 1)`` per term."""
         scale, _ = self.similarity_norm.inference_affine()
         scale = ops.reshape(ops.cast(scale, self._work_dtype), (-1, self.num_heads))
-        scales = []
-        for t, gate in enumerate(self._term_gates(self._work_dtype)[: ops.shape(scale)[0]]):
-            s = scale[t] if gate is None else scale[t] * gate
-            scales.append(ops.reshape(s, (1, 1, self.num_heads, 1, 1)))
-        return scales
+        return attention_ops.term_scales(scale, self._term_gates(self._work_dtype), 1, self.num_heads, self._work_dtype)
 
     def _similarity_scales_training(self, q, k, tables):
         """The similarity BatchNorm in training, without materialising the terms.
 
-        Each similarity term is a bilinear form of small tensors (``q_i.k_j``,
-        ``q_i.r^q_ij``, ``k_j.r^k_ji``), so its batch mean and mean square over
-        ``(batch, lines, i, j)`` follow from sums and ``c x c`` outer products
-        of ``q``, ``k`` and the tables, never from the ``(n, b, G, L, L)``
-        maps. BatchNorm is then affine per (group, term, head), and its
+        Its batch statistics come from ``attention_ops.similarity_statistics``
+        (sums and ``c x c`` outer products, never the ``(n, b, G, L, L)``
+        maps). BatchNorm is then affine per (group, term, head), and its
         scale is folded into the query or key before the one product per
         term (``_attend``): the three maps are added as they are made, and
         the stacked similarity (three maps, plus the BatchNorm's copies of
-        it, in the backward pass too) is never built. Same result as
-        stacking the terms and normalising them, up to rounding; the
-        variance is ``E[t^2] - E[t]^2``, clamped at zero.
+        it, in the backward pass too) is never built.
 
         Returns ``(scales, group_mean, group_variance)``: one
         ``(n, 1, G, 1, 1)`` scale per term (the BatchNorm's times the
@@ -391,71 +379,24 @@ class AxialAttention(keras.layers.Layer):
         """
         norm = self.similarity_norm
         stat_dtype = norm.variable_dtype
-        groups = self.batch_groups
-        batch, lines, _, length = ops.shape(q)[:4]
-        heads = self.num_heads
-        count = (batch // groups) * lines * length * length
-
-        def per_group(x):  # (n, b, G) -> (groups, G); item i is in group i % groups
-            return ops.sum(ops.reshape(x, (-1, groups, lines, heads)), axis=(0, 2))
-
-        def outer(x):  # (..., c) -> (..., c, c)
-            return x[..., :, None] * x[..., None, :]
-
         gates = self._term_gates(stat_dtype)
         qs, ks = ops.cast(q, stat_dtype), ops.cast(k, stat_dtype)
-        q_outer, k_outer = outer(qs), outer(ks)
-        # Sums over (i, j) per (n, b, G) of each term and of its square.
-        sums = [ops.sum(ops.sum(qs, axis=3) * ops.sum(ks, axis=3), axis=-1)]
-        squares = [ops.sum(ops.sum(q_outer, axis=3) * ops.sum(k_outer, axis=3), axis=(-2, -1))]
         if tables is not None:
-            q_table, k_table = (ops.cast(t, stat_dtype) for t in tables[:2])
-            # q.r^q: table rows are the query position i; k.r^k: the key position j.
-            for x, x_outer, table, gate in (
-                (qs, q_outer, q_table, gates[1]),
-                (ks, k_outer, k_table, gates[2]),
-            ):
-                scale = 1.0 if gate is None else gate
-                table_sum = ops.sum(table, axis=1)  # (L, c) against x's (.., L, c)
-                table_outer = ops.sum(outer(table), axis=1)
-                sums.append(scale * ops.sum(x * table_sum, axis=(3, 4)))
-                squares.append(scale * scale * ops.sum(x_outer * table_outer, axis=(3, 4, 5)))
-        mean = ops.stack([per_group(t) for t in sums], axis=1) / count
-        mean_square = ops.stack([per_group(t) for t in squares], axis=1) / count
-        variance = ops.maximum(mean_square - ops.square(mean), 0.0)
-
-        gamma = ops.reshape(ops.cast(norm.gamma, stat_dtype), (len(sums), heads))
+            tables = tuple(ops.cast(t, stat_dtype) for t in tables[:2])
+        mean, variance, count = attention_ops.similarity_statistics(qs, ks, tables, gates, self.batch_groups)
+        terms = ops.shape(mean)[1]
+        gamma = ops.reshape(ops.cast(norm.gamma, stat_dtype), (terms, self.num_heads))
         scale = gamma * ops.rsqrt(variance + norm.epsilon)  # (groups, terms, G)
-        # Per example: item i of the batch is in group i % groups.
-        scale = ops.tile(scale, (batch // groups, 1, 1))
-
-        def term_scale(t):
-            s = scale[:, t] if gates[t] is None else scale[:, t] * gates[t]
-            return ops.reshape(ops.cast(s, self._work_dtype), (batch, 1, heads, 1, 1))
-
+        scales = attention_ops.term_scales(scale, gates, ops.shape(q)[0], self.num_heads, self._work_dtype)
         param_shape = tuple(norm.moving_mean.shape)
-        mean = ops.reshape(mean, (groups,) + param_shape)
-        variance = ops.reshape(norm.moving_variance_estimate(variance, count), (groups,) + param_shape)
-        return [term_scale(t) for t in range(len(sums))], mean, variance
+        mean = ops.reshape(mean, (self.batch_groups,) + param_shape)
+        variance = ops.reshape(norm.moving_variance_estimate(variance, count), (self.batch_groups,) + param_shape)
+        return scales, mean, variance
 
     def _normalized_output_inference(self, terms):
-        """``sum_t BN(stack(terms))[.., t]`` in inference, folded into a weighted sum.
-
-        Terms ``(n, b, L, F)``; the output BatchNorm's parameters are
-        ``(F, term)``, or ``(F,)`` for a single term. BatchNorm is affine in
-        inference, so the stacked tensor is never built.
-        """
+        """``sum_t BN(stack(terms))[.., t]`` in inference (``attention_ops.folded_output_norm``)."""
         scale, shift = self.output_norm.inference_affine()
-        dtype = self._work_dtype
-        if len(terms) > 1:
-            scales = ops.unstack(ops.cast(scale, dtype), axis=-1)
-            shift = ops.sum(shift, axis=-1)
-        else:
-            scales = [ops.cast(scale, dtype)]
-        total = ops.cast(shift, dtype)
-        for term, term_scale in zip(terms, scales):
-            total = total + term * term_scale
-        return total
+        return attention_ops.folded_output_norm(terms, scale, shift, self._work_dtype)
 
     def compute_output_shape(self, input_shape):
         batch, height, width, _ = input_shape
@@ -487,21 +428,6 @@ class AxialAttention(keras.layers.Layer):
         return config
 
 
-# Queries, keys and values have only 1-16 channels per head in MedT, so
-# the logits are outer products in disguise. As einsums they become batched
-# products of tiny matrices, which XLA's CPU backend ran slowly and, for the
-# relative-table terms, wrapped in transposed copies of the whole map. In
-# inference, up to this many channels, _softmax_attention writes them as
-# sums of broadcast elementwise products, one per channel, which XLA fuses
-# with the scaling and the sum of the terms (MedT inference on CPU 1.58 ->
-# 0.66 s together with the heads-first layout of q, k and v, measured before
-# the blocked kernel took over on CPU). Training keeps the einsums: the
-# backward pass of the broadcast form reduces the map over its leading axes
-# for the table gradients, which cost more than it saved. The weighted sums
-# over the map stay products in every mode.
-_BROADCAST_CHANNELS = 4
-
-
 def _uses_blocked_kernel(attention, shape):
     """Whether ``attention`` (see ``AxialAttention``) means the JAX kernel for queries of ``shape``."""
     if attention == "keras_ops" or keras.backend.backend() != "jax":
@@ -511,58 +437,3 @@ def _uses_blocked_kernel(attention, shape):
     from medt_keras.kernels import blocked_attention
 
     return blocked_attention.enabled(shape)
-
-
-def _softmax_attention(q, k, v, positional, broadcast):
-    """``AxialAttention._attend`` in ``keras.ops``: the form for every backend, and the kernel's reference."""
-    similarity = _pairwise_products(q, k, broadcast)
-    if positional is not None:
-        q_position, k_position, q_table, k_table, v_table = positional
-        similarity = similarity + _positional_products(q_position, q_table, True, broadcast)
-        # k_j . r^k at offset j - i: the key's own position indexes the table.
-        similarity = similarity + _positional_products(k_position, k_table, False, broadcast)
-    # softmax, normalised after the weighted sums: dividing the small
-    # (.., L, c) results instead of the (.., L, L) map saves a pass over it.
-    # The maximum only keeps exp in range; any constant per row cancels, so
-    # no gradient flows through it.
-    similarity = similarity - ops.stop_gradient(ops.max(similarity, axis=-1, keepdims=True))
-    weights = ops.exp(similarity)
-    normalizer = 1.0 / ops.sum(weights, axis=-1, keepdims=True)
-    outputs = [ops.einsum("nbgij,nbgjc->nbgic", weights, v) * normalizer]
-    if positional is not None:
-        outputs.append(ops.einsum("nbgij,ijc->nbgic", weights, v_table) * normalizer)
-    return tuple(outputs)
-
-
-def _swap_heads_and_positions(x):
-    # (n, b, L, G, c) <-> (n, b, G, L, c).
-    return ops.transpose(x, (0, 1, 3, 2, 4))
-
-
-def _pairwise_products(q, k, broadcast):
-    """``s[n, b, g, i, j] = sum_c q[n, b, g, i, c] k[n, b, g, j, c]``."""
-    channels = q.shape[-1]
-    if not broadcast or channels > _BROADCAST_CHANNELS:
-        return ops.einsum("nbgic,nbgjc->nbgij", q, k)
-    return functools.reduce(
-        ops.add, [q[..., :, None, c] * k[..., None, :, c] for c in range(channels)]
-    )
-
-
-def _positional_products(x, table, query_side, broadcast):
-    """Products with the relative table, ``(n, b, g, i, j)``.
-
-    ``query_side``: ``s[.., i, j] = sum_c x[n, b, g, i, c] table[i, j, c]``
-    (``q.r^q``); otherwise ``sum_c x[n, b, g, j, c] table[j, i, c]``
-    (``k.r^k``, the key's position indexes the table).
-    """
-    channels = x.shape[-1]
-    if not broadcast or channels > _BROADCAST_CHANNELS:
-        if query_side:
-            return ops.einsum("nbgic,ijc->nbgij", x, table)
-        return ops.einsum("nbgjc,jic->nbgij", x, table)
-    if query_side:
-        products = [x[..., :, None, c] * table[:, :, c] for c in range(channels)]
-    else:
-        products = [x[..., None, :, c] * ops.transpose(table[:, :, c]) for c in range(channels)]
-    return functools.reduce(ops.add, products)

@@ -9,7 +9,7 @@ import keras
 from medt_keras import _backend  # noqa: F401
 from medt_keras._backend import prepare_rematerialization
 from medt_keras.initializers import FanInUniform
-from medt_keras.layers import AxialBlock, BatchNorm, Conv2D
+from medt_keras.layers import AxialBlock, BatchNorm, PatchProductConv2D
 from medt_keras.preprocessing import check_preprocessing
 
 # The official channel widths before scaling by s (ResAxialAttentionUNet): the stem, stages 1-4 and
@@ -51,7 +51,7 @@ class _GraphBuilder:
             mode = "valid"
         else:
             mode = "same"
-        return Conv2D(
+        return PatchProductConv2D(
             filters,
             kernel_size,
             strides=strides,

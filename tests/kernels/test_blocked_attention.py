@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 import medt_keras
 from medt_keras.kernels import blocked_attention as kernel
-from medt_keras.layers.axial_attention import _softmax_attention
+from medt_keras.layers._attention_ops import softmax_attention
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,7 +44,7 @@ def _loss(attention, weights):
 
 def _check_against_keras_ops(inputs, weights, rtol=1e-11):
     def keras_ops(q, k, v, positional):
-        return _softmax_attention(q, k, v, positional, broadcast=False)
+        return softmax_attention(q, k, v, positional, broadcast=False)
 
     expected = keras_ops(*inputs)
     actual = kernel.blocked_attention(*inputs)

@@ -4,9 +4,9 @@ import pytest
 import keras
 
 import medt_keras
+from tests.conftest import TINY_IMG_SIZE
+from tests.conftest import TINY_MODEL as TINY
 from weights_converter.__main__ import count_official_parameters
-
-TINY = dict(width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1))
 
 
 def test_default_medt_has_the_official_parameter_count():
@@ -50,7 +50,7 @@ def test_gated_and_positional_layers_are_where_the_official_code_puts_them():
 
 
 def test_gates_trainable_option():
-    model = medt_keras.GatedAxialUNet(img_size=32, gates_trainable=True, **TINY)
+    model = medt_keras.GatedAxialUNet(img_size=TINY_IMG_SIZE, gates_trainable=True, **TINY)
     assert sum("gate" in v.path for v in model.trainable_variables) == 4 * 2 * 4
 
 
@@ -155,8 +155,8 @@ def test_mixed_bfloat16_policy_trains_with_float32_statistics():
     rng = np.random.default_rng(0)
     x = rng.random((2, 32, 32, 3), dtype=np.float32)
     y = rng.integers(0, 2, (2, 32, 32))
-    reference = medt_keras.GatedAxialUNet(img_size=32, **TINY)
-    model = medt_keras.GatedAxialUNet(img_size=32, dtype="mixed_bfloat16", **TINY)
+    reference = medt_keras.GatedAxialUNet(img_size=TINY_IMG_SIZE, **TINY)
+    model = medt_keras.GatedAxialUNet(img_size=TINY_IMG_SIZE, dtype="mixed_bfloat16", **TINY)
     model.set_weights(reference.get_weights())
     assert all(b.height_attention.compute_dtype == "bfloat16" for b in _blocks(model))
     assert all(v.dtype in ("float32", "int32") for v in model.weights)
@@ -181,7 +181,7 @@ def test_rematerialize_sets_the_cpu_scheduler_flag_before_jax_starts():
         "import os, medt_keras, jax\n"
         "from medt_keras._backend import CPU_REMAT_XLA_FLAG\n"
         "assert CPU_REMAT_XLA_FLAG not in os.environ.get('XLA_FLAGS', '')\n"
-        "medt_keras.GatedAxialUNet(img_size=32, width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1), rematerialize=True)\n"
+        f"medt_keras.GatedAxialUNet(img_size={TINY_IMG_SIZE}, **{TINY!r}, rematerialize=True)\n"
         "assert CPU_REMAT_XLA_FLAG in os.environ['XLA_FLAGS']\n"
         "print('flag set')\n"
     )
@@ -201,4 +201,4 @@ def test_rematerialize_after_jax_started_on_cpu_warns(monkeypatch):
     if jax.default_backend() != "cpu":
         pytest.skip("the flag concerns the CPU compiler only")
     with pytest.warns(UserWarning, match="xla_cpu_enable_concurrency_optimized_scheduler"):
-        medt_keras.GatedAxialUNet(img_size=32, rematerialize=True, **TINY)
+        medt_keras.GatedAxialUNet(img_size=TINY_IMG_SIZE, rematerialize=True, **TINY)

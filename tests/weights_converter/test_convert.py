@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import medt_keras
-from tests.conftest import OFFICIAL_TINY
+from tests.conftest import OFFICIAL_TINY, TINY_IMG_SIZE, TINY_MODEL
 from tests.weights_converter.torch_format import torch_zip_bytes
 from weights_converter import (
     CheckpointError,
@@ -146,7 +146,7 @@ def test_cli_converts(tmp_path, capsys, suffix):
         restored = keras.saving.load_model(destination)
         assert isinstance(restored, medt_keras.GatedAxialUNet)
     else:
-        restored = medt_keras.GatedAxialUNet(img_size=32, width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1))
+        restored = medt_keras.GatedAxialUNet(img_size=TINY_IMG_SIZE, **TINY_MODEL)
         restored.load_weights(destination)
     np.testing.assert_array_equal(np.asarray(restored(x)), np.asarray(reference(x)))
     assert not list(tmp_path.glob("*partial*"))
@@ -180,9 +180,7 @@ def test_architecture_inference_inverts_export_for_unusual_hyperparameters(cls, 
 
 
 def test_architecture_inference_reads_non_square_sizes():
-    hyperparameters = dict(
-        img_size=[64, 96], in_channels=1, num_classes=2, width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1)
-    )
+    hyperparameters = dict(img_size=[64, 96], in_channels=1, num_classes=2, **TINY_MODEL)
     model = medt_keras.GatedAxialUNet(**hyperparameters)
     assert infer_architecture(export_official_state_dict(model)) == ("gated", hyperparameters)
 

@@ -5,7 +5,7 @@ from keras import ops
 
 
 @keras.saving.register_keras_serializable(package="medt_keras")
-class Conv2D(keras.layers.Conv2D):
+class PatchProductConv2D(keras.layers.Conv2D):
     """``keras.layers.Conv2D`` that multiplies patches where the image is smaller than the window.
 
     The same layer, weights and results as ``keras.layers.Conv2D``
@@ -14,17 +14,16 @@ class Conv2D(keras.layers.Conv2D):
     differs. Where the output is smaller than the kernel along both spatial
     axes (the 3x3 convolutions of the deepest decoders, on 2x2 and 1x1
     feature maps), most of each window lies in the zero padding, and XLA's
-    CPU convolution of such shapes ran 6-10x slower than gathering the
+    CPU convolution of such shapes takes a slow generic path: gathering the
     ``kernel_height * kernel_width`` shifted views of the padded input into
-    patches and multiplying them by the kernel as one matrix:
+    patches and multiplying them by the kernel as one matrix is several
+    times faster (timings in docs/performance.md):
 
         y[n, i, j, o] = sum_{a, b, c} x_pad[n, i*s + a, j*s + b, c] w[a, b, c, o]
                       = (patches @ reshape(w, (a*b*c, o)))[n, i, j, o]
 
-    (forward and backward of MedT's local ``decoder2``, 64 patches of 2x2x256
-    to 128 channels: 64 ms as a convolution, 8 ms as patches). The patches
-    hold ``kernel_height * kernel_width`` copies of an input that small, so
-    they cost no memory worth counting. Larger images, dilated kernels and
+    The patches hold ``kernel_height * kernel_width`` copies of an input
+    that small, so they cost no memory worth counting. Larger images, dilated kernels and
     ``channels_first`` use ``keras.ops.conv`` as the parent class does.
 
     Input shape: ``(batch, height, width, channels)``.
@@ -57,6 +56,21 @@ class Conv2D(keras.layers.Conv2D):
             if _padding(size, k, s, self.padding)[1] >= k:
                 return False
         return True
+
+
+@keras.saving.register_keras_serializable(package="medt_keras", name="Conv2D")
+class Conv2D(PatchProductConv2D):
+    """``PatchProductConv2D`` under its old name, for ``.keras`` files saved before the rename.
+
+    The layer was ``medt_keras.layers.Conv2D`` (registered as
+    ``"medt_keras>Conv2D"``), which shadowed ``keras.layers.Conv2D``. A
+    ``.keras`` file names a layer's class in its config and keeps its weights
+    under the snake-cased Python class name (``layers/conv2d``); this
+    subclass matches both, so old files load with their weights. It is not
+    exported from ``medt_keras.layers``; new models use
+    ``PatchProductConv2D``. Old ``.weights.h5`` files, which hold no config,
+    are mapped by ``medt_keras.loading`` instead.
+    """
 
 
 def _padding(size, kernel, stride, mode):

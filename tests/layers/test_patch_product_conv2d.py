@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import medt_keras
-from medt_keras.layers import Conv2D
+from medt_keras.layers import PatchProductConv2D
+from tests.conftest import FIXTURES
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,7 +25,7 @@ PATCH_CASES = [
 
 
 def _pair(shape, filters, kernel, strides, padding, use_bias=True):
-    ours = Conv2D(filters, kernel, strides=strides, padding=padding, use_bias=use_bias, dtype="float64")
+    ours = PatchProductConv2D(filters, kernel, strides=strides, padding=padding, use_bias=use_bias, dtype="float64")
     reference = keras.layers.Conv2D(
         filters, kernel, strides=strides, padding=padding, use_bias=use_bias, dtype="float64"
     )
@@ -71,7 +72,57 @@ def test_larger_images_use_the_convolution():
 
 
 def test_config_round_trip_keeps_the_class():
-    layer = Conv2D(4, 3, strides=2, padding="valid", use_bias=False, name="decoder1")
-    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
-    assert type(restored) is Conv2D
+    layer = PatchProductConv2D(4, 3, strides=2, padding="valid", use_bias=False, name="decoder1")
+    config = keras.saving.serialize_keras_object(layer)
+    assert config["registered_name"] == "medt_keras>PatchProductConv2D"
+    restored = keras.saving.deserialize_keras_object(config)
+    assert type(restored) is PatchProductConv2D
     assert restored.get_config() == layer.get_config()
+
+
+# conv2d_old_name.keras and .weights.h5 were saved before the rename, when
+# PatchProductConv2D was medt_keras.layers.Conv2D (registered as
+# "medt_keras>Conv2D", weights kept under layers/conv2d*): the model below,
+# with weights drawn from default_rng(0) in float32.
+def _model_with_both_convolutions():
+    inputs = keras.Input((4, 4, 3))
+    x = PatchProductConv2D(4, 3, strides=2, padding="same", name="decoder1")(inputs)  # 2x2: patches
+    x = keras.layers.Conv2D(5, 1, name="keras_conv")(x)
+    return keras.Model(inputs, PatchProductConv2D(2, 3, padding="same", name="decoder2")(x))
+
+
+def _expected_weights(model):
+    rng = np.random.default_rng(0)
+    return [rng.normal(size=w.shape).astype("float32") for w in model.get_weights()]
+
+
+def test_keras_files_saved_under_the_old_name_load():
+    model = keras.saving.load_model(f"{FIXTURES}/conv2d_old_name.keras")
+    for name in ("decoder1", "decoder2"):
+        assert isinstance(model.get_layer(name), PatchProductConv2D)
+    assert type(model.get_layer("keras_conv")) is keras.layers.Conv2D
+    for got, want in zip(model.get_weights(), _expected_weights(model)):
+        np.testing.assert_array_equal(got, want)
+    reference = _model_with_both_convolutions()
+    reference.set_weights(model.get_weights())
+    x = np.random.default_rng(1).normal(size=(2, 4, 4, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(reference(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_weights_files_saved_under_the_old_name_load():
+    from medt_keras import loading
+
+    path = f"{FIXTURES}/conv2d_old_name.weights.h5"
+    model = _model_with_both_convolutions()
+    with pytest.raises(ValueError):
+        model.load_weights(path)  # the groups are named after the old class
+    renames = loading._pre_rename_weight_paths(model)
+    assert renames == {
+        "layers/conv2d": "layers/patch_product_conv2d",
+        "layers/conv2d_1": "layers/conv2d",
+        "layers/conv2d_2": "layers/patch_product_conv2d_1",
+    }
+    assert loading._holds_paths(path, renames)
+    loading._load_pre_rename_weights(model, path, renames)
+    for got, want in zip(model.get_weights(), _expected_weights(model)):
+        np.testing.assert_array_equal(got, want)
