@@ -243,6 +243,33 @@ def train(config, resume=False, verbose="auto", multi_process=None, require_acce
     ``process_id``, ``cloud_tpu``). ``require_accelerator``: raise
     ``training.devices.AcceleratorError`` if JAX finds only CPUs.
     """
+    run = _set_up(config, resume, multi_process, require_accelerator)
+    train_seconds = _fit(run, verbose)
+    return _finish(run, train_seconds)
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the three phases of ``train`` share."""
+
+    config: TrainConfig
+    directory: str  # the run's output folder
+    write_dir: str  # where this process writes (a scratch folder for processes other than 0)
+    chief: bool
+    process_count: int
+    device_count: int
+    started: float
+    batches: tuple  # (train, validation, test) SegmentationBatches
+    in_channels: int
+    protocol: str  # "tiled" or "resize"
+    model: keras.Model
+    optimizer: OfficialAdam
+    gates: GateSchedule
+    meta: dict  # the run's bookkeeping, saved in run_state.npz
+
+
+def _set_up(config, resume, multi_process, require_accelerator):
+    """Devices, data, the compiled model and, on resume, the saved state."""
     directory = config.output_dir or os.path.join("runs", "run")
     config = dataclasses.replace(config, output_dir=directory)
     config, saved = _resolve_resume(config, directory, resume)
@@ -298,18 +325,29 @@ def train(config, resume=False, verbose="auto", multi_process=None, require_acce
         if chief and meta["history"]:
             checkpoint.atomic_write_csv(os.path.join(directory, "log.csv"), meta["history"])
     gates.apply(meta["next_epoch"])
-    if protocol == "tiled":
-        def test_scores(model):
-            return whole_image_scores(model, test_batches, config.num_classes, config.tile_overlap)[0]
-    else:
-        def test_scores(model):
-            return model.evaluate(test_batches, verbose=0, return_dict=True)
-    keeper = RunKeeper(write_dir, optimizer, config, meta, test_scores if config.test_each_epoch else None)
-    callbacks = [EpochData(train_batches), gates, keeper]
+    return _Run(config, directory, write_dir, chief, process_count, device_count, started,
+                (train_batches, validation_batches, test_batches), in_channels, protocol, model, optimizer, gates, meta)
+
+
+def _test_scores(run):
+    """model -> test split scores, as the run's evaluation protocol computes them."""
+    test_batches, config = run.batches[2], run.config
+    if run.protocol == "tiled":
+        return lambda model: whole_image_scores(model, test_batches, config.num_classes, config.tile_overlap)[0]
+    return lambda model: model.evaluate(test_batches, verbose=0, return_dict=True)
+
+
+def _fit(run, verbose):
+    """``model.fit`` over the remaining epochs with the run's callbacks; returns the seconds since start."""
+    config, model, meta = run.config, run.model, run.meta
+    train_batches, validation_batches, test_batches = run.batches
+    test_scores = _test_scores(run) if config.test_each_epoch else None
+    keeper = RunKeeper(run.write_dir, run.optimizer, config, meta, test_scores)
+    callbacks = [EpochData(train_batches), run.gates, keeper]
     if config.nan_check_each_step:
         callbacks.append(StepNaNCheck(keeper))
     validation_data = validation_batches
-    if protocol == "tiled":
+    if run.protocol == "tiled":
         # Before the keeper, which reads val_f1 from the same logs.
         callbacks.insert(2, WholeImageValidation(validation_batches, config.num_classes, config.tile_overlap))
         validation_data = None
@@ -321,10 +359,11 @@ def train(config, resume=False, verbose="auto", multi_process=None, require_acce
         f"{validation_batches.size} validation / {test_batches.size} test examples"
         + (f" ({train_batches.epoch_size} random {config.crop_size}x{config.crop_size} crops per epoch)"
            if train_batches.crops else "")
-        + f", evaluation {protocol}, "
-        f"{config.img_size}x{config.img_size}x{in_channels}, {sum(int(np.prod(v.shape)) for v in model.trainable_variables):,} parameters, "
-        f"epochs {meta['next_epoch'] + 1}..{config.epochs}, output {directory}"
-        + (f", data-parallel over {device_count} devices in {process_count} process(es)"
+        + f", evaluation {run.protocol}, "
+        f"{config.img_size}x{config.img_size}x{run.in_channels}, "
+        f"{sum(int(np.prod(v.shape)) for v in model.trainable_variables):,} parameters, "
+        f"epochs {meta['next_epoch'] + 1}..{config.epochs}, output {run.directory}"
+        + (f", data-parallel over {run.device_count} devices in {run.process_count} process(es)"
            if config.distribution != "none" else ""),
         flush=True,
     )
@@ -344,10 +383,15 @@ def train(config, resume=False, verbose="auto", multi_process=None, require_acce
                                         " (--nan-check-each-step true names the batch)")
         raise TrainingDiverged(
             f"loss became {loss} in {where}; training stopped. The last good state "
-            f"(after epoch {meta['next_epoch']}) is in {directory}; lower --learning-rate and --resume."
+            f"(after epoch {meta['next_epoch']}) is in {run.directory}; lower --learning-rate and --resume."
         )
-    train_seconds = time.time() - started
+    return time.time() - run.started
 
+
+def _finish(run, train_seconds):
+    """The best epoch's weights tested, ``model.keras`` and ``test_metrics.json`` written; returns the report."""
+    config, model, meta, directory, write_dir = run.config, run.model, run.meta, run.directory, run.write_dir
+    test_batches = run.batches[2]
     # Each process reloads the copy it wrote itself (no race with process 0's
     # writes); a best epoch from before a resume exists only in the shared folder.
     best = os.path.join(write_dir, "best.weights.h5")
@@ -355,27 +399,27 @@ def train(config, resume=False, verbose="auto", multi_process=None, require_acce
         best = os.path.join(directory, "best.weights.h5")
     if os.path.isfile(best):
         model.load_weights(best)
-    if protocol == "tiled":
+    if run.protocol == "tiled":
         report = evaluate_test_tiled(model, test_batches, config, write_dir)
     else:
-        report = evaluate_test(model, test_batches, config, write_dir, full=process_count == 1)
+        report = evaluate_test(model, test_batches, config, write_dir, full=run.process_count == 1)
     report.update(
-        eval_protocol=protocol,
+        eval_protocol=run.protocol,
         best_epoch=meta["best_epoch"],
         best_val_f1=meta["best_val_f1"],
         epochs=config.epochs,
-        seconds_total=round(time.time() - started, 1),
+        seconds_total=round(time.time() - run.started, 1),
         seconds_training=round(train_seconds, 1),
     )
     checkpoint.save_model(model, os.path.join(write_dir, "model.keras"))
-    if not chief:
+    if not run.chief:
         shutil.rmtree(write_dir, ignore_errors=True)
         return report
     # NaN (an undefined score) is written as null: the file stays valid JSON.
     checkpoint.atomic_write_text(os.path.join(directory, "test_metrics.json"),
                                  json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     print(
-        f"medt-train: test F1 {report['f1']:.4f}  IoU {report['iou']:.4f} ({protocol})  "
+        f"medt-train: test F1 {report['f1']:.4f}  IoU {report['iou']:.4f} ({run.protocol})  "
         f"(official protocol, per-image mean: F1 {report['official_f1']:.4f} IoU {report['official_iou']:.4f}) "
         f"with the best validation epoch {report['best_epoch']}; "
         f"{report['seconds_total']:.0f} s; files in {directory}",
