@@ -88,6 +88,7 @@ def test_frozen_variables_hold_still_and_count_steps_from_unfreezing():
     assert float(still[1]) == float(start[1])
 
 
+@pytest.mark.slow
 def test_freezes_medt_gates_in_fit():
     # The official schedule: gates frozen, then unfrozen by a callback.
     model = medt_keras.GatedAxialUNet(img_size=TINY_IMG_SIZE, gates_trainable=True, **TINY_MODEL)

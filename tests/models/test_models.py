@@ -150,6 +150,7 @@ def test_attention_implementation_reaches_every_attention_layer_and_round_trips(
     assert all(b.width_attention.attention == "keras_ops" for b in _blocks(restored))
 
 
+@pytest.mark.slow
 def test_mixed_bfloat16_policy_trains_with_float32_statistics():
     # bf16 compute for accelerators; variables and BatchNorm statistics stay float32.
     rng = np.random.default_rng(0)

@@ -25,6 +25,7 @@ def _env(devices):
     return env
 
 
+@pytest.mark.slow
 def test_eight_device_data_parallel_fit_equals_one_device():
     result = subprocess.run([sys.executable, "-m", "tests.training.distributed_worker"], env=_env(8), cwd=ROOT,
                             capture_output=True, text=True, timeout=900)
@@ -46,6 +47,7 @@ def test_eight_device_data_parallel_fit_equals_one_device():
     assert report["mismatch"] == "batch size 4 does not divide over 8 devices; use a multiple of 8 (e.g. --batch-size 8)."
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["auto", "keras_ops"])
 def test_data_parallel_train_step_communicates_only_by_all_reduce(attention):
     # MedT's train step (tiny widths, batch 8 of 128x128) compiled under
@@ -94,6 +96,7 @@ def _free_port():
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_end_to_end(tmp_path):
     manual = write_medt_folder(os.fspath(tmp_path / "manual"), {"train": 16, "validation": 6, "test": 6}, size=32)
     data_dir = os.fspath(tmp_path / "tfds")

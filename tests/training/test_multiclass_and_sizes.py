@@ -40,6 +40,7 @@ def _three_class_folder(root, counts, size=32, seed=0):
     return root
 
 
+@pytest.mark.slow
 def test_three_classes_train_predict_evaluate(tmp_path):
     manual = _three_class_folder(os.fspath(tmp_path / "manual"), {"train": 16, "validation": 4, "test": 4})
     config = TrainConfig(model="gated", model_args=dict(TINY), img_size=32, num_classes=3,
@@ -62,6 +63,7 @@ def test_three_classes_train_predict_evaluate(tmp_path):
     assert summary["images"] == 4 and 0.0 <= summary["pooled_f1"] <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(256, 256), (64, 96)])
 def test_models_train_and_predict_at_other_sizes(size):
     model = medt_keras.GatedAxialUNet(img_size=size, in_channels=1, gates_trainable=True, **TINY)

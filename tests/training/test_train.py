@@ -55,6 +55,7 @@ def uninterrupted(data, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(data, uninterrupted, tmp_path):
     output = tmp_path / "killed"
     process = subprocess.Popen(_command(data, output, "--epochs", "3"), stdout=subprocess.DEVNULL,
@@ -108,6 +109,7 @@ def test_outputs_and_gate_schedule(uninterrupted):
     assert all(not np.array_equal(v.numpy(), initial[v.path]) for v in gate_variables(model))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("each_step, match", [(False, r"epoch 2 \("), (True, "epoch 2, batch 1")])
 def test_nan_loss_stops_and_keeps_the_last_good_state(data, tmp_path, monkeypatch, each_step, match):
     from training import data as data_module
@@ -151,6 +153,7 @@ def test_resume_may_switch_rematerialization(uninterrupted):
     assert attention and all(layer.rematerialize for layer in attention)
 
 
+@pytest.mark.slow
 def test_existing_run_needs_resume_and_the_same_config(data, uninterrupted):
     result = _run(data, uninterrupted, "--epochs", "3", check=False)
     assert result.returncode != 0 and "Pass --resume" in result.stderr
@@ -158,6 +161,7 @@ def test_existing_run_needs_resume_and_the_same_config(data, uninterrupted):
     assert result.returncode != 0 and "seed: saved 0, now 1" in result.stderr
 
 
+@pytest.mark.slow
 def test_saved_model_loads_predicts_and_trains_with_the_library_alone(uninterrupted):
     # A fresh interpreter where `training` cannot be imported: `import medt_keras` must register the
     # model, OfficialAdam and the metrics, and restore the optimiser state (its step count and moments).
@@ -193,6 +197,7 @@ def test_saved_model_loads_predicts_and_trains_with_the_library_alone(uninterrup
     assert report["preprocessing"] == {"channel_order": "bgr", "normalize": "dtype"}
 
 
+@pytest.mark.slow
 def test_predict_on_the_trained_model_needs_no_preprocessing_flags(data, uninterrupted, tmp_path, capsys):
     from training import predict
 
@@ -385,6 +390,7 @@ def test_padded_evaluation_equals_the_exact_examples():
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
 
 
+@pytest.mark.slow
 def test_steps_per_execution_trains_the_same_weights(data, uninterrupted, tmp_path):
     """Three steps per compiled call (6 batches per epoch) end where one step per call does."""
     output = tmp_path / "spe"

@@ -18,7 +18,7 @@ FULL = sorted(glob.glob(os.path.join(OFFICIAL_FULL, "*.pth")))
 
 CASES = [pytest.param(p, id=os.path.basename(p)[:-4]) for p in TINY]
 if FULL:
-    CASES += [pytest.param(p, id=os.path.basename(p)[:-4], marks=pytest.mark.full) for p in FULL]
+    CASES += [pytest.param(p, id=os.path.basename(p)[:-4], marks=[pytest.mark.full, pytest.mark.slow]) for p in FULL]
 else:
     CASES.append(
         pytest.param(
@@ -76,6 +76,7 @@ def test_worst_key_and_relative_error_see_nan_and_inf():
     assert math.isnan(_relative_max(np.array([1.0, 2.0]), np.array([np.inf, 2.0])))
 
 
+@pytest.mark.slow
 def test_nan_in_one_gradient_and_inf_in_one_statistic_fail_the_check(tmp_path):
     # A NaN gradient or non-finite BatchNorm statistic of any parameter, not
     # only the first, must fail the parity check and be named as the worst.
