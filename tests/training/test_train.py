@@ -48,6 +48,17 @@ def _state_arrays(directory):
         return {k: state[k] for k in state.files if k != "meta"}
 
 
+def _assert_same_state(expected_dir, resumed_dir):
+    """Every saved model and optimiser variable of the two runs equal (float32 rounding allowed)."""
+    expected, resumed = _state_arrays(expected_dir), _state_arrays(resumed_dir)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        if expected[key].dtype.kind in "fc":
+            np.testing.assert_allclose(resumed[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        else:
+            np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory):
     output = tmp_path_factory.mktemp("uninterrupted")
@@ -73,13 +84,7 @@ def test_killed_run_resumes_to_the_same_result(data, uninterrupted, tmp_path):
     assert 1 <= killed_at < 3
     _run(data, output, "--epochs", "3", "--resume")
 
-    expected, resumed = _state_arrays(uninterrupted), _state_arrays(output)
-    assert expected.keys() == resumed.keys()
-    for key in expected:
-        if expected[key].dtype.kind in "fc":
-            np.testing.assert_allclose(resumed[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
-        else:
-            np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)
+    _assert_same_state(uninterrupted, output)
     history = [checkpoint.read_run_state(d)["history"] for d in (uninterrupted, output)]
     assert [row["epoch"] for row in history[1]] == [1, 2, 3]
     for a, b in zip(*history):
@@ -313,13 +318,7 @@ def test_random_kills_lose_nothing(data, uninterrupted, tmp_path):
     _assert_every_file_readable(output)
     assert not [n for _, _, files in os.walk(output) for n in files if n.startswith(".tmp-")]
 
-    expected, resumed = _state_arrays(uninterrupted), _state_arrays(output)
-    assert expected.keys() == resumed.keys()
-    for key in expected:
-        if expected[key].dtype.kind in "fc":
-            np.testing.assert_allclose(resumed[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
-        else:
-            np.testing.assert_array_equal(resumed[key], expected[key], err_msg=key)
+    _assert_same_state(uninterrupted, output)
     with open(output / "log.csv") as handle:
         assert len(handle.read().strip().splitlines()) == 4
 
@@ -376,7 +375,13 @@ def test_padded_evaluation_equals_the_exact_examples():
     rng = np.random.default_rng(3)
     source = [dict(image=rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
                    mask=(rng.random((32, 32, 1)) < 0.3).astype(np.uint8)) for _ in range(6)]
-    config = TrainConfig(model="gated", model_args={"blocks": [1, 1, 1, 1], "groups": 2}, img_size=32)
+    # float64: an untrained model's two logits are nearly tied at many pixels, and
+    # float32 programs compiled for batches of 4 and of 6 round differently
+    # enough to flip some argmaxes (F1 0.4636 vs 0.4663 seen once); the
+    # comparison is about the padding weights, not that rounding.
+    medt_keras.enable_float64()
+    config = TrainConfig(model="gated", model_args={"blocks": [1, 1, 1, 1], "groups": 2}, img_size=32,
+                         dtype="float64")
     model = build_model(config, in_channels=3)
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[ForegroundF1(2), ForegroundIoU(2)])
