@@ -50,12 +50,12 @@ class _ForegroundCounts(keras.metrics.Metric):
         classes = ops.arange(1, self.num_classes, dtype="int32")[None, :]
         truth = ops.cast(labels[:, None] == classes, "float32")
         guess = ops.cast(ops.cast(predicted, "int32")[:, None] == classes, "float32")
-        if sample_weight is not None:  # per-pixel weights; 0 leaves a pixel out (padding)
-            weight = ops.cast(ops.reshape(sample_weight, (-1, 1)), "float32")
-            truth, guess = truth * weight, guess * weight
-        self.true_positives.assign_add(ops.sum(truth * guess, axis=0))
-        self.false_positives.assign_add(ops.sum((1.0 - truth) * guess, axis=0))
-        self.false_negatives.assign_add(ops.sum(truth * (1.0 - guess), axis=0))
+        # Per-pixel weights scale each pixel's count (0 leaves a padded pixel out);
+        # they multiply the counts, not the indicators, which must stay 0/1.
+        weight = 1.0 if sample_weight is None else ops.cast(ops.reshape(sample_weight, (-1, 1)), "float32")
+        self.true_positives.assign_add(ops.sum(truth * guess * weight, axis=0))
+        self.false_positives.assign_add(ops.sum((1.0 - truth) * guess * weight, axis=0))
+        self.false_negatives.assign_add(ops.sum(truth * (1.0 - guess) * weight, axis=0))
 
     def _counts(self):
         return tuple(

@@ -76,3 +76,19 @@ def test_official_protocol_averages_images_and_scores_tp_zero_as_one():
     assert f1 == pytest.approx((2 / 3 + 1 + 1) / 3) and iou == pytest.approx((0.5 + 1 + 1) / 3)
     f1, iou = official_protocol_scores(predictions, masks, tp_zero_scores_one=False)
     assert f1 == pytest.approx((2 / 3 + 0 + 1) / 3) and iou == pytest.approx((0.5 + 0 + 1) / 3)
+
+
+def test_weights_scale_pixel_counts_and_zero_leaves_pixels_out():
+    # Padded evaluation weighs real pixels by a constant (e.g. 8/6) and padding by 0:
+    # F1/IoU must equal those of the real pixels alone.
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 2, (3, 8, 8))
+    predicted = np.where(rng.random((3, 8, 8)) < 0.8, labels, 1 - labels)
+    weights = np.zeros((3, 8, 8), np.float32)
+    weights[:2] = 4.0 / 3.0
+    for metric_class in (ForegroundF1, ForegroundIoU):
+        weighted, alone = metric_class(2), metric_class(2)
+        weighted.update_state(labels, _logits(predicted, 2), sample_weight=weights)
+        alone.update_state(labels[:2], _logits(predicted[:2], 2))
+        assert np.isfinite(float(alone.result()))
+        np.testing.assert_allclose(float(weighted.result()), float(alone.result()), rtol=1e-6)
