@@ -375,13 +375,7 @@ def test_padded_evaluation_equals_the_exact_examples():
     rng = np.random.default_rng(3)
     source = [dict(image=rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
                    mask=(rng.random((32, 32, 1)) < 0.3).astype(np.uint8)) for _ in range(6)]
-    # float64: an untrained model's two logits are nearly tied at many pixels, and
-    # float32 programs compiled for batches of 4 and of 6 round differently
-    # enough to flip some argmaxes (F1 0.4636 vs 0.4663 seen once); the
-    # comparison is about the padding weights, not that rounding.
-    medt_keras.enable_float64()
-    config = TrainConfig(model="gated", model_args={"blocks": [1, 1, 1, 1], "groups": 2}, img_size=32,
-                         dtype="float64")
+    config = TrainConfig(model="gated", model_args={"blocks": [1, 1, 1, 1], "groups": 2}, img_size=32)
     model = build_model(config, in_channels=3)
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=[ForegroundF1(2), ForegroundIoU(2)])
