@@ -168,6 +168,21 @@ def _gradients_and_updates(layer, x):
     return y, grads, x_grad, updated
 
 
+def _twin_layers(x, axis, positional, gated, variants):
+    """float64 layers for input ``x`` differing only by ``variants`` (one dict each), all with the first's weights."""
+    layers = [
+        AxialAttention(8, num_heads=2, axis=axis, positional_encoding=positional, gated=gated,
+                       gates_trainable=gated, batch_groups=2, dtype="float64", **variant)
+        for variant in variants
+    ]
+    for layer in layers:
+        layer.build(x.shape)
+    for layer in layers[1:]:
+        for target, source in zip(layer.variables, layers[0].variables):
+            target.assign(source.value)
+    return layers
+
+
 @pytest.mark.parametrize("positional,gated", FORMS)
 def test_kernel_and_keras_ops_give_the_same_outputs_gradients_and_statistics(positional, gated, monkeypatch):
     # The same layer with attention="blocked" (blocks of two lines) and
@@ -177,24 +192,7 @@ def test_kernel_and_keras_ops_give_the_same_outputs_gradients_and_statistics(pos
     monkeypatch.setattr(blocked_attention, "BLOCK_ELEMENTS", 4 * 2 * 2 * 6 * 6)
     rng = np.random.default_rng(6)
     x = rng.normal(size=(4, 6, 6, 8))
-    layers = [
-        AxialAttention(
-            8,
-            num_heads=2,
-            axis="height",
-            positional_encoding=positional,
-            gated=gated,
-            gates_trainable=gated,
-            batch_groups=2,
-            attention=attention,
-            dtype="float64",
-        )
-        for attention in ("blocked", "keras_ops")
-    ]
-    for layer in layers:
-        layer.build(x.shape)
-    for target, source in zip(layers[1].variables, layers[0].variables):
-        target.assign(source.value)
+    layers = _twin_layers(x, "height", positional, gated, [dict(attention="blocked"), dict(attention="keras_ops")])
     results, inference = [], []
     for layer in layers:
         results.append(_gradients_and_updates(layer, x))
@@ -213,25 +211,8 @@ def test_kernel_and_keras_ops_give_the_same_outputs_gradients_and_statistics(pos
 def test_rematerialize_gives_the_same_outputs_gradients_and_statistics(positional, gated):
     rng = np.random.default_rng(5)
     x = rng.normal(size=(4, 6, 6, 8))
-    layers = [
-        AxialAttention(
-            8,
-            num_heads=2,
-            axis="width",
-            positional_encoding=positional,
-            gated=gated,
-            gates_trainable=gated,
-            batch_groups=2,
-            rematerialize=rematerialize,
-            dtype="float64",
-        )
-        for rematerialize in (False, True)
-    ]
-    for layer in layers:
-        layer.build(x.shape)
+    layers = _twin_layers(x, "width", positional, gated, [dict(rematerialize=False), dict(rematerialize=True)])
     reference = layers[0]
-    for target, source in zip(layers[1].variables, reference.variables):
-        target.assign(source.value)
     results = [_gradients_and_updates(layer, x) for layer in layers]
     (y0, g0, xg0, u0), (y1, g1, xg1, u1) = results
     np.testing.assert_allclose(np.asarray(y1), np.asarray(y0), rtol=1e-12, atol=1e-12)
