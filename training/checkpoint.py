@@ -1,12 +1,26 @@
-"""Checkpoints that survive a kill at any moment (written through ``medt_keras.files``).
+"""Checkpoints that survive a kill at any moment.
 
-``save_run_state`` / ``restore_run_state`` hold what resuming needs: every
-model variable (weights, BatchNorm statistics and counters), every
-optimiser variable (moments, step counts, which variables are frozen), and
-the run's bookkeeping (next epoch, best validation score, history).
+The run state holds what resuming needs: every model variable (weights,
+BatchNorm statistics and counters), every optimiser variable (moments,
+step counts, which variables are frozen), and the run's bookkeeping (next
+epoch, best validation score, history). It is kept in one of two formats:
+
+* ``npz``: ``run_state.npz``, written by one process through
+  ``medt_keras.files`` (a temporary renamed over the old file);
+* ``orbax``: an Orbax checkpoint directory ``run_state/`` with one folder
+  per epoch (the latest two kept). Every process of a multi-process run
+  saves its own shards, in the background while training goes on, to a
+  local or remote (``gs://``) path; a folder counts only once Orbax has
+  committed it (renamed from its temporary name, or marked committed on
+  object stores), so a kill leaves the previous epoch's. Loading reshards
+  onto the devices of the resuming run, whatever their number.
+
+``choose_format`` picks one for a new run (``orbax`` for multi-process runs
+and URL output directories) and keeps the saved one for a resumed run.
 """
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -22,6 +36,193 @@ from medt_keras.files import (  # noqa: F401
 )
 
 STATE_FILE = "run_state.npz"
+ORBAX_DIR = "run_state"
+FORMATS = ("npz", "orbax")
+
+
+def is_remote(path):
+    """A URL (``gs://bucket/run``) rather than a local path."""
+    return "://" in os.fspath(path)
+
+
+class _QuietOrbax(logging.Filter):
+    """Drops Orbax's warning that the bookkeeping (strings, no arrays) has no array files to merge."""
+
+    def filter(self, record):
+        return "Skipping merge of OCDBT checkpoints" not in record.getMessage()
+
+
+def _orbax():
+    from keras.src.utils.module_utils import ocp  # orbax.checkpoint.v1, as Keras' OrbaxCheckpoint loads it
+
+    ocp.initialize()
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _QuietOrbax) for f in absl_logger.filters):
+        absl_logger.addFilter(_QuietOrbax())
+    return ocp
+
+
+def _orbax_root(directory):
+    return os.path.join(os.fspath(directory), ORBAX_DIR)
+
+
+def _orbax_checkpointer(directory):
+    ocp = _orbax()
+    return ocp.training.Checkpointer(
+        directory=_orbax_root(directory),
+        preservation_policy=ocp.training.preservation_policies.LatestN(2),
+        save_decision_policy=ocp.training.save_decision_policies.FixedIntervalPolicy(1),
+    )
+
+
+def _orbax_exists(directory):
+    root = _orbax_root(directory)
+    if is_remote(root):
+        from etils import epath
+
+        return epath.Path(root).exists()
+    return os.path.isdir(root)
+
+
+def saved_format(directory):
+    """The format of the run state saved in ``directory``, or ``None`` when there is none."""
+    if not is_remote(directory) and os.path.isfile(os.path.join(os.fspath(directory), STATE_FILE)):
+        return "npz"
+    if _orbax_exists(directory):
+        checkpointer = _orbax_checkpointer(directory)
+        try:
+            if checkpointer.latest is not None:
+                return "orbax"
+        finally:
+            checkpointer.close()
+    return None
+
+
+def choose_format(directory, preference="auto", process_count=1):
+    """The run state format: the saved one if any, else ``preference`` (``auto``: see the module)."""
+    saved = saved_format(directory)
+    if saved is not None:
+        return saved
+    if preference in FORMATS:
+        chosen = preference
+    elif preference == "auto":
+        chosen = "orbax" if process_count > 1 or is_remote(directory) else "npz"
+    else:
+        raise ValueError(f"checkpoint format {preference!r}: use auto, {' or '.join(FORMATS)}.")
+    if chosen == "npz" and (process_count > 1 or is_remote(directory)):
+        raise ValueError(f"{directory}: run_state.npz is written by one process to a local folder; "
+                         "a multi-process run or a remote output directory needs --checkpoint-format orbax.")
+    return chosen
+
+
+class OrbaxRunState:
+    """The run state as an Orbax checkpoint: ``save`` returns once the arrays are copied off the device.
+
+    Every process of the run must construct it and call ``save`` for the
+    same epochs (Orbax coordinates the processes); ``close`` waits for the
+    last save to be committed.
+    """
+
+    def __init__(self, directory):
+        self.checkpointer = _orbax_checkpointer(directory)
+
+    def save(self, model, optimizer, meta):
+        state, described = _state_and_description(model, optimizer)
+        # Finish the previous save first: one save in flight at a time.
+        self.checkpointer.wait()
+        self.checkpointer.save_checkpointables_async(
+            int(meta["next_epoch"]), {"state": state, "meta": {"json": json.dumps({**meta, **described})}}
+        )
+
+    def wait(self):
+        self.checkpointer.wait()
+
+    def close(self):
+        self.checkpointer.close()
+
+
+def _state_and_description(model, optimizer):
+    import jax.numpy as jnp
+
+    state, described = {}, {}
+    for prefix, variables in (("model", model.variables), ("optimizer", optimizer.variables)):
+        # Copies: the training step donates the variables' buffers, and the
+        # save reads these after fit has moved on.
+        state[prefix] = [jnp.copy(v.value) for v in variables]
+        described[f"{prefix}_paths"] = [v.path for v in variables]
+        described[f"{prefix}_shapes"] = [list(v.shape) for v in variables]
+    return state, described
+
+
+def _read_orbax(directory, model=None, optimizer=None):
+    """The latest committed state's bookkeeping; with a model and optimizer, also assigns their variables."""
+    checkpointer = _orbax_checkpointer(directory)
+    root = _orbax_root(directory)
+    try:
+        latest = checkpointer.latest
+        if latest is None:
+            return None
+        meta = json.loads(checkpointer.load_checkpointables(latest.step, {"meta": None})["meta"]["json"])
+        if model is None:
+            return _public(meta)
+        import jax
+
+        where = f"{root}/{latest.step}"
+        abstract = {}
+        for prefix, variables in (("model", model.variables), ("optimizer", optimizer.variables)):
+            _check_same_variables(where, prefix, meta[f"{prefix}_paths"], variables)
+            for path, shape, variable in zip(meta[f"{prefix}_paths"], meta[f"{prefix}_shapes"], variables):
+                if tuple(shape) != tuple(variable.shape):
+                    raise ValueError(f"{where}: {path} saved with shape {tuple(shape)}, model has {variable.shape}.")
+            # The arrays land with the sharding of this run's variables, whatever the saving run's devices were.
+            abstract[prefix] = [jax.ShapeDtypeStruct(tuple(v.shape), v.value.dtype, sharding=v.value.sharding)
+                                for v in variables]
+        state = checkpointer.load_checkpointables(latest.step, {"state": abstract})["state"]
+        for prefix, variables in (("model", model.variables), ("optimizer", optimizer.variables)):
+            for variable, value in zip(variables, state[prefix]):
+                variable.assign(value)
+        return _public(meta)
+    finally:
+        checkpointer.close()
+
+
+def _public(meta):
+    return {k: v for k, v in meta.items() if not k.endswith(("_paths", "_shapes"))}
+
+
+def _check_same_variables(where, prefix, paths, variables):
+    current = [v.path for v in variables]
+    if list(paths) != current:
+        missing = sorted(set(current) - set(paths)) or sorted(set(paths) - set(current))
+        raise ValueError(
+            f"{where}: the saved {prefix} variables do not match this run's "
+            f"({len(paths)} saved, {len(current)} now; first difference: {missing[:1] or 'order'}). "
+            "Resume with the same config, or start a new output directory."
+        )
+
+
+def state_arrays(directory):
+    """``{"model": {path: array}, "optimizer": {path: array}}`` of the saved state, in either format (for comparisons)."""
+    if saved_format(directory) == "npz":
+        with np.load(os.path.join(os.fspath(directory), STATE_FILE)) as data:
+            return {prefix: {str(p): data[f"{prefix}_{i}"] for i, p in enumerate(data[f"{prefix}_paths"])}
+                    for prefix in ("model", "optimizer")}
+    import jax
+
+    ocp, checkpointer = _orbax(), _orbax_checkpointer(directory)
+    try:
+        step = checkpointer.latest.step
+        meta = json.loads(checkpointer.load_checkpointables(step, {"meta": None})["meta"]["json"])
+        saved = ocp.pytree_metadata(f"{_orbax_root(directory)}/{step}", checkpointable_name="state").metadata
+        # Onto this process' first device, whatever devices saved it.
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved,
+                                is_leaf=lambda m: hasattr(m, "shape"))
+        state = checkpointer.load_checkpointables(step, {"state": abstract})["state"]
+    finally:
+        checkpointer.close()
+    return {prefix: {p: np.asarray(a) for p, a in zip(meta[f"{prefix}_paths"], state[prefix])}
+            for prefix in ("model", "optimizer")}
 
 
 def save_run_state(directory, model, optimizer, meta):
@@ -37,28 +238,24 @@ def save_run_state(directory, model, optimizer, meta):
 
 
 def read_run_state(directory):
-    """The saved state's bookkeeping, or ``None`` when there is none."""
-    path = os.path.join(os.fspath(directory), STATE_FILE)
-    if not os.path.isfile(path):
+    """The saved state's bookkeeping (either format), or ``None`` when there is none."""
+    kind = saved_format(directory)
+    if kind == "orbax":
+        return _read_orbax(directory)
+    if kind is None:
         return None
-    with np.load(path) as data:
+    with np.load(os.path.join(os.fspath(directory), STATE_FILE)) as data:
         return json.loads(str(data["meta"]))
 
 
 def restore_run_state(directory, model, optimizer):
-    """Assigns the saved variables to ``model`` and the (built) ``optimizer``; returns the bookkeeping."""
+    """Assigns the saved variables (either format) to ``model`` and the (built) ``optimizer``; returns the bookkeeping."""
+    if saved_format(directory) == "orbax":
+        return _read_orbax(directory, model, optimizer)
     path = os.path.join(os.fspath(directory), STATE_FILE)
     with np.load(path) as data:
         for prefix, variables in (("model", model.variables), ("optimizer", optimizer.variables)):
-            paths = [str(p) for p in data[f"{prefix}_paths"]]
-            current = [v.path for v in variables]
-            if paths != current:
-                missing = sorted(set(current) - set(paths)) or sorted(set(paths) - set(current))
-                raise ValueError(
-                    f"{path}: the saved {prefix} variables do not match this run's "
-                    f"({len(paths)} saved, {len(current)} now; first difference: {missing[:1] or 'order'}). "
-                    "Resume with the same config, or start a new output directory."
-                )
+            _check_same_variables(path, prefix, [str(p) for p in data[f"{prefix}_paths"]], variables)
             for i, variable in enumerate(variables):
                 value = data[f"{prefix}_{i}"]
                 if tuple(value.shape) != tuple(variable.shape):

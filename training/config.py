@@ -78,6 +78,12 @@ class TrainConfig:
     # from the device each step, which waits for the step to finish; off, the check reads
     # the epoch's mean loss (NaN if any step was) at the end of the epoch.
     nan_check_each_step: bool = False
+    # Where the resumable state goes: "npz" (run_state.npz, one process, local disk), "orbax"
+    # (an Orbax checkpoint directory run_state/: every process saves its shards, asynchronously,
+    # to local or gs:// paths, and loading reshards onto the devices present), or "auto": orbax
+    # for multi-process runs and remote (URL) output directories, npz otherwise. A resumed run
+    # keeps the format its state was saved in.
+    checkpoint_format: str = "auto"
 
     def __post_init__(self):
         # Any registered name or alias; kept as the canonical name so resumed runs compare equal.
@@ -87,6 +93,8 @@ class TrainConfig:
         for name in ("batch_size", "epochs", "img_size", "checkpoint_every", "num_classes", "steps_per_execution"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.checkpoint_format not in ("auto", "npz", "orbax"):
+            raise ValueError(f"checkpoint_format: {self.checkpoint_format!r}; use auto, npz or orbax.")
         if self.eval_protocol not in ("auto", "tiled", "resize"):
             raise ValueError(f"eval_protocol: {self.eval_protocol!r}; use auto, tiled or resize.")
         if not 0.0 <= self.foreground_fraction <= 1.0:

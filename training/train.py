@@ -5,8 +5,10 @@
     medt-train --config medt_hela --resume      # continue a killed run where it stopped
 
 A run writes into its output directory (default ``runs/<config>``):
-``log.csv`` (one row per epoch), ``run_state.npz`` (everything resuming
-needs, rewritten atomically after every epoch), ``best.weights.h5`` (best
+``log.csv`` (one row per epoch), ``run_state.npz`` or, for multi-process
+runs and remote output directories, the Orbax checkpoint ``run_state/``
+(everything resuming needs, saved after every epoch so that a kill leaves
+the previous epoch's; ``checkpoint_format``), ``best.weights.h5`` (best
 validation F1), ``checkpoints/epoch_NNNN.weights.h5`` (every
 ``checkpoint_every`` epochs), and after training ``model.keras`` (the best
 weights), ``test_metrics.json`` and ``test_predictions.png``.
@@ -111,9 +113,10 @@ class RunKeeper(keras.callbacks.Callback):
     Keras dispatches steps without waiting for the device.
     """
 
-    def __init__(self, directory, optimizer, config, meta, test_scores=None):
+    def __init__(self, directory, optimizer, config, meta, test_scores=None, state_store=None):
         super().__init__()
         self.directory, self.optimizer, self.config, self.meta = directory, optimizer, config, meta
+        self.state_store = state_store  # checkpoint.OrbaxRunState, or None for run_state.npz
         self.test_scores = test_scores  # model -> {"f1", "iou", ...}, or None
         self.diverged = None  # (epoch index, batch index or None, loss)
         self._epoch = 0
@@ -149,11 +152,14 @@ class RunKeeper(keras.callbacks.Callback):
             checkpoint.save_weights(
                 self.model, os.path.join(self.directory, "checkpoints", f"epoch_{epoch + 1:04d}.weights.h5")
             )
-        # run_state.npz is the commit point: a kill before it leaves the
-        # previous epoch's state (the files above are rewritten identically
-        # when the epoch is redone); log.csv is derived from it and rewritten
-        # on resume, should a kill come between the two.
-        checkpoint.save_run_state(self.directory, self.model, self.optimizer, self.meta)
+        # The run state is the commit point: a kill before it is committed
+        # leaves the previous epoch's (the files above are rewritten
+        # identically when the epoch is redone); log.csv is derived from it
+        # and rewritten on resume, should a kill come between the two.
+        if self.state_store is not None:
+            self.state_store.save(self.model, self.optimizer, self.meta)  # every process, in the background
+        else:
+            checkpoint.save_run_state(self.directory, self.model, self.optimizer, self.meta)
         checkpoint.atomic_write_csv(os.path.join(self.directory, "log.csv"), self.meta["history"])
 
 
@@ -205,7 +211,7 @@ def make_batches(config, sources, process_index=0, process_count=1, distributed=
 
 # Fields a resumed run may change: they do not change what is computed.
 RESUME_MAY_CHANGE = ("epochs", "output_dir", "rematerialize", "steps_per_execution", "loader_workers",
-                     "nan_check_each_step")
+                     "nan_check_each_step", "checkpoint_format")
 
 
 def _resolve_resume(config, directory, resume):
@@ -265,27 +271,30 @@ class _Run:
     model: keras.Model
     optimizer: OfficialAdam
     gates: GateSchedule
-    meta: dict  # the run's bookkeeping, saved in run_state.npz
+    meta: dict  # the run's bookkeeping, saved with the run state
+    state_format: str  # "npz" or "orbax" (training.checkpoint)
 
 
 def _set_up(config, resume, multi_process, require_accelerator):
     """Devices, data, the compiled model and, on resume, the saved state."""
     directory = config.output_dir or os.path.join("runs", "run")
     config = dataclasses.replace(config, output_dir=directory)
-    config, saved = _resolve_resume(config, directory, resume)
-    if config.dtype == "float64":
-        medt_keras.enable_float64()
     if config.rematerialize:
         # Before anything starts JAX: on CPU it sets a compiler flag.
         prepare_rematerialization()
+    # First: a multi-process run must initialise before JAX starts, and
+    # reading an Orbax run state starts it. A resume cannot change these fields.
     process_index, process_count, device_count = distribution.configure(
         config.distribution, config.batch_size, **(multi_process or {})
     )
-    # After configure: a multi-process run must initialise before JAX starts.
     devices.check("medt-train", require_accelerator)
+    config, saved = _resolve_resume(config, directory, resume)
+    if config.dtype == "float64":
+        medt_keras.enable_float64()
+    state_format = checkpoint.choose_format(directory, config.checkpoint_format, process_count)
     chief = process_index == 0
     os.makedirs(directory, exist_ok=True)
-    if chief:
+    if chief and not checkpoint.is_remote(directory):
         checkpoint.remove_stale_temporaries(directory)  # half-written files of a killed run
     # Saving gathers replicated variables, a collective every process must
     # join; processes other than 0 write to a scratch folder, deleted at the end.
@@ -293,7 +302,7 @@ def _set_up(config, resume, multi_process, require_accelerator):
     started = time.time()
 
     keras.utils.set_random_seed(config.seed)
-    sources = load(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
+    sources = _load_prepared_once(config, process_index, process_count)
     train_batches, validation_batches, test_batches = make_batches(
         config, sources, process_index, process_count, distributed=config.distribution != "none"
     )
@@ -326,7 +335,37 @@ def _set_up(config, resume, multi_process, require_accelerator):
             checkpoint.atomic_write_csv(os.path.join(directory, "log.csv"), meta["history"])
     gates.apply(meta["next_epoch"])
     return _Run(config, directory, write_dir, chief, process_count, device_count, started,
-                (train_batches, validation_batches, test_batches), in_channels, protocol, model, optimizer, gates, meta)
+                (train_batches, validation_batches, test_batches), in_channels, protocol, model, optimizer, gates, meta,
+                state_format)
+
+
+def _load_prepared_once(config, process_index, process_count):
+    """The dataset's splits; in a multi-process run process 0 prepares them while the others wait.
+
+    Preparing (TFDS ``download_and_prepare``) writes the dataset into
+    ``data_dir``; the processes of a pod share it, and two writers would
+    race. Process 0 loads (and so prepares if needed), then all meet at a
+    barrier, then the others load what is there.
+    """
+    if process_count == 1:
+        return load(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
+    from jax.experimental import multihost_utils
+
+    sources, failure = None, None
+    if process_index == 0:
+        try:
+            sources = load(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
+        except DatasetError as error:
+            failure = error
+    # The barrier: every process reaches it, also when process 0 failed, and learns whether it did.
+    failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failure is not None)))
+    if failure is not None:
+        raise failure
+    if failed:
+        raise DatasetError(f"{config.dataset}: process 0 could not prepare the dataset (its error says why).")
+    if sources is None:
+        sources = load(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
+    return sources
 
 
 def _test_scores(run):
@@ -342,7 +381,9 @@ def _fit(run, verbose):
     config, model, meta = run.config, run.model, run.meta
     train_batches, validation_batches, test_batches = run.batches
     test_scores = _test_scores(run) if config.test_each_epoch else None
-    keeper = RunKeeper(run.write_dir, run.optimizer, config, meta, test_scores)
+    # An Orbax run state goes to the run's own folder from every process (each saves its shards).
+    store = checkpoint.OrbaxRunState(run.directory) if run.state_format == "orbax" else None
+    keeper = RunKeeper(run.write_dir, run.optimizer, config, meta, test_scores, state_store=store)
     callbacks = [EpochData(train_batches), run.gates, keeper]
     if config.nan_check_each_step:
         callbacks.append(StepNaNCheck(keeper))
@@ -367,16 +408,20 @@ def _fit(run, verbose):
            if config.distribution != "none" else ""),
         flush=True,
     )
-    if meta["next_epoch"] < config.epochs:
-        model.fit(
-            train_batches,
-            validation_data=validation_data,
-            epochs=config.epochs,
-            initial_epoch=meta["next_epoch"],
-            callbacks=callbacks,
-            shuffle=False,
-            verbose=verbose,
-        )
+    try:
+        if meta["next_epoch"] < config.epochs:
+            model.fit(
+                train_batches,
+                validation_data=validation_data,
+                epochs=config.epochs,
+                initial_epoch=meta["next_epoch"],
+                callbacks=callbacks,
+                shuffle=False,
+                verbose=verbose,
+            )
+    finally:
+        if store is not None:
+            store.close()  # waits until the last epoch's save is committed
     if keeper.diverged is not None:
         epoch, batch, loss = keeper.diverged
         where = f"epoch {epoch + 1}" + (f", batch {batch + 1}" if batch is not None else

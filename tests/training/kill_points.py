@@ -8,7 +8,11 @@
   destination still the previous version) or right after it (the next file
   of the epoch not yet written);
 * ``batch:N``: when the N-th training batch of this process is fetched
-  (inside an epoch, after compilation).
+  (inside an epoch, after compilation);
+* ``orbax_save:N:before`` / ``orbax_save:N:after``: the N-th save of an
+  Orbax run state, before it is started (the previous one committed) or
+  right after it was handed to Orbax (its files being written in the
+  background, possibly not yet committed).
 
 Everything else is ``training.train.main``.
 """
@@ -16,6 +20,20 @@ Everything else is ``training.train.main``.
 import os
 import signal
 import sys
+import time
+
+
+def stopped(process, timeout=600):
+    """Waits until ``process`` stops itself (SIGSTOP at its stop point); False if it exits first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            return False
+        with open(f"/proc/{process.pid}/stat") as handle:
+            if handle.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return True
+        time.sleep(0.01)
+    raise AssertionError("the run neither stopped nor ended")
 
 
 def _stop():
@@ -59,6 +77,23 @@ def _install(spec):
             return original(self, index)
 
         SegmentationBatches.__getitem__ = getitem
+    elif kind == "orbax_save":
+        count, _, when = rest.partition(":")
+        from training import checkpoint
+
+        original = checkpoint.OrbaxRunState.save
+        saves = [0]
+
+        def save(self, *args, **kwargs):
+            saves[0] += 1
+            hit = saves[0] == int(count)
+            if hit and when == "before":
+                _stop()
+            original(self, *args, **kwargs)
+            if hit and when == "after":
+                _stop()
+
+        checkpoint.OrbaxRunState.save = save
     elif spec:
         raise SystemExit(f"MEDT_STOP_AT: unknown stop point {spec!r}")
 

@@ -15,6 +15,7 @@ import pytest
 from medt_keras import datasets
 from training import checkpoint
 from tests.synthetic_data import write_medt_folder
+from tests.training.kill_points import stopped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -97,53 +98,74 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_train_end_to_end(tmp_path):
+def test_two_processes_train_killed_and_resumed_through_orbax(tmp_path):
+    # Two processes of 2 devices each save the run state as an Orbax checkpoint. Both are
+    # SIGKILLed while epoch 2's save is being written in the background, resume in two
+    # processes, and end with the variables of the same run in one process on 4 devices; the
+    # checkpoint then resumes in one process on one device (resharded on load).
     manual = write_medt_folder(os.fspath(tmp_path / "manual"), {"train": 16, "validation": 6, "test": 6}, size=32)
+    # Not prepared here: process 0 prepares the dataset while process 1 waits for it.
     data_dir = os.fspath(tmp_path / "tfds")
-    datasets.load("medt_folder", data_dir=data_dir, manual_dir=manual)  # prepared once, before the processes start
     common = ["--model", "gated", "--model-args", '{"blocks": [1, 1, 1, 1], "groups": 2}', "--img-size", "32",
               "--dataset", "medt_folder", "--manual-dir", manual, "--data-dir", data_dir, "--batch-size", "4",
-              "--epochs", "2", "--distribution", "data_parallel", "--verbose", "0", "--checkpoint-every", "1",
+              "--epochs", "3", "--distribution", "data_parallel", "--verbose", "0", "--checkpoint-every", "1",
               # float64: in float32 the two runs differ by reduction order (gloo across processes,
               # XLA within one), and Adam amplifies that noise on near-zero gradients within a few steps.
               "--dtype", "float64"]
-    address = f"127.0.0.1:{_free_port()}"
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "training.train", *common, "--output-dir", os.fspath(tmp_path / "multi"),
-             "--coordinator-address", address, "--num-processes", "2", "--process-id", str(index)],
-            env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for index in range(2)
-    ]
-    outputs = [p.communicate(timeout=900) for p in processes]
-    for process, (out, err) in zip(processes, outputs):
+    multi = os.fspath(tmp_path / "multi")
+
+    def two_processes(stop_at="", *extra):
+        address = f"127.0.0.1:{_free_port()}"
+        return [
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.training.kill_points", *common, "--output-dir", multi, *extra,
+                 "--coordinator-address", address, "--num-processes", "2", "--process-id", str(index)],
+                env=dict(_env(2), MEDT_STOP_AT=stop_at), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True,
+            )
+            for index in range(2)
+        ]
+
+    killed = two_processes("orbax_save:2:after")
+    for process in killed:
+        assert stopped(process, timeout=900), process.communicate()[1][-3000:]
+    for process in killed:
+        process.kill()
+        process.communicate()
+    # Epoch 1's save is committed (each save waits for the one before); epoch 2's may or may not be.
+    assert checkpoint.saved_format(multi) == "orbax" and not os.path.exists(os.path.join(multi, checkpoint.STATE_FILE))
+    assert checkpoint.read_run_state(multi)["next_epoch"] in (1, 2)
+
+    resumed = two_processes("", "--resume")
+    outputs = [p.communicate(timeout=900) for p in resumed]
+    for process, (out, err) in zip(resumed, outputs):
         assert process.returncode == 0, err[-3000:]
-    assert "data-parallel over 4 devices in 2 process(es)" in outputs[0][0]
-
-    for name in ("model.keras", "test_metrics.json", "log.csv", "best.weights.h5", checkpoint.STATE_FILE):
+    assert "data-parallel over 4 devices in 2 process(es)" in outputs[0][0] and "resuming" in outputs[0][0]
+    for name in ("model.keras", "test_metrics.json", "log.csv", "best.weights.h5"):
         assert (tmp_path / "multi" / name).is_file(), name
-    meta = checkpoint.read_run_state(tmp_path / "multi")
-    assert [row["epoch"] for row in meta["history"]] == [1, 2]
+    assert datasets.load("medt_folder", data_dir=data_dir, manual_dir=manual)["train"][0]["image"].shape == (32, 32, 3)
+    meta = checkpoint.read_run_state(multi)
+    assert [row["epoch"] for row in meta["history"]] == [1, 2, 3]
 
-    # The same run in one process with 4 devices ends with the same variables.
+    # The same run in one process with 4 devices (run_state.npz) ends with the same variables.
     single = subprocess.run([sys.executable, "-m", "training.train", *common, "--output-dir",
                              os.fspath(tmp_path / "single")], env=_env(4), cwd=ROOT, capture_output=True, text=True,
                             timeout=900)
     assert single.returncode == 0, single.stderr[-3000:]
-    with np.load(tmp_path / "multi" / checkpoint.STATE_FILE) as multi, \
-            np.load(tmp_path / "single" / checkpoint.STATE_FILE) as one:
-        assert multi.files == one.files
-        for key in multi.files:
-            if key != "meta" and multi[key].dtype.kind == "f":
-                np.testing.assert_allclose(multi[key], one[key], rtol=1e-6, atol=1e-6, err_msg=key)
+    assert checkpoint.saved_format(tmp_path / "single") == "npz"
+    states = [checkpoint.state_arrays(d) for d in (multi, tmp_path / "single")]
+    for prefix in ("model", "optimizer"):
+        assert states[0][prefix].keys() == states[1][prefix].keys()
+        for key, value in states[0][prefix].items():
+            assert np.isfinite(value).all(), key
+            np.testing.assert_allclose(value, states[1][prefix][key], rtol=1e-6, atol=1e-6, err_msg=key)
     reports = [json.loads((tmp_path / d / "test_metrics.json").read_text()) for d in ("multi", "single")]
     assert abs(reports[0]["f1"] - reports[1]["f1"]) < 1e-6
 
-    # The 2-process run's checkpoint resumes on another device count (one process, one device).
-    resumed = subprocess.run([sys.executable, "-m", "training.train", *common, "--output-dir",
-                              os.fspath(tmp_path / "multi"), "--resume", "--epochs", "3"], env=_env(1), cwd=ROOT,
-                             capture_output=True, text=True, timeout=900)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in resumed.stdout and "epoch 3" in resumed.stdout
-    assert [row["epoch"] for row in checkpoint.read_run_state(tmp_path / "multi")["history"]] == [1, 2, 3]
+    # The 2-process Orbax checkpoint resumes on another device count (one process, one device).
+    one = subprocess.run([sys.executable, "-m", "training.train", *common, "--output-dir", multi, "--resume",
+                          "--epochs", "4"], env=_env(1), cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "resuming" in one.stdout and "epoch 4" in one.stdout
+    assert [row["epoch"] for row in checkpoint.read_run_state(multi)["history"]] == [1, 2, 3, 4]

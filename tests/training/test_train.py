@@ -17,6 +17,7 @@ from training import checkpoint
 from training.config import TrainConfig
 from training.train import TrainingDiverged, _resolve_resume, build_model, gate_variables, train
 from tests.library_only import run_without_training
+from tests.training.kill_points import stopped
 from tests.synthetic_data import write_medt_folder
 
 TINY = ["--model", "gated", "--model-args", '{"blocks": [1, 1, 1, 1], "groups": 2}', "--img-size", "32",
@@ -44,8 +45,9 @@ def _run(data, output_dir, *extra, check=True):
 
 
 def _state_arrays(directory):
-    with np.load(os.path.join(directory, checkpoint.STATE_FILE)) as state:
-        return {k: state[k] for k in state.files if k != "meta"}
+    """The saved variables, ``{"model/<path>": array, "optimizer/<path>": array}``, in either format."""
+    saved = checkpoint.state_arrays(directory)
+    return {f"{prefix}/{path}": value for prefix, values in saved.items() for path, value in values.items()}
 
 
 def _assert_same_state(expected_dir, resumed_dir):
@@ -172,7 +174,7 @@ def test_saved_model_loads_predicts_and_trains_with_the_library_alone(uninterrup
     # model, OfficialAdam and the metrics, and restore the optimiser state (its step count and moments).
     # model.keras is the best epoch's state (best.weights.h5 carries the optimiser's variables too).
     meta = checkpoint.read_run_state(uninterrupted)
-    best_steps = meta["best_epoch"] * int(_state_arrays(uninterrupted)["optimizer_0"]) // meta["next_epoch"]
+    best_steps = meta["best_epoch"] * int(next(iter(checkpoint.state_arrays(uninterrupted)["optimizer"].values()))) // meta["next_epoch"]
     result = run_without_training(
         f"""
         import json
@@ -210,19 +212,6 @@ def test_predict_on_the_trained_model_needs_no_preprocessing_flags(data, uninter
     assert predict.main([os.fspath(uninterrupted / "model.keras"), images, "-o", os.fspath(tmp_path), "--quiet"]) == 0
     assert "warning" not in capsys.readouterr().err
     assert len(os.listdir(tmp_path)) == len(os.listdir(images))
-
-
-def _stopped(process, timeout=600):
-    """Waits until ``process`` stops itself (SIGSTOP at its stop point); False if it exits first."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            return False
-        with open(f"/proc/{process.pid}/stat") as handle:
-            if handle.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
-                return True
-        time.sleep(0.01)
-    raise AssertionError("the run neither stopped nor ended")
 
 
 def _assert_every_file_readable(directory):
@@ -303,7 +292,7 @@ def test_random_kills_lose_nothing(data, uninterrupted, tmp_path):
             time.sleep(delay)
             assert process.poll() is None, f"ended before the kill at {delay:.1f} s: {process.stderr.read()[-2000:]}"
         else:
-            assert _stopped(process), f"ended before {stop_at}: {process.stderr.read()[-2000:]}"
+            assert stopped(process), f"ended before {stop_at}: {process.stderr.read()[-2000:]}"
         process.kill()
         assert process.wait() == -signal.SIGKILL
         process.stderr.close()
@@ -321,6 +310,31 @@ def test_random_kills_lose_nothing(data, uninterrupted, tmp_path):
     _assert_same_state(uninterrupted, output)
     with open(output / "log.csv") as handle:
         assert len(handle.read().strip().splitlines()) == 4
+
+
+@pytest.mark.slow
+def test_orbax_run_state_killed_mid_save_resumes_to_the_same_result(data, uninterrupted, tmp_path):
+    # The Orbax format (multi-process runs, remote folders) in one process: SIGKILL right after
+    # epoch 2's state was handed to Orbax (written in the background, maybe not committed), then
+    # --resume: the run ends with the variables of the uninterrupted run saved as run_state.npz.
+    output = tmp_path / "orbax"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "tests.training.kill_points",
+               *_command(data, output, "--epochs", "3", "--checkpoint-format", "orbax")[3:]]
+    process = subprocess.Popen(command, env=dict(env, MEDT_STOP_AT="orbax_save:2:after"),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert stopped(process), process.communicate()[1][-3000:]
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+    process.stderr.close()
+    _assert_every_file_readable(output)
+    assert checkpoint.saved_format(output) == "orbax" and not (output / checkpoint.STATE_FILE).exists()
+    assert checkpoint.read_run_state(output)["next_epoch"] in (1, 2)  # epoch 1 committed before epoch 2's save began
+
+    _run(data, output, "--epochs", "3", "--resume")
+    _assert_same_state(uninterrupted, output)
+    assert [row["epoch"] for row in checkpoint.read_run_state(output)["history"]] == [1, 2, 3]
+    assert sorted(os.listdir(output / checkpoint.ORBAX_DIR)) == ["2", "3"]  # the latest two, no temporaries
 
 
 @pytest.fixture(scope="module")
