@@ -4,7 +4,10 @@ Keras metrics (``ForegroundF1``, ``ForegroundIoU``) accumulate true/false
 positives and false negatives of every foreground class over all pixels of
 the split (prediction = argmax of the logits) and report the mean over the
 foreground classes (for two classes: the class-1 score). These are the
-numbers of ``shared/reference/hela-official.md``.
+numbers of ``shared/reference/hela-official.md``. A sample weight
+multiplies each pixel's counts (0 leaves it out), but Keras passes
+``sample_weight`` only to metrics compiled as ``weighted_metrics``: under
+``compile(metrics=...)`` every pixel counts once, whatever its weight.
 
 A class with no foreground pixel in either ground truth or prediction
 (TP + FP + FN = 0) has no F1 or IoU: it is left out of the mean over

@@ -102,7 +102,8 @@ class SegmentationBatches(keras.utils.PyDataset):
             elements, padding included, and averages batches by their full
             size, so this factor makes the reported loss the mean over the
             real examples exactly. Ratios such as F1 and IoU are unchanged
-            by a common factor.
+            by a common factor. Metrics see the weights only when compiled
+            as ``weighted_metrics`` (``training.train.compile_model``).
         workers, max_queue_size: with ``workers`` > 1, a pool of that many
             threads builds the next ``max_queue_size`` batches of the epoch
             while the model runs (0 or 1: each batch is built when asked

@@ -177,6 +177,25 @@ def build_model(config, in_channels, normalize="auto"):
     )
 
 
+def compile_model(model, num_classes, optimizer=None, steps_per_execution=1):
+    """Compile ``model``: sparse cross-entropy on logits, foreground F1 and IoU as *weighted* metrics.
+
+    The metrics go under ``weighted_metrics``: Keras hands ``sample_weight``
+    only to those (``metrics=`` get ``update_state(y_true, y_pred)`` and no
+    weights), and the padded evaluation batches (``pad_remainder``) mark
+    their copies by weight 0. Under ``metrics=`` the copies counted as real
+    examples and val/test F1 and IoU were those of a different split. The
+    logged names stay ``f1``/``iou`` (``val_f1``/``val_iou``).
+    """
+    model.compile(
+        optimizer="rmsprop" if optimizer is None else optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        weighted_metrics=[ForegroundF1(num_classes), ForegroundIoU(num_classes)],
+        steps_per_execution=steps_per_execution,
+    )
+    return model
+
+
 def make_batches(config, sources, process_index=0, process_count=1, distributed=False):
     """``(train, validation, test)`` ``SegmentationBatches`` of the config.
 
@@ -317,12 +336,7 @@ def _set_up(config, resume, multi_process, require_accelerator):
 
     model = build_model(config, in_channels, normalize)
     optimizer = OfficialAdam(learning_rate=config.learning_rate, l2=config.weight_decay)
-    model.compile(
-        optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[ForegroundF1(config.num_classes), ForegroundIoU(config.num_classes)],
-        steps_per_execution=config.steps_per_execution,
-    )
+    compile_model(model, config.num_classes, optimizer, steps_per_execution=config.steps_per_execution)
     optimizer.build(model.trainable_variables)
     gates = GateSchedule(optimizer, gate_variables(model), config.gate_unfreeze_epoch)
 
