@@ -17,6 +17,13 @@ on the same inputs in the same run, and the ratio printed.
 on the HeLa test frames and a large synthetic image against the bare model's
 batched inference of as many tiles, and reports megapixels/s and memory.
 
+``--loader`` times the input pipeline alone: the training split of a config
+(default ``medt_hela``: HeLa 128x128 tiles, shuffled, flipped, batch 4) as
+``medt-train`` builds it, read in order epoch after epoch, with the threads
+loader and the grain loader (worker processes) for each ``--loader-workers``
+count, in images/s and as a multiple of the training rate measured in
+``--training-json`` (images/s of a MedT and a gated axial U-Net training step).
+
 Example: ``medt-bench --models medt gated --sizes 128 --json benchmarks/cpu.json``
 """
 
@@ -31,6 +38,9 @@ import sys
 import time
 
 from training import devices
+
+_DEFAULT_TRAINING_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                                      "cpu-2core-128.json")
 
 
 def _model_name(text):
@@ -410,6 +420,105 @@ def sliding_window_main(args, argv):
     return 0
 
 
+def measure_loader(config_name, loader, workers, batch, epochs, data_dir=None):
+    """Images/s of a config's training batches read alone, as ``model.fit`` reads them.
+
+    Batch 0 once (Keras builds the model with it), then ``epochs`` epochs of
+    batches in order. ``startup_seconds``: that first batch (the grain
+    loader's worker processes start there); the rate is of the median epoch.
+    """
+    import dataclasses
+    import resource
+
+    from medt_keras.datasets import load
+    from training.config import load_config
+    from training.train import make_batches
+
+    config = dataclasses.replace(load_config(config_name), loader=loader, loader_workers=workers, batch_size=batch,
+                                 data_dir=data_dir)
+    sources = load(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
+    batches = make_batches(config, sources)[0]
+    start = time.perf_counter()
+    batches[0]
+    startup = time.perf_counter() - start
+    epoch_seconds = []
+    for epoch in range(epochs):
+        batches.epoch = epoch
+        start = time.perf_counter()
+        for index in range(len(batches)):
+            batches[index]
+        epoch_seconds.append(time.perf_counter() - start)
+    batches.close()
+    images = len(batches) * config.batch_size
+    return {
+        "config": config_name,
+        "dataset": config.dataset,
+        "img_size": config.img_size,
+        "batch": config.batch_size,
+        "loader": loader,
+        "workers": workers,
+        "images_per_epoch": images,
+        "startup_seconds": startup,
+        "epoch_seconds": epoch_seconds,
+        "images_per_second": images / statistics.median(epoch_seconds),
+        "peak_rss_gib": _peak_rss_gib(),
+        # Worker processes are waited for by close(): the largest one's peak.
+        "worker_peak_rss_gib": (resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+                                if loader == "grain" and workers else None),
+    }
+
+
+def training_rates(path, size, batch):
+    """``{model: train images/s}`` of our models (float32, no rematerialisation) in a ``medt-bench`` JSON."""
+    with open(path) as f:
+        results = json.load(f)["results"]
+    return {
+        r["model"]: r["train_images_per_second"]
+        for r in results
+        if r.get("implementation") == "medt-keras" and not r.get("rematerialize") and r.get("dtype") == "float32"
+        and r.get("size") == size and r.get("batch") == batch and "train_images_per_second" in r
+    }
+
+
+def loader_main(args, argv):
+    """``medt-bench --loader``: each loader and worker count in a fresh process, a table, the JSON."""
+    rates = {}
+    if args.training_json and os.path.isfile(args.training_json):
+        rates = training_rates(args.training_json, args.loader_img_size, args.batch)
+    elif args.training_json:
+        print(f"medt-bench: no {args.training_json}: no ratio to the training rate", file=sys.stderr)
+    print(f"config {args.loader_config}, training split, batch {args.batch}, {args.loader_epochs} epochs; "
+          f"training rates from {args.training_json}: "
+          + (", ".join(f"{m} {r:.2f} img/s" for m, r in rates.items()) or "none"), flush=True)
+    print(f"{'loader':<8} {'workers':>7} {'startup s':>9} {'img/s':>8} "
+          + " ".join(f"{'x ' + m + ' train':>13}" for m in rates) + f" {'worker RSS GiB':>14}", flush=True)
+    rows = []
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    for loader in ("threads", "grain"):
+        for workers in args.loader_workers:
+            result = _run_child(dict(kind="loader", config_name=args.loader_config, loader=loader, workers=workers,
+                                     batch=args.batch, epochs=args.loader_epochs, data_dir=args.data_dir))
+            result["times_training_rate"] = {m: result["images_per_second"] / r for m, r in rates.items()}
+            rows.append(result)
+            print(f"{loader:<8} {workers:>7} {result['startup_seconds']:>9.2f} {result['images_per_second']:>8.0f} "
+                  + " ".join(f"{result['times_training_rate'][m]:>12.0f}x" for m in rates)
+                  + f" {_fmt(result['worker_peak_rss_gib'], '.2f'):>14}", flush=True)
+    if args.json:
+        from training.checkpoint import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({
+            "machine": platform.platform(),
+            "cpus": os.cpu_count(),
+            "command": "medt-bench " + " ".join(sys.argv[1:] if argv is None else argv),
+            # The machine's 1/5/15-minute load averages before and after: other work shares the cores.
+            "load_average": {"before": load_before,
+                             "after": os.getloadavg() if hasattr(os, "getloadavg") else None},
+            "training_rates": {"source": args.training_json, "images_per_second": rates},
+            "results": rows,
+        }, indent=2))
+    return 0
+
+
 def measure_peak_gflops():
     import jax
     import jax.numpy as jnp
@@ -474,6 +583,17 @@ def main(argv=None):
     parser.add_argument("--tile", type=int, default=64, help="--sliding-window's model input size")
     parser.add_argument("--overlap", type=float, default=0.25, help="--sliding-window's tile overlap")
     parser.add_argument("--synthetic", type=int, default=4096, help="--sliding-window's synthetic image side")
+    parser.add_argument("--loader", action="store_true",
+                        help="time the input pipeline alone (threads and grain loaders) against the training rate")
+    parser.add_argument("--loader-config", default="medt_hela", help="--loader's config (its training split)")
+    parser.add_argument("--loader-workers", nargs="+", type=int, default=[0, 2, 4],
+                        help="--loader's thread / worker process counts")
+    parser.add_argument("--loader-epochs", type=int, default=5, help="--loader's epochs read (median epoch)")
+    parser.add_argument("--loader-img-size", type=int, default=128,
+                        help="--loader: the training rates of this image size are compared")
+    parser.add_argument("--training-json", default=_DEFAULT_TRAINING_JSON,
+                        help="--loader: a medt-bench JSON with training steps (default: the 2-core CPU's)")
+    parser.add_argument("--data-dir", help="--loader: the TFDS data directory")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     devices.add_argument(parser)
     args = parser.parse_args(argv)
@@ -482,12 +602,14 @@ def main(argv=None):
         spec = json.loads(args.child)
         kind = spec.pop("kind")
         measure = {"keras": measure_keras, "official": measure_official, "peak": measure_peak_gflops,
-                   "sliding": measure_sliding_window,
+                   "sliding": measure_sliding_window, "loader": measure_loader,
                    "platform": devices.platform}[kind]
         print(json.dumps(measure(**spec)))
         return 0
     if args.sliding_window:
         return sliding_window_main(args, argv)
+    if args.loader:
+        return loader_main(args, argv)
 
     # Asked of a child, as everything that starts JAX here: on a GPU the
     # first JAX process takes most of its memory.

@@ -71,8 +71,13 @@ class TrainConfig:
     # Training steps per compiled call of model.fit (Keras steps_per_execution): fewer
     # host round trips per step; callbacks and the progress bar see every n-th step.
     steps_per_execution: int = 1
-    # Threads that build batches ahead of the model (keras.utils.PyDataset workers);
-    # 0 or 1 builds them in the training loop's thread.
+    # What builds batches ahead of the model (training/data.py); both give the same batches.
+    # "threads": loader_workers threads of this process (0 or 1: each batch built in the
+    # training loop's thread when asked for). "grain": loader_workers grain worker processes
+    # per split (0: one grain thread of this process), for hosts where threads sharing one
+    # Python interpreter cannot feed the accelerator; needs the grain package
+    # (pip install "medt-keras[grain]", Python >= 3.11). docs/training.md, "The input pipeline".
+    loader: str = "threads"
     loader_workers: int = 4
     # Check the loss after every step, naming the batch that diverged. It reads the loss
     # from the device each step, which waits for the step to finish; off, the check reads
@@ -95,6 +100,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.checkpoint_format not in ("auto", "npz", "orbax"):
             raise ValueError(f"checkpoint_format: {self.checkpoint_format!r}; use auto, npz or orbax.")
+        if self.loader not in ("threads", "grain"):
+            raise ValueError(f"loader: {self.loader!r}; use threads or grain.")
+        if self.loader_workers < 0:
+            raise ValueError(f"loader_workers must be >= 0, got {self.loader_workers}.")
         if self.eval_protocol not in ("auto", "tiled", "resize"):
             raise ValueError(f"eval_protocol: {self.eval_protocol!r}; use auto, tiled or resize.")
         if not 0.0 <= self.foreground_fraction <= 1.0:

@@ -209,7 +209,8 @@ def make_batches(config, sources, process_index=0, process_count=1, distributed=
     if missing:
         raise DatasetError(f"{config.dataset}: no {', '.join(missing)} split (has: {', '.join(sources)}).")
     common = dict(image_size=config.img_size, channel_order=config.channel_order, seed=config.seed,
-                  process_index=process_index, process_count=process_count, workers=config.loader_workers)
+                  process_index=process_index, process_count=process_count, workers=config.loader_workers,
+                  loader=config.loader)
     # Full batches only: data-parallel batches must also divide over the devices.
     train = SegmentationBatches(
         sources["train"], config.batch_size, shuffle=True, flip_probability=config.flip_probability,
@@ -229,7 +230,7 @@ def make_batches(config, sources, process_index=0, process_count=1, distributed=
 
 
 # Fields a resumed run may change: they do not change what is computed.
-RESUME_MAY_CHANGE = ("epochs", "output_dir", "rematerialize", "steps_per_execution", "loader_workers",
+RESUME_MAY_CHANGE = ("epochs", "output_dir", "rematerialize", "steps_per_execution", "loader", "loader_workers",
                      "nan_check_each_step", "checkpoint_format")
 
 
@@ -269,8 +270,12 @@ def train(config, resume=False, verbose="auto", multi_process=None, require_acce
     ``training.devices.AcceleratorError`` if JAX finds only CPUs.
     """
     run = _set_up(config, resume, multi_process, require_accelerator)
-    train_seconds = _fit(run, verbose)
-    return _finish(run, train_seconds)
+    try:
+        train_seconds = _fit(run, verbose)
+        return _finish(run, train_seconds)
+    finally:
+        for batches in run.batches:
+            batches.close()  # the loader's threads or worker processes
 
 
 @dataclasses.dataclass
@@ -424,6 +429,9 @@ def _fit(run, verbose):
     )
     try:
         if meta["next_epoch"] < config.epochs:
+            # Keras may read a batch to build the model before the first epoch begins: that of the
+            # first epoch run, so a resumed run's grain loader starts its stream there.
+            train_batches.epoch = meta["next_epoch"]
             model.fit(
                 train_batches,
                 validation_data=validation_data,

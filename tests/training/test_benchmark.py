@@ -53,3 +53,34 @@ def test_sliding_window_mode_prints_the_ratio_and_writes_json(tmp_path, monkeypa
     assert "synthetic 256x256" in capsys.readouterr().out
     written = json.loads((tmp_path / "s.json").read_text())
     assert written["results"][0]["workloads"][0]["ratio_to_bare"] == 1.1
+
+
+def test_loader_mode_times_each_loader_and_compares_with_the_training_rate(tmp_path, monkeypatch, capsys):
+    import json
+
+    from training import benchmark
+
+    training = tmp_path / "train.json"
+    training.write_text(json.dumps({"results": [
+        dict(implementation="medt-keras", model="medt", size=128, batch=4, dtype="float32", rematerialize=False,
+             train_images_per_second=4.0),
+        dict(implementation="medt-keras", model="medt", size=128, batch=4, dtype="float32", rematerialize=True,
+             train_images_per_second=3.0),
+        dict(implementation="official PyTorch", model="medt", size=128, batch=4, train_images_per_second=1.0),
+    ]}))
+    specs = []
+
+    def child(spec):
+        specs.append(spec)
+        return dict(loader=spec["loader"], workers=spec["workers"], startup_seconds=0.5, images_per_second=400.0,
+                    worker_peak_rss_gib=None)
+
+    monkeypatch.setattr(benchmark, "_run_child", child)
+    assert benchmark.main(["--loader", "--loader-workers", "0", "2", "--training-json", str(training),
+                           "--json", str(tmp_path / "l.json")]) == 0
+    assert [(s["loader"], s["workers"]) for s in specs] == [("threads", 0), ("threads", 2), ("grain", 0), ("grain", 2)]
+    assert specs[0]["config_name"] == "medt_hela" and specs[0]["batch"] == 4
+    assert "100x" in capsys.readouterr().out  # 400 img/s over MedT's 4 img/s training step
+    written = json.loads((tmp_path / "l.json").read_text())
+    assert written["training_rates"]["images_per_second"] == {"medt": 4.0}
+    assert [r["times_training_rate"] for r in written["results"]] == [{"medt": 100.0}] * 4

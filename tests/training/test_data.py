@@ -1,3 +1,11 @@
+import importlib.util
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
@@ -138,3 +146,122 @@ def test_padded_evaluation_batches_weigh_real_examples_to_the_exact_mean():
     np.testing.assert_allclose(weights[:6], 8 / 6)
     np.testing.assert_array_equal(weights[6:], 0.0)
     assert weights.sum() == pytest.approx(6 * 36 * 8 / 6)
+
+
+needs_grain = pytest.mark.skipif(importlib.util.find_spec("grain") is None,
+                                 reason="grain is not installed (pip install -e '.[test]', Python >= 3.11)")
+
+
+def _assert_same_batches(expected, got):
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_grain
+def test_grain_worker_processes_give_the_same_batches_as_the_threads():
+    """Two grain worker processes, one stream through 3 epochs of flipped, foreground-centred crops."""
+    source = _source(22, size=8)
+    plan = dict(shuffle=True, flip_probability=0.5, crop_size=6, foreground_fraction=0.5, drop_remainder=True, seed=4)
+    threads = SegmentationBatches(source, 4, 8, **plan)
+    grain = SegmentationBatches(source, 4, 8, loader="grain", workers=2, max_queue_size=4, **plan)
+    try:
+        assert grain.num_batches == threads.num_batches == 5
+        built = [grain[0]]  # Keras reads batch 0 once before epoch 0: the stream starts there
+        _assert_same_batches(threads[0], built[0])
+        assert len(multiprocessing.active_children()) >= 2
+        for epoch in range(3):
+            threads.epoch = grain.epoch = epoch
+            for index in range(grain.num_batches):
+                _assert_same_batches(threads[index], grain[index])
+        assert not np.array_equal(threads[0][0], built[0][0])  # epoch 2 is not epoch 0
+        grain.epoch = 0  # behind the stream: built in this process, the stream left as it is
+        _assert_same_batches(built[0], grain[0])
+        assert grain._stream.starts == 1
+    finally:
+        grain.close()
+
+
+@needs_grain
+def test_grain_loader_shares_global_batches_over_processes_and_pads_evaluation():
+    """process_count=2: each process's stream yields its half of every global batch, shuffled or padded."""
+    source = _source(10, size=6)
+    for plan in (dict(shuffle=True, flip_probability=0.5, seed=1), dict(pad_remainder=True)):
+        whole = SegmentationBatches(source, 4, 6, **plan)
+        halves = [SegmentationBatches(source, 4, 6, loader="grain", workers=1 - p, process_index=p, process_count=2,
+                                      **plan) for p in (0, 1)]  # process 0 in a worker process, 1 in a grain thread
+        try:
+            for epoch in (0, 1):  # two passes: evaluation batches repeat, training ones change
+                whole.epoch = halves[0].epoch = halves[1].epoch = epoch
+                for index in range(whole.num_batches):
+                    parts = [h[index] for h in halves]
+                    _assert_same_batches(whole[index], [np.concatenate(p) for p in zip(*parts)])
+            if plan.get("pad_remainder"):  # 10 examples in batches of 4: the last 2 of the third are copies
+                np.testing.assert_allclose(parts[0][2], 12 / 10)
+                np.testing.assert_array_equal(parts[1][2], 0.0)
+            assert [h._stream.starts for h in halves] == [1, 1]
+        finally:
+            for h in halves:
+                h.close()
+
+
+# A training process's stand-in (no Keras): starts one grain worker, prints its pid, waits to be killed.
+_PARENT = """
+import multiprocessing, time
+import numpy as np
+from training.batch_builder import BatchBuilder
+from training.grain_stream import BatchStream
+if __name__ == "__main__":
+    source = [{"image": np.zeros((4, 4, 1), np.uint8), "mask": np.zeros((4, 4, 1), np.uint8)}] * 8
+    stream = BatchStream(BatchBuilder(source, 2, 4, shuffle=True), workers=1)
+    stream.get(0, 0)
+    print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+    time.sleep(120)
+"""
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@needs_grain
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc (Linux)")
+def test_grain_workers_end_when_their_parent_is_killed():
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True, env=env)
+    workers = []
+    try:
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(workers) == 1 and _running(workers[0])
+        parent.kill()  # SIGKILL: no clean-up in the parent
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _running(workers[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(workers[0])
+    finally:
+        parent.kill()
+        parent.stdout.close()
+        for pid in workers:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@needs_grain
+def test_loader_choice_is_checked_and_passed_by_make_batches():
+    from training.config import TrainConfig
+    from training.train import make_batches
+
+    with pytest.raises(ValueError, match="loader"):
+        SegmentationBatches(_source(4), 2, 6, loader="processes")
+    with pytest.raises(ValueError, match="loader"):
+        TrainConfig(loader="processes")
+    sources = {split: _source(8) for split in ("train", "validation", "test")}
+    config = TrainConfig(loader="grain", loader_workers=3, img_size=6, batch_size=4)
+    assert [(b.loader, b.workers_) for b in make_batches(config, sources)] == [("grain", 3)] * 3
