@@ -53,6 +53,12 @@ class _QuietOrbax(logging.Filter):
 
 
 def _orbax():
+    try:
+        import orbax.checkpoint  # noqa: F401
+    except ImportError as error:
+        raise ValueError("the Orbax run state (multi-process runs, remote output folders, --checkpoint-format "
+                         "orbax) needs the orbax-checkpoint package, Python 3.11 or later: "
+                         "pip install orbax-checkpoint") from error
     from keras.src.utils.module_utils import ocp  # orbax.checkpoint.v1, as Keras' OrbaxCheckpoint loads it
 
     ocp.initialize()
