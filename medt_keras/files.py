@@ -3,10 +3,53 @@
 Every file is written beside its final name, flushed to disk and then
 renamed over it (``os.replace`` is atomic on POSIX): a reader sees either the
 previous complete file or the new complete file.
+
+A URL (``gs://bucket/run/log.csv``, any scheme ``etils.epath`` knows) is
+written to a local temporary file first and then uploaded in one piece: an
+object store shows an object whole or not at all, which is the atomic step
+there. ``exists`` and ``local_copy`` read either kind of path.
 """
 
 import contextlib
 import os
+import shutil
+import tempfile
+
+
+def is_remote(path):
+    """A URL (``scheme://...``) rather than a local path."""
+    return "://" in os.fspath(path)
+
+
+def remote_path(path):
+    """An ``etils.epath.Path`` for a URL (GCS needs ``gcsfs`` or TensorFlow installed)."""
+    from etils import epath
+
+    return epath.Path(os.fspath(path))
+
+
+def exists(path):
+    return remote_path(path).exists() if is_remote(path) else os.path.exists(path)
+
+
+def makedirs(path):
+    if is_remote(path):
+        remote_path(path).mkdir(parents=True, exist_ok=True)
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+@contextlib.contextmanager
+def local_copy(path):
+    """Yields a local path holding the file at ``path`` (itself if local, a downloaded copy if a URL)."""
+    if not is_remote(path):
+        yield os.fspath(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="medt-download-") as folder:
+        local = os.path.join(folder, os.path.basename(os.fspath(path)))
+        with remote_path(path).open("rb") as source, open(local, "wb") as target:
+            shutil.copyfileobj(source, target)
+        yield local
 
 
 def _fsync_directory(directory):
@@ -26,6 +69,15 @@ def _fsync_directory(directory):
 def atomic_path(path):
     """Yields a temporary path beside ``path`` (same suffixes); on success renames it to ``path``."""
     path = os.fspath(path)
+    if is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="medt-upload-") as folder:
+            temporary = os.path.join(folder, os.path.basename(path))
+            yield temporary
+            destination = remote_path(path)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "rb") as source, destination.open("wb") as target:
+                shutil.copyfileobj(source, target)
+        return
     directory, filename = os.path.split(path)
     directory = directory or "."
     os.makedirs(directory, exist_ok=True)

@@ -30,6 +30,8 @@ from medt_keras.files import (  # noqa: F401
     atomic_path,
     atomic_write_csv,
     atomic_write_text,
+    is_remote,
+    remote_path,
     remove_stale_temporaries,
     save_model,
     save_weights,
@@ -38,11 +40,6 @@ from medt_keras.files import (  # noqa: F401
 STATE_FILE = "run_state.npz"
 ORBAX_DIR = "run_state"
 FORMATS = ("npz", "orbax")
-
-
-def is_remote(path):
-    """A URL (``gs://bucket/run``) rather than a local path."""
-    return "://" in os.fspath(path)
 
 
 class _QuietOrbax(logging.Filter):
@@ -83,11 +80,7 @@ def _orbax_checkpointer(directory):
 
 def _orbax_exists(directory):
     root = _orbax_root(directory)
-    if is_remote(root):
-        from etils import epath
-
-        return epath.Path(root).exists()
-    return os.path.isdir(root)
+    return remote_path(root).exists() if is_remote(root) else os.path.isdir(root)
 
 
 def saved_format(directory):
@@ -219,12 +212,18 @@ def state_arrays(directory):
     try:
         step = checkpointer.latest.step
         meta = json.loads(checkpointer.load_checkpointables(step, {"meta": None})["meta"]["json"])
-        saved = ocp.pytree_metadata(f"{_orbax_root(directory)}/{step}", checkpointable_name="state").metadata
-        # Onto this process' first device, whatever devices saved it.
+        saved = ocp.checkpointables_metadata(f"{_orbax_root(directory)}/{step}").metadata["state"]
+        # Onto this process' first device, whatever devices saved it; float64 stays float64 (the
+        # setting is global: Orbax loads in threads of its own, which a context would not reach).
         here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved,
-                                is_leaf=lambda m: hasattr(m, "shape"))
-        state = checkpointer.load_checkpointables(step, {"state": abstract})["state"]
+        x64 = jax.config.jax_enable_x64
+        jax.config.update("jax_enable_x64", True)
+        try:
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), saved,
+                                    is_leaf=lambda m: hasattr(m, "shape"))
+            state = jax.tree.map(np.asarray, checkpointer.load_checkpointables(step, {"state": abstract})["state"])
+        finally:
+            jax.config.update("jax_enable_x64", x64)
     finally:
         checkpointer.close()
     return {prefix: {p: np.asarray(a) for p, a in zip(meta[f"{prefix}_paths"], state[prefix])}

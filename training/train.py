@@ -31,6 +31,7 @@ import tempfile
 import time
 
 import medt_keras  # noqa: F401  (selects the JAX backend before keras is imported)
+from medt_keras import files
 from medt_keras._backend import prepare_rematerialization
 
 import numpy as np
@@ -317,7 +318,7 @@ def _set_up(config, resume, multi_process, require_accelerator):
         medt_keras.enable_float64()
     state_format = checkpoint.choose_format(directory, config.checkpoint_format, process_count)
     chief = process_index == 0
-    os.makedirs(directory, exist_ok=True)
+    files.makedirs(directory)
     if chief and not checkpoint.is_remote(directory):
         checkpoint.remove_stale_temporaries(directory)  # half-written files of a killed run
     # Saving gathers replicated variables, a collective every process must
@@ -462,10 +463,11 @@ def _finish(run, train_seconds):
     # Each process reloads the copy it wrote itself (no race with process 0's
     # writes); a best epoch from before a resume exists only in the shared folder.
     best = os.path.join(write_dir, "best.weights.h5")
-    if not os.path.isfile(best):
+    if not files.exists(best):
         best = os.path.join(directory, "best.weights.h5")
-    if os.path.isfile(best):
-        model.load_weights(best)
+    if files.exists(best):
+        with files.local_copy(best) as local:
+            model.load_weights(local)
     if run.protocol == "tiled":
         report = evaluate_test_tiled(model, test_batches, config, write_dir)
     else:

@@ -28,14 +28,30 @@ def _model():
     return keras.Model(inputs, keras.layers.Dense(2, name="dense")(inputs))
 
 
-def test_run_state_round_trip_and_mismatch_error(tmp_path):
+def _save(kind, directory, model, optimizer, meta):
+    if kind == "npz":
+        checkpoint.save_run_state(directory, model, optimizer, meta)
+    else:
+        store = checkpoint.OrbaxRunState(directory)
+        store.save(model, optimizer, meta)
+        store.close()
+
+
+@pytest.mark.parametrize("kind", ["npz", "orbax"])
+def test_run_state_round_trip_and_mismatch_error(tmp_path, kind):
     model, optimizer = _model(), OfficialAdam(l2=1e-5)
     optimizer.build(model.trainable_variables)
     optimizer.apply([np.ones((3, 2), "float32"), np.ones(2, "float32")], model.trainable_variables)
-    checkpoint.save_run_state(tmp_path, model, optimizer, {"next_epoch": 4})
+    _save(kind, tmp_path, model, optimizer, {"next_epoch": 4, "history": [{"val_f1": float("nan")}]})
+    assert checkpoint.saved_format(tmp_path) == kind
+    assert checkpoint.choose_format(tmp_path, "npz" if kind == "orbax" else "orbax") == kind  # a run keeps its format
     other, other_optimizer = _model(), OfficialAdam(l2=1e-5)
     other_optimizer.build(other.trainable_variables)
-    assert checkpoint.restore_run_state(tmp_path, other, other_optimizer) == {"next_epoch": 4}
+    meta = checkpoint.restore_run_state(tmp_path, other, other_optimizer)
+    assert meta["next_epoch"] == 4 and np.isnan(meta["history"][0]["val_f1"])
+    assert checkpoint.read_run_state(tmp_path)["next_epoch"] == 4
+    saved = checkpoint.state_arrays(tmp_path)
+    assert [saved["model"][v.path].shape for v in model.variables] == [tuple(v.shape) for v in model.variables]
     for a, b in zip(model.variables + optimizer.variables, other.variables + other_optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
@@ -45,6 +61,43 @@ def test_run_state_round_trip_and_mismatch_error(tmp_path):
     wider_optimizer.build(wider.trainable_variables)
     with pytest.raises(ValueError, match="dense/kernel saved with shape"):
         checkpoint.restore_run_state(tmp_path, wider, wider_optimizer)
+
+
+def test_format_choice(tmp_path, monkeypatch):
+    assert checkpoint.choose_format(tmp_path, "auto", process_count=1) == "npz"
+    assert checkpoint.choose_format(tmp_path, "auto", process_count=2) == "orbax"
+    monkeypatch.setattr(checkpoint, "saved_format", lambda directory: None)  # no GCS here to look in
+    assert checkpoint.choose_format("gs://bucket/run", "auto") == "orbax"
+    with pytest.raises(ValueError, match="needs --checkpoint-format orbax"):
+        checkpoint.choose_format(tmp_path, "npz", process_count=2)
+
+
+def test_remote_files_are_uploaded_whole_and_read_back(tmp_path, monkeypatch):
+    # A URL goes through etils.epath; here a scheme mapped onto a local folder stands in for gs://.
+    from etils import epath
+
+    from medt_keras import files
+
+    bucket = tmp_path / "bucket"
+    monkeypatch.setattr(files, "remote_path", lambda path: epath.Path(os.fspath(path).replace("fake://", f"{bucket}/")))
+    files.makedirs("fake://run")
+    assert (bucket / "run").is_dir() and not files.exists("fake://run/log.csv")
+    checkpoint.atomic_write_csv("fake://run/log.csv", [{"epoch": 1, "loss": 0.5}])
+    assert (bucket / "run" / "log.csv").read_text() == "epoch,loss\n1,0.5\n"
+    with pytest.raises(RuntimeError):
+        with files.atomic_path("fake://run/log.csv") as temporary:
+            with open(temporary, "w") as handle:
+                handle.write("half")
+            raise RuntimeError("killed while writing")
+    assert (bucket / "run" / "log.csv").read_text() == "epoch,loss\n1,0.5\n"  # nothing uploaded
+    model = _model()
+    checkpoint.save_weights(model, "fake://run/best.weights.h5")
+    assert files.exists("fake://run/best.weights.h5")
+    other = _model()
+    with files.local_copy("fake://run/best.weights.h5") as local:
+        other.load_weights(local)
+    for a, b in zip(model.variables, other.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
