@@ -11,7 +11,20 @@ runs in a fresh process so its peak memory is its own.
 
 With ``--official PATH`` (a checkout of the official MedT repository; none
 of its code is part of this project) the official PyTorch model is timed
-on the same inputs in the same run, and the ratio printed.
+on the same inputs as a PyTorch user would run it at its fastest on this
+CPU: under each allocator (glibc and, where ``ldconfig -p`` lists them,
+tcmalloc and jemalloc, preloaded; ours under the same one), its settings
+(``torch.set_num_threads``, one inter-op thread, channels-last or not,
+OpenMP's wait policy) are searched and the fastest per workload kept;
+then each side, in a long-lived process compiled once, is timed in
+interleaved runs (ours, official, ours, ...) so the machine's drift falls
+on both. Every ratio is printed with the allocator and both sides'
+configuration. For the models of ``--profile-models`` (MedT) it then
+counts the training step's FLOPs (XLA's cost analysis), reports them as a
+fraction of the measured matrix-product peak, and profiles the step op by
+op (``jax.profiler``). ``--official PATH --separate`` times the official
+code once in a fresh process beside ours instead (PyTorch on all cores,
+this process's allocator), with both sides' memory.
 
 ``--sliding-window`` times ``medt_keras.inference.sliding_window_probabilities``
 on the HeLa test frames and a large synthetic image against the bare model's
@@ -24,7 +37,8 @@ loader and the grain loader (worker processes) for each ``--loader-workers``
 count, in images/s and as a multiple of the training rate measured in
 ``--training-json`` (images/s of a MedT and a gated axial U-Net training step).
 
-Example: ``medt-bench --models medt gated --sizes 128 --json benchmarks/cpu.json``
+Examples: ``medt-bench --models medt gated --sizes 128 --json benchmarks/cpu.json``;
+``medt-bench --models medt gated --sizes 128 --official PATH --json benchmarks/official.json``
 """
 
 import argparse
@@ -531,13 +545,13 @@ def measure_peak_gflops():
     return 2 * n**3 / seconds / 1e9
 
 
-def _run_child(spec):
-    """One measurement in a fresh Python process; returns its JSON result."""
+def _run_child(spec, env=None):
+    """One measurement in a fresh Python process (environment ``env``, else this one's); returns its JSON result."""
     out = subprocess.run(
         [sys.executable, "-m", "training.benchmark", "--child", json.dumps(spec)],
         capture_output=True,
         text=True,
-        env=os.environ.copy(),
+        env=os.environ.copy() if env is None else env,
     )
     if out.returncode != 0:
         killed = out.returncode < 0 or out.returncode == 137
@@ -548,6 +562,895 @@ def _run_child(spec):
 
 def _fmt(value, spec):
     return "" if value is None or value != value else format(value, spec)
+
+
+# --- The official code at its fastest, interleaved with ours (``--official`` without ``--separate``) ---
+#
+# Each side runs in a long-lived worker process that builds and compiles once
+# and then times steps on request, so runs of the two sides can alternate
+# (ours, official, ours, official, ...) without recompiling: the machine's
+# drift falls on both alike. A worker prints its replies on stdout behind
+# _REPLY; anything else it prints is ignored.
+
+_REPLY = "@medt-bench-reply "
+
+# Shared libraries of the allocators tried beside glibc, most preferred first.
+ALLOCATOR_LIBRARIES = {
+    "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
+    "jemalloc": ("libjemalloc.so.2", "libjemalloc.so.1"),
+}
+# jemalloc as PyTorch's CPU tuning guides set it (decay off, so freed pages
+# stay mapped; large blocks from their own arena, a purging thread).
+JEMALLOC_CONF = "oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
+# Every allocator this mode knows; ``auto`` means glibc plus those installed.
+ALLOCATORS = ("glibc", "glibc-thp", "tcmalloc", "jemalloc", "jemalloc-default")
+# The search abandons a configuration once its steps have run this many
+# times as long as the fastest configuration's before it would have: on a
+# loaded machine an OpenMP barrier whose partner thread is descheduled can
+# make a multi-threaded PyTorch step 10x slower.
+GIVE_UP_FACTOR = 3
+
+
+def find_allocator_libraries(ldconfig_text):
+    """``{"tcmalloc": path, "jemalloc": path}`` of those that ``ldconfig -p``'s output lists (64-bit entries)."""
+    listed = {}
+    for line in ldconfig_text.splitlines():
+        if "=>" not in line:
+            continue
+        left, path = line.split("=>", 1)
+        parts = left.split()
+        if not parts or ("(" in left and "64" not in left.split("(", 1)[1]):
+            continue  # a 32-bit library
+        listed.setdefault(parts[0], path.strip())
+    found = {}
+    for name, sonames in ALLOCATOR_LIBRARIES.items():
+        for soname in sonames:
+            if soname in listed:
+                found[name] = listed[soname]
+                break
+    return found
+
+
+def installed_allocators():
+    """``find_allocator_libraries`` of this system's ``ldconfig -p`` ({} where there is none)."""
+    for ldconfig in ("ldconfig", "/sbin/ldconfig", "/usr/sbin/ldconfig"):
+        try:
+            out = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if out.returncode == 0:
+            return find_allocator_libraries(out.stdout)
+    return {}
+
+
+def resolve_allocators(names, found):
+    """The allocator names to measure: ``auto`` is glibc and every one of ``found``; unknown or missing names raise."""
+    if list(names) == ["auto"]:
+        return ["glibc"] + [name for name in ALLOCATOR_LIBRARIES if name in found]
+    for name in names:
+        if name not in ALLOCATORS:
+            raise ValueError(f"unknown allocator {name!r}: one of {', '.join(ALLOCATORS)} or auto")
+        library = name.split("-")[0]
+        if library in ALLOCATOR_LIBRARIES and library not in found:
+            raise ValueError(f"allocator {name!r}: no {' or '.join(ALLOCATOR_LIBRARIES[library])} in ldconfig -p")
+    return list(dict.fromkeys(names))
+
+
+def allocator_environment(name, found, base):
+    """``(environment, description)`` of a child process running under allocator ``name``.
+
+    Every allocator setting inherited from ``base`` is dropped first, so
+    ``glibc`` means glibc as the system configures it.
+    """
+    env = {key: value for key, value in base.items() if key not in ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES")}
+    settings = {}
+    if name == "glibc-thp":
+        settings["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=1"
+    elif name.startswith("tcmalloc") or name.startswith("jemalloc"):
+        settings["LD_PRELOAD"] = found[name.split("-")[0]]
+        if name == "jemalloc":
+            settings["MALLOC_CONF"] = JEMALLOC_CONF
+    env.update(settings)
+    description = name if not settings else name + " (" + " ".join(f"{k}={v}" for k, v in settings.items()) + ")"
+    return env, description
+
+
+def official_configs(threads, channels_last=(False, True), interop_threads=1, wait_policies=(None,)):
+    """The PyTorch settings the search tries, in order: thread count x OpenMP wait policy x memory format.
+
+    The wait policy (``OMP_WAIT_POLICY``; None: OpenMP's default, which
+    spins a while at each barrier) only matters with more than one thread,
+    so one thread gets the default alone.
+    """
+    configs = []
+    for count in dict.fromkeys(int(t) for t in threads):
+        for policy in dict.fromkeys(wait_policies) if count > 1 else [None]:
+            for last in dict.fromkeys(bool(c) for c in channels_last):
+                configs.append({"threads": count, "interop_threads": int(interop_threads), "channels_last": last,
+                                "omp_wait_policy": policy})
+    return configs
+
+
+def describe_official(config):
+    """E.g. ``PyTorch 2 threads, interop 1, channels_last, OMP_WAIT_POLICY=PASSIVE``."""
+    layout = "channels_last" if config["channels_last"] else "NCHW (contiguous)"
+    threads = config["threads"]
+    text = f"PyTorch {threads} thread{'s' if threads != 1 else ''}, interop {config['interop_threads']}, {layout}"
+    return text + (f", OMP_WAIT_POLICY={config['omp_wait_policy']}" if config.get("omp_wait_policy") else "")
+
+
+def describe_ours(rematerialize=False, dtype="float32", threads=None):
+    """E.g. ``medt-keras float32, XLA CPU default threads (2)``."""
+    text = f"medt-keras {dtype}"
+    text += ", rematerialize" if rematerialize else ""
+    return text + f", XLA default threads ({threads or os.cpu_count()})"
+
+
+def interleaved_order(sides, rounds):
+    """``[(side, round), ...]``: each round runs every side once, in the given order (ours, official, ours, ...)."""
+    return [(side, r) for r in range(rounds) for side in sides]
+
+
+def fastest_config(search, workload):
+    """The entry of ``search`` (each ``{"config", workload: {"median_seconds"}}``) fastest at ``workload``.
+
+    Configurations whose timing was abandoned (``gave_up``: far slower than
+    the best before them) are out.
+    """
+    timed = [entry for entry in search if workload in entry and not entry[workload].get("gave_up")]
+    if not timed:
+        raise ValueError(f"no configuration of the search timed {workload}")
+    return min(timed, key=lambda entry: entry[workload]["median_seconds"])
+
+
+def summarize_runs(runs):
+    """Median over runs of each run's median step (seconds and CPU seconds), with every run kept."""
+    seconds = [statistics.median(run["seconds"]) for run in runs]
+    cpu = [statistics.median(run["cpu_seconds"]) for run in runs]
+    return {
+        "median_seconds": statistics.median(seconds),
+        "median_cpu_seconds": statistics.median(cpu),
+        "run_seconds": seconds,
+        "run_cpu_seconds": cpu,
+    }
+
+
+def comparison_row(model, size, workload, allocator, ours, official, ours_config, official_config, batch):
+    """One ratio with both sides' configuration; ``ours``/``official`` as ``summarize_runs`` returns them."""
+    return {
+        "model": model,
+        "size": size,
+        "workload": workload,
+        "batch": batch,
+        "allocator": allocator,
+        "ours_config": ours_config,
+        "official_config": official_config,
+        "ours_seconds": ours["median_seconds"],
+        "official_seconds": official["median_seconds"],
+        "ours_run_seconds": ours["run_seconds"],
+        "official_run_seconds": official["run_seconds"],
+        "ours_images_per_second": batch / ours["median_seconds"],
+        "official_images_per_second": batch / official["median_seconds"],
+        "ratio": official["median_seconds"] / ours["median_seconds"],
+        "ours_cpu_seconds": ours["median_cpu_seconds"],
+        "official_cpu_seconds": official["median_cpu_seconds"],
+        "cpu_time_ratio": official["median_cpu_seconds"] / ours["median_cpu_seconds"],
+    }
+
+
+def headline_rows(rows):
+    """Per model, size and workload: the row where the official code was fastest (its best allocator).
+
+    Ours is beside it, under the same allocator.
+    """
+    best = {}
+    for row in rows:
+        key = (row["model"], row["size"], row["workload"])
+        if key not in best or row["official_seconds"] < best[key]["official_seconds"]:
+            best[key] = row
+    return list(best.values())
+
+
+def format_comparison_table(rows):
+    """Lines of a table: every ratio with the allocator and both sides' configuration."""
+    lines = [
+        f"{'model':<6} {'size':>4} {'workload':<5} {'allocator':<9} {'ours s (runs)':<24} "
+        f"{'official s (runs)':<24} {'ratio':>6} {'CPU ratio':>9}  configurations: ours | official"
+    ]
+    for row in rows:
+        ours = f"{row['ours_seconds']:.3f} (" + " ".join(f"{s:.2f}" for s in row["ours_run_seconds"]) + ")"
+        official = f"{row['official_seconds']:.3f} (" + " ".join(f"{s:.2f}" for s in row["official_run_seconds"]) + ")"
+        lines.append(
+            f"{row['model']:<6} {row['size']:>4} {row['workload']:<5} {row['allocator'].split(' ')[0]:<9} "
+            f"{ours:<24} {official:<24} {row['ratio']:>5.2f}x {row['cpu_time_ratio']:>8.2f}x  "
+            f"{row['ours_config']} | {row['official_config']}"
+        )
+    return lines
+
+
+def _timed_steps(step, repeats, warmup, give_up_after=None):
+    """``{"seconds": [...], "cpu_seconds": [...]}`` of ``repeats`` steps after ``warmup`` untimed ones.
+
+    CPU seconds are this process's (every thread's) user and system time:
+    on a shared machine the wall time also counts the time other work took
+    the cores. With ``give_up_after`` (seconds, warm-up included), no step
+    starts after that long; the result then says ``"gave_up": True`` and
+    holds the steps timed so far (at least one).
+    """
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    seconds, cpu = [], []
+    for _ in range(repeats):
+        wall, processor = time.perf_counter(), time.process_time()
+        step()
+        cpu.append(time.process_time() - processor)
+        seconds.append(time.perf_counter() - wall)
+        if give_up_after is not None and len(seconds) < repeats and time.perf_counter() - start > give_up_after:
+            return {"seconds": seconds, "cpu_seconds": cpu, "gave_up": True}
+    return {"seconds": seconds, "cpu_seconds": cpu}
+
+
+class _KerasTimer:
+    """Our model, compiled once, timed on request (the worker of the interleaved comparison)."""
+
+    def __init__(self, model_name, size, batch, infer_batch, rematerialize=False, dtype="float32"):
+        import numpy as np
+
+        import medt_keras  # noqa: F401  (JAX backend)
+        import jax
+        import keras
+        from medt_keras.models.registry import get_spec
+
+        self.model = get_spec(model_name).model_class(img_size=size, rematerialize=rematerialize, dtype=dtype)
+        rng = np.random.default_rng(0)
+        self.x = rng.random((batch, size, size, 3), dtype=np.float32)
+        self.y = rng.integers(0, 2, (batch, size, size)).astype("int32")
+        self.x_infer = rng.random((infer_batch, size, size, 3), dtype=np.float32)
+        self.model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        start = time.perf_counter()
+        self.train()
+        compile_train = time.perf_counter() - start
+        start = time.perf_counter()
+        self.infer()
+        self.info = {
+            "implementation": "medt-keras",
+            "compile_seconds": compile_train + time.perf_counter() - start,
+            "jax": jax.__version__,
+            "device": str(jax.devices()[0].device_kind),
+            "config": describe_ours(rematerialize, dtype),
+        }
+
+    def train(self, config=None):
+        self.model.train_on_batch(self.x, self.y)
+
+    def infer(self, config=None):
+        import numpy as np
+
+        np.asarray(self.model.predict_on_batch(self.x_infer))
+
+
+class _OfficialTimer:
+    """The official PyTorch model, timed on request in any configuration of ``official_configs``.
+
+    One model and Adam optimiser per memory format, built on first use with
+    the same seed; ``torch.set_num_threads`` before each request. The
+    inter-op pool is sized once, before any parallel work, as PyTorch requires.
+    """
+
+    def __init__(self, checkout, official_builder, size, batch, infer_batch, interop_threads=1):
+        import types
+
+        import numpy as np
+        import torch
+
+        torch.set_num_interop_threads(int(interop_threads))
+        for name in ("matplotlib", "matplotlib.pyplot"):
+            sys.modules.setdefault(name, types.ModuleType(name))  # imported, never used
+        lib = types.ModuleType("lib")  # skip lib/__init__, which imports torchvision
+        lib.__path__ = [os.path.join(checkout, "lib")]
+        sys.modules["lib"] = lib
+        from lib.models import axialnet
+
+        self.torch = torch
+        self.builder = getattr(axialnet, official_builder)
+        self.size = size
+        self.interop_threads = int(interop_threads)
+        rng = np.random.default_rng(0)
+        self.x = torch.from_numpy(rng.random((batch, 3, size, size), dtype=np.float32))
+        self.y = torch.from_numpy(rng.integers(0, 2, (batch, size, size)))
+        self.x_infer = torch.from_numpy(rng.random((infer_batch, 3, size, size), dtype=np.float32))
+        self.models = {}
+        self.info = {
+            "implementation": "official PyTorch " + torch.__version__,
+            "mkldnn": bool(torch.backends.mkldnn.is_available()),
+            "parallel_info": torch.__config__.parallel_info().splitlines()[:6],
+        }
+
+    def _setup(self, config):
+        torch = self.torch
+        if config["interop_threads"] != self.interop_threads:
+            raise ValueError(f"this worker's inter-op pool has {self.interop_threads} threads, not {config}")
+        torch.set_num_threads(int(config["threads"]))
+        last = bool(config["channels_last"])
+        if last not in self.models:
+            torch.manual_seed(0)
+            model = self.builder(img_size=self.size, imgchan=3)
+            fmt = torch.channels_last if last else torch.contiguous_format
+            model = model.to(memory_format=fmt)
+            for p in model.parameters():
+                p.requires_grad_(True)
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
+            self.models[last] = (model, optimizer, self.x.contiguous(memory_format=fmt),
+                                 self.x_infer.contiguous(memory_format=fmt))
+        return self.models[last]
+
+    def train(self, config):
+        model, optimizer, x, _ = self._setup(config)
+        model.train()
+        optimizer.zero_grad()
+        loss = self.torch.nn.functional.cross_entropy(model(x), self.y)
+        loss.backward()
+        optimizer.step()
+
+    def infer(self, config):
+        model, _, _, x = self._setup(config)
+        model.eval()
+        with self.torch.inference_mode():
+            model(x)
+
+
+def _reply(message):
+    print(_REPLY + json.dumps(message), flush=True)
+
+
+def serve_worker(spec):
+    """A worker's life: build, reply with its ``info``, then answer requests on stdin until ``quit``.
+
+    Requests: ``{"op": "time", "workload": "train"|"infer", "repeats", "warmup", "config", "give_up_after"}``
+    (answer: ``_timed_steps``), ``{"op": "memory", "workload", "steps", "config"}`` (resident
+    memory sampled over a few steps), ``{"op": "quit"}`` (answer: the process's peak RSS).
+    """
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    timer = {"keras": _KerasTimer, "official": _OfficialTimer}[kind](**spec)
+    _reply(dict(timer.info, ready=True))
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request["op"]
+        if op == "quit":
+            _reply({"peak_rss_gib": _peak_rss_gib()})
+            return 0
+        step = getattr(timer, request["workload"])
+        config = request.get("config")
+        if op == "time":
+            _reply(_timed_steps(lambda: step(config), request["repeats"], request.get("warmup", 1),
+                                request.get("give_up_after")))
+        elif op == "memory":
+            step(config)
+            with _RssSampler() as memory:
+                for _ in range(request.get("steps", 2)):
+                    step(config)
+            _reply({"step_peak_rss_gib": memory.peak_gib})
+        else:
+            raise ValueError(f"unknown request {request}")
+    return 0
+
+
+class _Worker:
+    """The parent's handle on a worker process (``serve_worker``) under a given environment."""
+
+    def __init__(self, spec, env):
+        import tempfile
+
+        self.spec = spec
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "training.benchmark", "--worker", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env,
+        )
+        self.info = self._read()
+
+    def _read(self):
+        for line in self._process.stdout:
+            if line.startswith(_REPLY):
+                return json.loads(line[len(_REPLY):])
+        code = self._process.wait()
+        self._stderr.seek(0)
+        killed = code < 0 or code == 137
+        reason = "was killed (out of memory?)" if killed else "failed"
+        raise RuntimeError(f"worker {self.spec['kind']} {reason} (exit {code}):\n{self._stderr.read()[-3000:]}")
+
+    def request(self, **request):
+        self._process.stdin.write(json.dumps(request) + "\n")
+        self._process.stdin.flush()
+        return self._read()
+
+    def close(self):
+        if self._process.poll() is None:
+            try:
+                self.info["peak_rss_gib"] = self.request(op="quit")["peak_rss_gib"]
+            except (RuntimeError, OSError):
+                pass
+            self._process.stdin.close()
+            try:
+                self._process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._stderr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def _steal_seconds():
+    """The machine's total steal time so far (``/proc/stat``; None where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _machine_load():
+    """Load averages (1, 5, 15 minutes) and the steal time so far."""
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {"load_average": load, "steal_seconds": _steal_seconds()}
+
+
+def _uptime():
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _official_environment(env, policy):
+    """``env`` with ``OMP_WAIT_POLICY`` set to ``policy`` (None: OpenMP's default, any inherited setting dropped)."""
+    env = {key: value for key, value in env.items() if key != "OMP_WAIT_POLICY"}
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    return env
+
+
+def compare_with_official(model, size, args, allocator, env, description, log=print):
+    """Search the official code's fastest settings under one allocator, then time both sides interleaved.
+
+    The search times each configuration once (``--search-repeats`` steps
+    after a warm-up); one that runs past ``GIVE_UP_FACTOR`` times the
+    fastest before it is abandoned. Returns the record of this (model,
+    size, allocator): every configuration the search tried, every
+    interleaved run, and the two comparison rows (training, inference).
+    """
+    configs = official_configs(args.official_threads, args.official_channels_last, args.official_interop_threads,
+                               args.official_wait_policies)
+    variant = dict(rematerialize=args.rematerialize == "on", dtype=args.dtype)
+    common = dict(model_name=model, size=size, batch=args.batch, infer_batch=args.infer_batch)
+    record = {"model": model, "size": size, "allocator": allocator, "allocator_setting": description,
+              "batch": args.batch, "infer_batch": args.infer_batch, "load_at_start": _machine_load()}
+    official_spec = dict(kind="official", checkout=args.official, official_builder=_official_builder(model),
+                         size=size, batch=args.batch, infer_batch=args.infer_batch,
+                         interop_threads=configs[0]["interop_threads"])
+    with contextlib.ExitStack() as stack:
+        ours = stack.enter_context(_Worker(dict(common, kind="keras", **variant), env))
+        officials = {}  # OMP_WAIT_POLICY -> worker: the policy is read when OpenMP starts
+
+        def official(config):
+            policy = config.get("omp_wait_policy")
+            if policy not in officials:
+                officials[policy] = stack.enter_context(_Worker(official_spec, _official_environment(env, policy)))
+            return officials[policy]
+
+        record["ours"] = ours.info
+        ours_config = ours.info["config"]
+        log(f"{model} {size} {allocator}: ours compiled in {ours.info['compile_seconds']:.0f} s; searching "
+            f"{len(configs)} official configurations", flush=True)
+        search = []
+        for config in configs:
+            entry = {"config": config, "label": describe_official(config)}
+            for workload in ("train", "infer"):
+                done = [e[workload]["median_seconds"] for e in search if not e[workload].get("gave_up")]
+                limit = GIVE_UP_FACTOR * min(done) * (1 + args.search_repeats) if done else None
+                try:
+                    timed = official(config).request(op="time", workload=workload, repeats=args.search_repeats,
+                                                     warmup=1, config=config, give_up_after=limit)
+                except RuntimeError as error:
+                    raise RuntimeError(f"official {entry['label']} {workload}: {error}") from None
+                entry[workload] = dict(timed, median_seconds=statistics.median(timed["seconds"]),
+                                       median_cpu_seconds=statistics.median(timed["cpu_seconds"]))
+            log(f"  search {entry['label']:<72} train {entry['train']['median_seconds']:7.3f} s"
+                f"{' (abandoned)' if entry['train'].get('gave_up') else ''}  infer "
+                f"{entry['infer']['median_seconds']:7.3f} s{' (abandoned)' if entry['infer'].get('gave_up') else ''}",
+                flush=True)
+            search.append(entry)
+        record["official_search"] = search
+        record["official"] = {str(policy): worker.info for policy, worker in officials.items()}
+        best = {workload: fastest_config(search, workload)["config"] for workload in ("train", "infer")}
+        record["official_best"] = best
+        runs = []
+        for side, index in interleaved_order(("ours", "official"), args.rounds):
+            for workload in ("train", "infer"):
+                config = best[workload] if side == "official" else None
+                worker = ours if side == "ours" else official(config)
+                before = _machine_load()
+                timed = worker.request(op="time", workload=workload, repeats=args.repeats, warmup=1, config=config)
+                after = _machine_load()
+                steal = (None if before["steal_seconds"] is None or after["steal_seconds"] is None
+                         else after["steal_seconds"] - before["steal_seconds"])
+                runs.append(dict(timed, side=side, round=index, workload=workload,
+                                 config=ours_config if side == "ours" else describe_official(config),
+                                 load_average=after["load_average"], steal_seconds=steal))
+                log(f"  round {index + 1} {side:<8} {workload:<5} median {statistics.median(timed['seconds']):.3f} s "
+                    f"(CPU {statistics.median(timed['cpu_seconds']):.3f} s, load {after['load_average'][0]:.1f})",
+                    flush=True)
+        record["runs"] = runs
+        if args.step_memory:
+            record["ours_step_peak_rss_gib"] = ours.request(op="memory", workload="train")["step_peak_rss_gib"]
+            record["official_step_peak_rss_gib"] = official(best["train"]).request(
+                op="memory", workload="train", config=best["train"])["step_peak_rss_gib"]
+    rows = []
+    for workload in ("train", "infer"):
+        mine = summarize_runs([r for r in runs if r["side"] == "ours" and r["workload"] == workload])
+        theirs = summarize_runs([r for r in runs if r["side"] == "official" and r["workload"] == workload])
+        batch = args.batch if workload == "train" else args.infer_batch
+        rows.append(comparison_row(model, size, workload, description, mine, theirs, ours_config,
+                                   describe_official(best[workload]), batch))
+    record["comparison"] = rows
+    record["load_at_end"] = _machine_load()
+    return record
+
+
+def hlo_instructions(hlo_text):
+    """``{name: (opcode, op_name)}`` of every instruction in an HLO module's text (``compiled.as_text()``)."""
+    import re
+
+    instructions = {}
+    for line in hlo_text.splitlines():
+        match = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+(.*)", line)
+        if not match:
+            continue
+        name, rest = match.groups()
+        if rest.startswith("("):  # a tuple shape: skip to its closing parenthesis
+            depth = 0
+            for i, char in enumerate(rest):
+                depth += char == "("
+                depth -= char == ")"
+                if depth == 0:
+                    rest = rest[i + 1:].lstrip()
+                    break
+        else:
+            rest = rest.split(" ", 1)[1] if " " in rest else ""
+        opcode = re.match(r"([\w\-]+)", rest)
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        instructions[name] = (opcode.group(1) if opcode else "", op_name.group(1) if op_name else "")
+    return instructions
+
+
+def _source_of(op_name, depth=2):
+    """The model part an XLA op came from: the first ``depth`` layer names of its ``op_name``.
+
+    ``jit(loss_fn)/transpose(jvp(stage2_block0))/height_attention/jit(_attention)/while`` ->
+    ``stage2_block0/height_attention (backward)``: JAX's transformation wrappers
+    dropped, ``transpose`` (the backward pass) marked.
+    """
+    import re
+
+    if not op_name:
+        return "(no source)"
+    parts = op_name.split("/")
+    layers = []
+    for part in parts[1:-1]:  # the first names the jitted function, the last the primitive
+        while True:
+            unwrapped = re.sub(r"^[a-z_]+\((.*)\)$", r"\1", part)
+            if unwrapped == part:
+                break
+            part = unwrapped
+        if part and not part.startswith("_"):
+            layers.append(part)
+    source = "/".join(layers[:depth]) or parts[-1]
+    return source + (" (backward)" if "transpose(" in op_name else "")
+
+
+def profile_ops(events, instructions=None, top=15):
+    """Where an XLA CPU program's time went, from the trace events of ``jax.profiler``.
+
+    ``events``: the Chrome/Perfetto trace events (``traceEvents``) with the
+    process's thread-name metadata; only XLA's threads (``tf_XLA...``) count.
+    Each op's *exclusive* time (its event less the ops nested in it, so a
+    loop counts its body's ops, not itself) is summed over threads and
+    repeats; ``end: NAME`` events (the runtime's bookkeeping after an op)
+    count as NAME's; events that name no instruction of ``instructions``
+    (the runtime's own: waiting for completion, the executor) are kept
+    apart. Returns the total op time, the ``top`` ops with their
+    opcode and source (``instructions`` as ``hlo_instructions`` returns
+    them), the loops (``while`` ops: the blocked attention kernel's) by
+    inclusive time and their total, and the time per source layer and per
+    kind of op (the name without its number: ``ynn_fusion`` are XNNPACK's
+    products and convolutions, ``transpose_copy_fusion`` layout changes).
+    """
+    import re
+
+    instructions = instructions or {}
+    runtime = {}
+    threads = {e["tid"]: e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    by_thread = {}
+    for e in events:
+        if e.get("ph") != "X" or not threads.get(e.get("tid"), "").startswith("tf_XLA"):
+            continue
+        name = e["name"][len("end: "):] if e["name"].startswith("end: ") else e["name"]
+        if instructions and name not in instructions:
+            runtime[name] = runtime.get(name, 0.0) + float(e.get("dur", 0.0))  # the runtime's own events
+            continue
+        if name.startswith(("ThreadpoolListener", "ThunkExecutor")):
+            continue
+        by_thread.setdefault(e["tid"], []).append(e)
+    exclusive, inclusive, calls = {}, {}, {}
+    for evs in by_thread.values():
+        evs.sort(key=lambda e: (e["ts"], -e.get("dur", 0)))
+        stack = []  # [end, name, child time]
+
+        def close(item):
+            end, name, children, duration = item
+            exclusive[name] = exclusive.get(name, 0.0) + duration - children
+
+        for e in evs:
+            name = e["name"][len("end: "):] if e["name"].startswith("end: ") else e["name"]
+            duration = float(e.get("dur", 0.0))
+            while stack and e["ts"] >= stack[-1][0]:
+                close(stack.pop())
+            if stack:
+                stack[-1][2] += duration
+            inclusive[name] = inclusive.get(name, 0.0) + duration
+            calls[name] = calls.get(name, 0) + 1
+            stack.append([e["ts"] + duration, name, 0.0, duration])
+        while stack:
+            close(stack.pop())
+    total = sum(exclusive.values())
+
+    def describe(name, microseconds):
+        opcode, op_name = instructions.get(name, ("", ""))
+        return {"op": name, "opcode": opcode, "source": _source_of(op_name), "op_name": op_name[-200:],
+                "ms": microseconds / 1e3, "share": microseconds / total if total else float("nan"),
+                "events": calls[name]}
+
+    ranked = sorted(exclusive.items(), key=lambda item: -item[1])
+    loops = sorted(((n, t) for n, t in inclusive.items() if instructions.get(n, ("",))[0] == "while"
+                    or (not instructions and n.startswith("while"))), key=lambda item: -item[1])
+    sources, kinds = {}, {}
+    for name, microseconds in exclusive.items():
+        source = _source_of(instructions.get(name, ("", ""))[1])
+        sources[source] = sources.get(source, 0.0) + microseconds
+        kind = re.sub(r"\.\d+$", "", name)  # ynn_fusion.953 -> ynn_fusion (XNNPACK), copy.4 -> copy
+        kinds[kind] = kinds.get(kind, 0.0) + microseconds
+
+    def shares(totals):
+        return [{"name": n, "ms": t / 1e3, "share": t / total if total else float("nan")}
+                for n, t in sorted(totals.items(), key=lambda item: -item[1])[:top]]
+    return {
+        "op_ms": total / 1e3,
+        "runtime_events_ms": {name: t / 1e3 for name, t in sorted(runtime.items(), key=lambda item: -item[1])[:5]},
+        "top_ops": [describe(n, t) for n, t in ranked[:top]],
+        "loops": [dict(describe(n, t), exclusive_ms=exclusive.get(n, 0.0) / 1e3) for n, t in loops[:top]],
+        "loops_ms": sum(t for _, t in loops) / 1e3,
+        "by_source": [{"source": d.pop("name"), **d} for d in shares(sources)],
+        "by_kind": [{"kind": d.pop("name"), **d} for d in shares(kinds)],
+    }
+
+
+def measure_train_profile(model_name, size, batch, repeats=5, profile_steps=2, top=15):
+    """FLOPs, speed against the matrix-product peak, and an op-by-op profile of one training step.
+
+    The step is forward and backward (``jax.value_and_grad`` of the loss
+    through ``stateless_call``, as ``measure_keras`` counts FLOPs; Adam, a
+    negligible share, left out), compiled as the model runs it on this
+    device. XLA's cost analysis counts a loop's body once, so on CPU, where
+    the blocked attention kernel walks over blocks with ``lax.map``, its
+    count of the step misses most of the attention; the FLOPs of the same
+    model built with ``attention="keras_ops"`` (the same math as
+    whole-tensor operations, no loops) are the step's work. Both are
+    returned. The peak is measured in this process, just before.
+    """
+    import glob
+    import gzip
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    import medt_keras  # noqa: F401  (JAX backend)
+    import jax
+    import keras
+    from medt_keras.models.registry import get_spec
+
+    peak = measure_peak_gflops()
+    rng = np.random.default_rng(0)
+    x = rng.random((batch, size, size, 3), dtype=np.float32)
+    y = rng.integers(0, 2, (batch, size, size)).astype("int32")
+
+    def compiled_step(attention):
+        model = get_spec(model_name).model_class(img_size=size, attention=attention)
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def loss_fn(t, n, x, y):
+            logits, n = model.stateless_call(t, n, x, training=True)
+            return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)), n
+
+        start = time.perf_counter()
+        compiled = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(trainable, non_trainable, x, y).compile()
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, list) else analysis
+        flops = float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+        return compiled, (trainable, non_trainable, x, y), flops, time.perf_counter() - start
+
+    whole_tensor_flops = compiled_step("keras_ops")[2]
+    compiled, arguments, as_run_flops, compile_seconds = compiled_step("auto")
+
+    def step():
+        jax.block_until_ready(compiled(*arguments))
+
+    step()
+    timed = _timed_steps(step, repeats, warmup=1)
+    seconds = statistics.median(timed["seconds"])
+    directory = tempfile.mkdtemp(prefix="medt-bench-trace-")
+    try:
+        with jax.profiler.trace(directory, create_perfetto_trace=True):
+            wall = time.perf_counter()
+            for _ in range(profile_steps):
+                step()
+            profiled_seconds = time.perf_counter() - wall
+        traces = sorted(glob.glob(os.path.join(directory, "**", "*.trace.json.gz"), recursive=True)) or sorted(
+            glob.glob(os.path.join(directory, "**", "*.json.gz"), recursive=True))
+        with gzip.open(traces[-1], "rt") as f:
+            trace = json.load(f)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    profile = profile_ops(events, hlo_instructions(compiled.as_text()), top=top)
+    profile.update(steps=profile_steps, wall_ms=profiled_seconds * 1e3)
+    return {
+        "model": model_name,
+        "size": size,
+        "batch": batch,
+        "peak_gflops": peak,
+        "compile_seconds": compile_seconds,
+        "step_seconds": seconds,
+        "step_seconds_runs": timed["seconds"],
+        "step_cpu_seconds": statistics.median(timed["cpu_seconds"]),
+        "step_flops": whole_tensor_flops,
+        "step_flops_as_compiled": as_run_flops,
+        "step_gflops_per_second": whole_tensor_flops / seconds / 1e9,
+        "fraction_of_peak": whole_tensor_flops / seconds / 1e9 / peak,
+        "profile": profile,
+        "device": str(jax.devices()[0].device_kind),
+    }
+
+
+def official_best_main(args, argv, peak, environment):
+    """``medt-bench --official PATH``: per model, size and allocator, the official code's fastest settings
+    searched, then both sides timed in interleaved runs; then the FLOP fraction of peak and a profile."""
+    found = installed_allocators()
+    try:
+        allocators = resolve_allocators(args.allocators, found)
+    except ValueError as error:
+        print(f"medt-bench: error: {error}", file=sys.stderr)
+        return 2
+    record = {
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "peak_gflops": peak,
+        "environment": environment,
+        "command": "medt-bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "uptime_at_start": _uptime(),
+        "load_at_start": _machine_load(),
+        "allocators_found": found,
+        "official_configs": official_configs(args.official_threads, args.official_channels_last,
+                                             args.official_interop_threads, args.official_wait_policies),
+        "method": ("Each side in one long-lived process per model, size and allocator, compiled once. The official "
+                   "code's configurations are searched first (median of --search-repeats steps after one warm-up), "
+                   "its fastest per workload kept; then --rounds rounds of ours, official, each timing --repeats "
+                   "steps after one warm-up, training then inference. A run's figure is its median step; a "
+                   "side's is the median of its runs. ratio = official seconds / ours (above 1: ours faster)."),
+        "comparisons": [],
+        "train_profiles": [],
+    }
+
+    def save():
+        if args.json:
+            from medt_keras.files import atomic_write_text
+
+            atomic_write_text(args.json, json.dumps(record, indent=2))
+
+    rows = []
+    for model in args.models:
+        for size in args.sizes:
+            for allocator in allocators:
+                env, description = allocator_environment(allocator, found, os.environ)
+                try:
+                    result = compare_with_official(model, size, args, allocator, env, description)
+                except RuntimeError as error:
+                    print(f"{model} {size} {allocator}: {str(error).splitlines()[0]}", flush=True)
+                    record["comparisons"].append(dict(model=model, size=size, allocator=allocator,
+                                                      error=str(error)[-3000:]))
+                    save()
+                    continue
+                record["comparisons"].append(result)
+                rows.extend(result["comparison"])
+                save()
+                print("\n".join(format_comparison_table(result["comparison"])), flush=True)
+    record["rows"] = rows
+    record["headline"] = headline_rows(rows)
+    save()
+    print("\nEvery ratio (official seconds / ours; each allocator's pair interleaved in one run):")
+    print("\n".join(format_comparison_table(rows)))
+    print("\nThe official code at its fastest (allocator and settings), ours under the same allocator:")
+    print("\n".join(format_comparison_table(record["headline"])))
+
+    for model in args.profile_models:
+        for size in args.sizes:
+            timed = [r for r in rows if r["model"] == model and r["size"] == size and r["workload"] == "train"]
+            # Under the allocator where our training was fastest, whose time is compared with it.
+            fastest = min(timed, key=lambda r: r["ours_seconds"]) if timed else None
+            allocator = fastest["allocator"].split(" ")[0] if fastest else "glibc"
+            env, description = allocator_environment(allocator, found, os.environ)
+            spec = dict(kind="train_profile", model_name=model, size=size, batch=args.batch, top=args.profile_top)
+            try:
+                result = _run_child(spec, env=env)
+            except RuntimeError as error:
+                print(f"profile {model} {size}: {str(error).splitlines()[0]}", flush=True)
+                record["train_profiles"].append(dict(spec, error=str(error)[-3000:]))
+                save()
+                continue
+            result["allocator"] = description
+            if fastest:
+                # The same FLOPs over the whole train_on_batch step (Adam and Keras' overhead included) of
+                # the interleaved runs, against the peak measured at the start of this run: the child's
+                # own peak and step time are measured together, minutes later, under other load.
+                result["train_on_batch_seconds"] = fastest["ours_seconds"]
+                result["run_peak_gflops"] = peak
+                achieved = result["step_flops"] / fastest["ours_seconds"] / 1e9
+                result["fraction_of_run_peak_train_on_batch"] = achieved / peak
+            record["train_profiles"].append(result)
+            save()
+            print_profile(result)
+    record["uptime_at_end"] = _uptime()
+    record["load_at_end"] = _machine_load()
+    save()
+    return 0
+
+
+def print_profile(result):
+    p = result["profile"]
+    print(f"\n{result['model']} {result['size']}x{result['size']} training step (forward + backward, batch "
+          f"{result['batch']}, {result['allocator']}): {result['step_flops'] / 1e9:.1f} GFLOP (XLA's count of the "
+          f"whole-tensor form; {result['step_flops_as_compiled'] / 1e9:.1f} GFLOP as compiled, loops counted once) in "
+          f"{result['step_seconds']:.3f} s = {result['step_gflops_per_second']:.1f} GFLOP/s, "
+          f"{100 * result['fraction_of_peak']:.1f}% of the measured peak {result['peak_gflops']:.0f} GFLOP/s"
+          + (f"; over the interleaved runs' train_on_batch step ({result['train_on_batch_seconds']:.3f} s) "
+             f"{100 * result['fraction_of_run_peak_train_on_batch']:.1f}% of the peak at the start of the run "
+             f"({result['run_peak_gflops']:.0f} GFLOP/s)" if "train_on_batch_seconds" in result else ""))
+    print(f"profile of {p['steps']} steps: {p['op_ms']:.0f} ms of op time on XLA's threads, {p['wall_ms']:.0f} ms wall")
+    print(f"{'op':<40} {'opcode':<14} {'ms':>8} {'share':>6}  source")
+    for op in p["top_ops"]:
+        print(f"{op['op'][:40]:<40} {op['opcode'][:14]:<14} {op['ms']:>8.1f} {100 * op['share']:>5.1f}%  "
+              f"{op['source']}")
+    print(f"by source layer (the blocked attention kernel's loops: {p.get('loops_ms', 0.0):.0f} ms inclusive):")
+    for s in p["by_source"]:
+        print(f"  {s['source'][:60]:<60} {s['ms']:>8.1f} ms {100 * s['share']:>5.1f}%")
+    print("by kind of op:")
+    for k in p.get("by_kind", []):
+        print(f"  {k['kind'][:60]:<60} {k['ms']:>8.1f} ms {100 * k['share']:>5.1f}%")
 
 
 def main(argv=None):
@@ -574,7 +1477,37 @@ def main(argv=None):
         help="measure our models with rematerialised attention (see AxialAttention), without, or both",
     )
     parser.add_argument("--dtype", default="float32", help="dtype policy of our models, e.g. mixed_bfloat16")
-    parser.add_argument("--official", metavar="PATH", help="checkout of the official MedT repository")
+    parser.add_argument("--official", metavar="PATH",
+                        help="checkout of the official MedT repository: its fastest settings are searched under each "
+                             "allocator and both sides timed in interleaved runs (see --allocators, --rounds)")
+    parser.add_argument("--separate", action="store_true",
+                        help="with --official: time it once per model in a fresh process beside ours (PyTorch on all "
+                             "cores, this process's allocator), as before the interleaved comparison; gives the memory "
+                             "columns of both sides and our --rematerialize variants")
+    parser.add_argument("--allocators", nargs="+", default=["auto"], metavar="NAME",
+                        help="--official: allocators both sides run under, each pair in its own processes: auto (glibc "
+                             "and each of tcmalloc, jemalloc that ldconfig -p lists) or any of "
+                             + ", ".join(ALLOCATORS))
+    parser.add_argument("--official-threads", nargs="+", type=int, default=sorted({1, os.cpu_count() or 1}),
+                        help="--official: PyTorch intra-op thread counts to search (torch.set_num_threads)")
+    parser.add_argument("--official-interop-threads", type=int, default=1,
+                        help="--official: PyTorch's inter-op threads (torch.set_num_interop_threads)")
+    parser.add_argument("--official-layouts", nargs="+", choices=("contiguous", "channels_last"),
+                        default=["contiguous", "channels_last"], help="--official: memory formats to search")
+    parser.add_argument("--official-wait-policies", nargs="+", choices=("default", "passive"),
+                        default=["default", "passive"],
+                        help="--official: OpenMP wait policies (OMP_WAIT_POLICY) to search with more than one thread")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="--official: interleaved runs per side (ours, official, ours, ...); each times "
+                             "--repeats steps")
+    parser.add_argument("--search-repeats", type=int, default=3,
+                        help="--official: steps timed per configuration in the search")
+    parser.add_argument("--step-memory", action="store_true",
+                        help="--official: also sample both sides' resident memory over two training steps")
+    parser.add_argument("--profile-models", nargs="*", type=_model_name, default=None,
+                        help="--official: models whose training step gets a FLOP count and an op profile "
+                             "(default: medt, if measured)")
+    parser.add_argument("--profile-top", type=int, default=15, help="ops listed in the profile")
     parser.add_argument("--json", metavar="FILE", help="write the results here")
     parser.add_argument("--sliding-window", action="store_true",
                         help="time sliding-window prediction (HeLa test frames, a synthetic image) against bare "
@@ -595,14 +1528,18 @@ def main(argv=None):
                         help="--loader: a medt-bench JSON with training steps (default: the 2-core CPU's)")
     parser.add_argument("--data-dir", help="--loader: the TFDS data directory")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     devices.add_argument(parser)
     args = parser.parse_args(argv)
 
+    if args.worker:
+        return serve_worker(json.loads(args.worker))
     if args.child:
         spec = json.loads(args.child)
         kind = spec.pop("kind")
         measure = {"keras": measure_keras, "official": measure_official, "peak": measure_peak_gflops,
                    "sliding": measure_sliding_window, "loader": measure_loader,
+                   "train_profile": measure_train_profile,
                    "platform": devices.platform}[kind]
         print(json.dumps(measure(**spec)))
         return 0
@@ -610,6 +1547,15 @@ def main(argv=None):
         return sliding_window_main(args, argv)
     if args.loader:
         return loader_main(args, argv)
+    interleaved = bool(args.official) and not args.separate
+    if interleaved and args.rematerialize == "both":
+        print("medt-bench: error: --official times one variant of ours against the official code: --rematerialize "
+              "on or off (or --separate)", file=sys.stderr)
+        return 2
+    if args.profile_models is None:
+        args.profile_models = ["medt"] if "medt" in args.models else []
+    args.official_channels_last = [layout == "channels_last" for layout in args.official_layouts]
+    args.official_wait_policies = [None if p == "default" else p.upper() for p in args.official_wait_policies]
 
     # Asked of a child, as everything that starts JAX here: on a GPU the
     # first JAX process takes most of its memory.
@@ -623,6 +1569,8 @@ def main(argv=None):
     environment = {name: os.environ.get(name, "") for name in ("LD_PRELOAD", "XLA_FLAGS")}
     print(f"device peak (float32 2048^3 matmul): {peak:.0f} GFLOP/s", flush=True)
     print(f"environment: LD_PRELOAD={environment['LD_PRELOAD']!r} XLA_FLAGS={environment['XLA_FLAGS']!r}")
+    if interleaved:
+        return official_best_main(args, argv, peak, environment)
     rows = []
     header = (
         f"{'model':<10} {'size':>4} {'implementation':<30} {'train img/s':>11} {'infer img/s':>11} "

@@ -55,6 +55,322 @@ def test_sliding_window_mode_prints_the_ratio_and_writes_json(tmp_path, monkeypa
     assert written["results"][0]["workloads"][0]["ratio_to_bare"] == 1.1
 
 
+# --- medt-bench --official: the pure parts of the interleaved comparison (nothing timed) ---
+
+LDCONFIG = """4 libs found in cache `/etc/ld.so.cache'
+	libtcmalloc_minimal_debug.so.4 (libc6,x86-64) => /lib/x86_64-linux-gnu/libtcmalloc_minimal_debug.so.4
+	libtcmalloc_minimal.so.4 (libc6) => /lib32/libtcmalloc_minimal.so.4
+	libtcmalloc_minimal.so.4 (libc6,x86-64) => /lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+	libjemalloc.so.2 (libc6,x86-64) => /lib/x86_64-linux-gnu/libjemalloc.so.2
+"""
+
+
+def test_allocators_are_found_in_ldconfig_and_set_in_the_childs_environment():
+    from training import benchmark
+
+    found = benchmark.find_allocator_libraries(LDCONFIG)
+    # The 64-bit library, not the debug variant nor the 32-bit one.
+    assert found == {"tcmalloc": "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                     "jemalloc": "/lib/x86_64-linux-gnu/libjemalloc.so.2"}
+    assert benchmark.find_allocator_libraries("") == {}
+    assert benchmark.resolve_allocators(["auto"], found) == ["glibc", "tcmalloc", "jemalloc"]
+    assert benchmark.resolve_allocators(["auto"], {}) == ["glibc"]
+    assert benchmark.resolve_allocators(["glibc", "jemalloc-default", "glibc"], found) == ["glibc", "jemalloc-default"]
+    with pytest.raises(ValueError, match="no libtcmalloc"):
+        benchmark.resolve_allocators(["tcmalloc"], {})
+    with pytest.raises(ValueError, match="unknown allocator"):
+        benchmark.resolve_allocators(["mimalloc"], found)
+
+    base = {"PATH": "/bin", "LD_PRELOAD": "/x.so", "MALLOC_CONF": "y", "GLIBC_TUNABLES": "z"}
+    env, described = benchmark.allocator_environment("glibc", found, base)
+    assert env == {"PATH": "/bin"} and described == "glibc"
+    env, described = benchmark.allocator_environment("tcmalloc", found, base)
+    assert env == {"PATH": "/bin", "LD_PRELOAD": found["tcmalloc"]}
+    assert described == f"tcmalloc (LD_PRELOAD={found['tcmalloc']})"
+    env, _ = benchmark.allocator_environment("jemalloc", found, base)
+    assert env["LD_PRELOAD"] == found["jemalloc"] and env["MALLOC_CONF"] == benchmark.JEMALLOC_CONF
+    env, _ = benchmark.allocator_environment("jemalloc-default", found, base)
+    assert "MALLOC_CONF" not in env
+    env, _ = benchmark.allocator_environment("glibc-thp", found, base)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
+
+def test_official_configurations_are_every_thread_count_by_layout_and_described():
+    from training.benchmark import describe_official, official_configs
+
+    configs = official_configs([1, 2, 2], [False, True])
+    assert configs == [
+        {"threads": 1, "interop_threads": 1, "channels_last": False, "omp_wait_policy": None},
+        {"threads": 1, "interop_threads": 1, "channels_last": True, "omp_wait_policy": None},
+        {"threads": 2, "interop_threads": 1, "channels_last": False, "omp_wait_policy": None},
+        {"threads": 2, "interop_threads": 1, "channels_last": True, "omp_wait_policy": None},
+    ]
+    assert describe_official(configs[1]) == "PyTorch 1 thread, interop 1, channels_last"
+    assert describe_official(configs[2]) == "PyTorch 2 threads, interop 1, NCHW (contiguous)"
+    assert official_configs([2], [True], interop_threads=2) == [
+        {"threads": 2, "interop_threads": 2, "channels_last": True, "omp_wait_policy": None}]
+    # A wait policy matters only where threads wait for each other: not with one thread.
+    configs = official_configs([1, 2], [False], wait_policies=[None, "PASSIVE"])
+    assert [(c["threads"], c["omp_wait_policy"]) for c in configs] == [(1, None), (2, None), (2, "PASSIVE")]
+    assert describe_official(configs[2]) == "PyTorch 2 threads, interop 1, NCHW (contiguous), OMP_WAIT_POLICY=PASSIVE"
+
+
+def test_timed_steps_give_up_after_their_time_limit():
+    from training.benchmark import _timed_steps
+
+    calls = []
+
+    def step():
+        calls.append(1)
+        __import__("time").sleep(0.02)
+
+    result = _timed_steps(step, repeats=5, warmup=1, give_up_after=0.001)
+    assert len(calls) == 2 and len(result["seconds"]) == 1 and result["gave_up"] is True
+    result = _timed_steps(step, repeats=2, warmup=0)
+    assert len(result["seconds"]) == 2 and "gave_up" not in result
+
+
+def test_runs_interleave_and_the_table_names_both_configurations():
+    from training import benchmark
+
+    assert benchmark.interleaved_order(("ours", "official"), 3) == [
+        ("ours", 0), ("official", 0), ("ours", 1), ("official", 1), ("ours", 2), ("official", 2)]
+    search = [{"config": "a", "train": {"median_seconds": 3.0}, "infer": {"median_seconds": 1.0}},
+              {"config": "b", "train": {"median_seconds": 2.0}, "infer": {"median_seconds": 1.5}}]
+    assert benchmark.fastest_config(search, "train")["config"] == "b"
+    assert benchmark.fastest_config(search, "infer")["config"] == "a"
+    with pytest.raises(ValueError):
+        benchmark.fastest_config([], "train")
+    abandoned = {"config": "c", "train": {"median_seconds": 1.0, "gave_up": True}}
+    assert benchmark.fastest_config(search + [abandoned], "train")["config"] == "b"
+
+    ours = benchmark.summarize_runs([{"seconds": [1.0, 1.2, 5.0], "cpu_seconds": [2.0, 2.0, 2.0]},
+                                     {"seconds": [1.1], "cpu_seconds": [2.2]},
+                                     {"seconds": [0.9, 1.0], "cpu_seconds": [1.8, 1.8]}])
+    assert ours["run_seconds"] == [1.2, 1.1, 0.95] and ours["median_seconds"] == 1.1
+    assert ours["median_cpu_seconds"] == 2.0
+    official = benchmark.summarize_runs([{"seconds": [3.3], "cpu_seconds": [3.0]}] * 3)
+    row = benchmark.comparison_row("medt", 128, "train", "tcmalloc (LD_PRELOAD=/t.so)", ours, official,
+                                   "medt-keras float32", "PyTorch 1 thread, interop 1, channels_last", 4)
+    assert row["ratio"] == pytest.approx(3.0) and row["cpu_time_ratio"] == pytest.approx(1.5)
+    assert row["ours_images_per_second"] == pytest.approx(4 / 1.1)
+    lines = benchmark.format_comparison_table([row])
+    assert "3.00x" in lines[1] and "1.50x" in lines[1] and "tcmalloc" in lines[1]
+    assert "medt-keras float32 | PyTorch 1 thread, interop 1, channels_last" in lines[1]
+    slower = dict(row, allocator="glibc", official_seconds=5.0)
+    assert benchmark.headline_rows([slower, row]) == [row]
+
+
+def test_the_comparison_alternates_sides_and_times_the_official_in_its_fastest_configuration(monkeypatch):
+    import argparse
+
+    from training import benchmark
+
+    requests = []
+    started = []
+
+    class FakeWorker:
+        def __init__(self, spec, env):
+            started.append((spec["kind"], env.get("OMP_WAIT_POLICY")))
+            self.kind = spec["kind"]
+            keras = {"config": "ours-config", "compile_seconds": 1.0}
+            self.info = keras if self.kind == "keras" else {"implementation": "official"}
+
+        def request(self, **request):
+            requests.append((self.kind, request.get("workload"), request.get("config")))
+            limits.append(request.get("give_up_after"))
+            config = request.get("config") or {}
+            fast = config.get("threads") == 1 and config.get("channels_last")
+            seconds = 1.0 if self.kind == "keras" else (2.0 if fast else 4.0)
+            return {"seconds": [seconds] * request["repeats"], "cpu_seconds": [seconds] * request["repeats"]}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    limits = []
+    monkeypatch.setattr(benchmark, "_Worker", FakeWorker)
+    monkeypatch.setattr(benchmark, "_official_builder", lambda model: "MedT")
+    args = argparse.Namespace(official_threads=[1, 2], official_channels_last=[False, True], official_interop_threads=1,
+                              official_wait_policies=[None, "PASSIVE"],
+                              rematerialize="off", dtype="float32", batch=4, infer_batch=8, official="/o",
+                              search_repeats=2, rounds=3, repeats=2, step_memory=False)
+    record = benchmark.compare_with_official("medt", 128, args, "glibc", {"OMP_WAIT_POLICY": "ACTIVE"}, "glibc",
+                                             log=lambda *a, **k: None)
+    # 1 thread x 2 layouts, 2 threads x 2 wait policies x 2 layouts; one official worker per wait policy.
+    search, timed = requests[:12], requests[12:]
+    assert [kind for kind, _, _ in search] == ["official"] * 12
+    assert started == [("keras", "ACTIVE"), ("official", None), ("official", "PASSIVE")]
+    # The first configuration has no limit; the next may run 3x the fastest so far, warm-up included.
+    assert limits[:4] == [None, None, 3 * 4.0 * 3, 3 * 4.0 * 3] and limits[4] == 3 * 2.0 * 3
+    best = {"threads": 1, "interop_threads": 1, "channels_last": True, "omp_wait_policy": None}
+    assert record["official_best"] == {"train": best, "infer": best}
+    assert timed == [("keras", "train", None), ("keras", "infer", None),
+                     ("official", "train", best), ("official", "infer", best)] * 3
+    train, infer = record["comparison"]
+    assert train["ratio"] == 2.0 and infer["ratio"] == 2.0
+    assert train["official_config"] == "PyTorch 1 thread, interop 1, channels_last"
+    assert train["ours_config"] == "ours-config" and train["ours_run_seconds"] == [1.0] * 3
+    assert [run["side"] for run in record["runs"]] == ["ours", "ours", "official", "official"] * 3
+
+
+def test_a_worker_answers_requests_until_quit(monkeypatch, capsys):
+    import io
+    import json
+
+    from training import benchmark
+
+    class FakeTimer:
+        def __init__(self, **spec):
+            self.info = {"spec": spec}
+            self.calls = []
+
+        def train(self, config):
+            pass
+
+    monkeypatch.setattr(benchmark, "_KerasTimer", FakeTimer)
+    monkeypatch.setattr("sys.stdin", io.StringIO(
+        json.dumps({"op": "time", "workload": "train", "repeats": 3, "warmup": 0}) + "\n" + '{"op": "quit"}\n'))
+    assert benchmark.serve_worker({"kind": "keras", "size": 8}) == 0
+    replies = [json.loads(line[len(benchmark._REPLY):]) for line in capsys.readouterr().out.splitlines()
+               if line.startswith(benchmark._REPLY)]
+    assert replies[0] == {"spec": {"size": 8}, "ready": True}
+    assert len(replies[1]["seconds"]) == 3 and len(replies[1]["cpu_seconds"]) == 3
+    assert replies[2]["peak_rss_gib"] > 0
+
+
+HLO = """HloModule jit_loss_fn, is_scheduled=true
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  ROOT %fusion.3 = (s32[], f32[4]{0}) fusion(%p), calls=%f3, metadata={op_name="jit(f)/transpose(jvp(b0))/attn/mul"}
+}
+
+ENTRY %main (a: f32[4,4]) -> f32[4] {
+  %dot.1 = f32[4,4]{1,0} dot(%a, %a), lhs_contracting_dims={1}, metadata={op_name="jit(f)/jvp(stem_conv1)/dot_general"}
+  %while.2 = (s32[], f32[4]{0}) while(%t), metadata={op_name="jit(f)/transpose(jvp(b0))/attn/jit(_attention)/while"}
+  ROOT %copy.4 = f32[4]{0} copy(%x)
+}
+"""
+
+
+def test_profile_sums_exclusive_op_time_per_op_and_source():
+    from training import benchmark
+
+    instructions = benchmark.hlo_instructions(HLO)
+    assert instructions["dot.1"] == ("dot", "jit(f)/jvp(stem_conv1)/dot_general")
+    assert instructions["while.2"][0] == "while" and instructions["fusion.3"][0] == "fusion"
+    assert instructions["copy.4"] == ("copy", "")
+    assert benchmark._source_of(instructions["while.2"][1]) == "b0/attn (backward)"
+    assert benchmark._source_of(instructions["dot.1"][1]) == "stem_conv1"
+
+    meta = [{"ph": "M", "name": "thread_name", "tid": 1, "args": {"name": "tf_XLAEigen/1"}},
+            {"ph": "M", "name": "thread_name", "tid": 2, "args": {"name": "python"}}]
+    events = meta + [
+        {"ph": "X", "tid": 1, "ts": 0, "dur": 100, "name": "ThunkExecutor::Execute"},
+        {"ph": "X", "tid": 1, "ts": 0, "dur": 30, "name": "dot.1"},
+        {"ph": "X", "tid": 1, "ts": 30, "dur": 2, "name": "end: dot.1"},
+        {"ph": "X", "tid": 1, "ts": 40, "dur": 50, "name": "while.2"},  # a loop: 40 of its 50 us in its body
+        {"ph": "X", "tid": 1, "ts": 41, "dur": 20, "name": "fusion.3"},
+        {"ph": "X", "tid": 1, "ts": 62, "dur": 20, "name": "fusion.3"},
+        {"ph": "X", "tid": 1, "ts": 95, "dur": 3, "name": "copy.4"},
+        {"ph": "X", "tid": 2, "ts": 0, "dur": 1000, "name": "dot.1"},  # not an XLA thread
+    ]
+    profile = benchmark.profile_ops(events, instructions, top=2)
+    assert profile["op_ms"] == pytest.approx(0.085)  # 32 + 10 + 40 + 3 us
+    assert [op["op"] for op in profile["top_ops"]] == ["fusion.3", "dot.1"]
+    assert profile["top_ops"][0]["ms"] == pytest.approx(0.040) and profile["top_ops"][0]["events"] == 2
+    assert profile["top_ops"][1]["ms"] == pytest.approx(0.032) and profile["top_ops"][1]["opcode"] == "dot"
+    assert profile["loops"][0]["op"] == "while.2" and profile["loops"][0]["ms"] == pytest.approx(0.050)
+    assert profile["loops"][0]["exclusive_ms"] == pytest.approx(0.010)
+    assert profile["by_source"][0] == {"source": "b0/attn (backward)",
+                                       "ms": pytest.approx(0.050), "share": pytest.approx(50 / 85)}
+    assert profile["runtime_events_ms"] == {"ThunkExecutor::Execute": pytest.approx(0.1)}
+    assert profile["loops_ms"] == pytest.approx(0.050)
+    assert profile["by_kind"][0] == {"kind": "fusion", "ms": pytest.approx(0.040), "share": pytest.approx(40 / 85)}
+
+
+def test_official_mode_prints_every_ratio_and_writes_json(tmp_path, monkeypatch, capsys):
+    import json
+
+    from training import benchmark
+
+    def row(allocator, workload, official_seconds):
+        ours = {"median_seconds": 1.0, "median_cpu_seconds": 1.5, "run_seconds": [1.0] * 3,
+                "run_cpu_seconds": [1.5] * 3}
+        official = dict(ours, median_seconds=official_seconds, run_seconds=[official_seconds] * 3)
+        return benchmark.comparison_row("gated", 64, workload, allocator, ours, official, "ours-config",
+                                        "official-config", 2)
+
+    compared = []
+
+    def compare(model, size, args, allocator, env, description, log=print):
+        compared.append((model, size, allocator, env.get("LD_PRELOAD")))
+        seconds = {"glibc": 4.0, "tcmalloc": 2.5}[allocator]
+        return {"allocator": allocator, "comparison": [row(description, "train", seconds),
+                                                      row(description, "infer", seconds / 2)]}
+
+    children = []
+
+    def child(spec, env=None):
+        children.append((spec["kind"], None if env is None else env.get("LD_PRELOAD")))
+        if spec["kind"] == "platform":
+            return ["0.0", "cpu", 1, 1, 1]
+        if spec["kind"] == "peak":
+            return 100.0
+        return {"model": "gated", "size": 64, "batch": 2, "peak_gflops": 100.0, "step_seconds": 0.5,
+                "step_flops": 10e9, "step_flops_as_compiled": 5e9, "step_gflops_per_second": 20.0,
+                "fraction_of_peak": 0.2, "profile": {"steps": 2, "op_ms": 900.0, "wall_ms": 1000.0,
+                                                     "top_ops": [], "by_source": []}}
+
+    monkeypatch.setattr(benchmark, "compare_with_official", compare)
+    monkeypatch.setattr(benchmark, "_run_child", child)
+    monkeypatch.setattr(benchmark, "installed_allocators", lambda: {"tcmalloc": "/t.so"})
+    out = tmp_path / "o.json"
+    assert benchmark.main(["--models", "gated", "--sizes", "64", "--official", "/o", "--profile-models", "gated",
+                           "--json", str(out)]) == 0
+    assert compared == [("gated", 64, "glibc", None), ("gated", 64, "tcmalloc", "/t.so")]
+    # The profile runs under the allocator where our training was fastest (a tie: the first, glibc).
+    assert children[-1] == ("train_profile", None)
+    printed = capsys.readouterr().out
+    assert "4.00x" in printed and "2.50x" in printed and "ours-config | official-config" in printed
+    written = json.loads(out.read_text())
+    assert len(written["rows"]) == 4 and written["load_at_start"]["load_average"] is not None
+    assert [r["allocator"] for r in written["headline"]] == ["tcmalloc (LD_PRELOAD=/t.so)"] * 2
+    # 10 GFLOP over our train_on_batch step of 1 s, against the run's peak of 100 GFLOP/s.
+    assert written["train_profiles"][0]["fraction_of_run_peak_train_on_batch"] == pytest.approx(0.1)
+    assert "10.0% of the peak at the start of the run" in printed
+
+
+def test_separate_keeps_the_fresh_process_comparison(monkeypatch, capsys):
+    from training import benchmark
+
+    kinds = []
+
+    def child(spec, env=None):
+        kinds.append(spec["kind"])
+        if spec["kind"] == "platform":
+            return ["0.0", "cpu", 1, 1, 1]
+        if spec["kind"] == "peak":
+            return 100.0
+        result = dict(implementation="official PyTorch" if spec["kind"] == "official" else "medt-keras",
+                      train_seconds=2.0, infer_seconds=1.0, train_images_per_second=2.0, infer_images_per_second=8.0,
+                      train_step_peak_rss_gib=1.0, peak_rss_gib=1.5)
+        if spec["kind"] == "keras":
+            result.update(train_seconds=1.0, train_flops_per_image=1e9, infer_flops_per_image=1e9)
+        return result
+
+    monkeypatch.setattr(benchmark, "_run_child", child)
+    monkeypatch.setattr(benchmark, "compare_with_official", lambda *a, **k: pytest.fail("not the interleaved mode"))
+    assert benchmark.main(["--models", "gated", "--official", "/o", "--separate"]) == 0
+    assert kinds == ["platform", "peak", "keras", "official"]
+    assert "2.00x" in capsys.readouterr().out
+    # Interleaved runs time one variant of ours: --rematerialize both needs --separate.
+    assert benchmark.main(["--models", "gated", "--official", "/o", "--rematerialize", "both"]) == 2
+
+
 def test_loader_mode_times_each_loader_and_compares_with_the_training_rate(tmp_path, monkeypatch, capsys):
     import json
 
