@@ -63,6 +63,45 @@ def test_run_state_round_trip_and_mismatch_error(tmp_path, kind):
         checkpoint.restore_run_state(tmp_path, wider, wider_optimizer)
 
 
+def test_orbax_state_saved_on_four_devices_restores_on_one(tmp_path):
+    # Saved in a process whose variables are replicated over 4 devices (Keras DataParallel);
+    # restored here, on this process' one device: Orbax reshards onto the variables' sharding.
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = f"""
+import json, numpy as np, medt_keras, keras
+from training import checkpoint
+from medt_keras.optimizers import OfficialAdam
+keras.distribution.set_distribution(keras.distribution.DataParallel(devices=keras.distribution.list_devices()))
+inputs = keras.Input((3,))
+model = keras.Model(inputs, keras.layers.Dense(2, name="dense")(inputs))
+optimizer = OfficialAdam(l2=1e-5)
+optimizer.build(model.trainable_variables)
+optimizer.apply([np.full((3, 2), 0.5, "float32"), np.ones(2, "float32")], model.trainable_variables)
+store = checkpoint.OrbaxRunState({os.fspath(tmp_path)!r})
+store.save(model, optimizer, {{"next_epoch": 3}})
+store.close()
+print(json.dumps(dict(devices=len(model.variables[0].value.sharding.device_set),
+                      values=[np.asarray(v.value).tolist() for v in model.variables + optimizer.variables])))
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads(result.stdout.strip().splitlines()[-1])
+    assert saved["devices"] == 4
+    model, optimizer = _model(), OfficialAdam(l2=1e-5)
+    optimizer.build(model.trainable_variables)
+    assert checkpoint.restore_run_state(tmp_path, model, optimizer)["next_epoch"] == 3
+    for variable, value in zip(model.variables + optimizer.variables, saved["values"]):
+        assert len(variable.value.sharding.device_set) == 1
+        np.testing.assert_array_equal(np.asarray(variable.value), np.asarray(value, dtype=variable.dtype))
+
+
 def test_format_choice(tmp_path, monkeypatch):
     assert checkpoint.choose_format(tmp_path, "auto", process_count=1) == "npz"
     assert checkpoint.choose_format(tmp_path, "auto", process_count=2) == "orbax"
