@@ -1248,8 +1248,11 @@ def profile_ops(events, instructions=None, top=15):
     }
 
 
-def measure_train_profile(model_name, size, batch, repeats=5, profile_steps=2, top=15):
+def measure_train_profile(model_name, size, batch, repeats=5, profile_steps=2, top=15, workload="train"):
     """FLOPs, speed against the matrix-product peak, and an op-by-op profile of one training step.
+
+    ``workload="infer"``: the same for one inference batch (the forward
+    pass in inference mode) instead.
 
     The step is forward and backward (``jax.value_and_grad`` of the loss
     through ``stateless_call``, as ``measure_keras`` counts FLOPs; Adam, a
@@ -1287,8 +1290,12 @@ def measure_train_profile(model_name, size, batch, repeats=5, profile_steps=2, t
             logits, n = model.stateless_call(t, n, x, training=True)
             return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)), n
 
+        def forward(t, n, x, y):
+            return model.stateless_call(t, n, x, training=False)[0]
+
+        function = forward if workload == "infer" else jax.value_and_grad(loss_fn, has_aux=True)
         start = time.perf_counter()
-        compiled = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(trainable, non_trainable, x, y).compile()
+        compiled = jax.jit(function).lower(trainable, non_trainable, x, y).compile()
         analysis = compiled.cost_analysis()
         analysis = analysis[0] if isinstance(analysis, list) else analysis
         flops = float(analysis.get("flops", float("nan"))) if analysis else float("nan")
@@ -1321,6 +1328,7 @@ def measure_train_profile(model_name, size, batch, repeats=5, profile_steps=2, t
     profile.update(steps=profile_steps, wall_ms=profiled_seconds * 1e3)
     return {
         "model": model_name,
+        "workload": workload,
         "size": size,
         "batch": batch,
         "peak_gflops": peak,
