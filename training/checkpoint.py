@@ -30,8 +30,8 @@ from medt_keras.files import (  # noqa: F401
     atomic_path,
     atomic_write_csv,
     atomic_write_text,
+    exists,
     is_remote,
-    remote_path,
     remove_stale_temporaries,
     save_model,
     save_weights,
@@ -78,16 +78,15 @@ def _orbax_checkpointer(directory):
     )
 
 
-def _orbax_exists(directory):
-    root = _orbax_root(directory)
-    return remote_path(root).exists() if is_remote(root) else os.path.isdir(root)
+def _has_npz(directory):
+    return not is_remote(directory) and os.path.isfile(os.path.join(os.fspath(directory), STATE_FILE))
 
 
 def saved_format(directory):
     """The format of the run state saved in ``directory``, or ``None`` when there is none."""
-    if not is_remote(directory) and os.path.isfile(os.path.join(os.fspath(directory), STATE_FILE)):
+    if _has_npz(directory):
         return "npz"
-    if _orbax_exists(directory):
+    if exists(_orbax_root(directory)):
         checkpointer = _orbax_checkpointer(directory)
         try:
             if checkpointer.latest is not None:
@@ -102,13 +101,14 @@ def choose_format(directory, preference="auto", process_count=1):
     saved = saved_format(directory)
     if saved is not None:
         return saved
+    needs_orbax = process_count > 1 or is_remote(directory)
     if preference in FORMATS:
         chosen = preference
     elif preference == "auto":
-        chosen = "orbax" if process_count > 1 or is_remote(directory) else "npz"
+        chosen = "orbax" if needs_orbax else "npz"
     else:
         raise ValueError(f"checkpoint format {preference!r}: use auto, {' or '.join(FORMATS)}.")
-    if chosen == "npz" and (process_count > 1 or is_remote(directory)):
+    if chosen == "npz" and needs_orbax:
         raise ValueError(f"{directory}: run_state.npz is written by one process to a local folder; "
                          "a multi-process run or a remote output directory needs --checkpoint-format orbax.")
     return chosen
@@ -202,7 +202,7 @@ def _check_same_variables(where, prefix, paths, variables):
 
 def state_arrays(directory):
     """``{"model": {path: array}, "optimizer": {path: array}}`` of the saved state, in either format (for comparisons)."""
-    if saved_format(directory) == "npz":
+    if _has_npz(directory):
         with np.load(os.path.join(os.fspath(directory), STATE_FILE)) as data:
             return {prefix: {str(p): data[f"{prefix}_{i}"] for i, p in enumerate(data[f"{prefix}_paths"])}
                     for prefix in ("model", "optimizer")}
@@ -244,19 +244,19 @@ def save_run_state(directory, model, optimizer, meta):
 
 def read_run_state(directory):
     """The saved state's bookkeeping (either format), or ``None`` when there is none."""
-    kind = saved_format(directory)
-    if kind == "orbax":
-        return _read_orbax(directory)
-    if kind is None:
-        return None
-    with np.load(os.path.join(os.fspath(directory), STATE_FILE)) as data:
-        return json.loads(str(data["meta"]))
+    if _has_npz(directory):
+        with np.load(os.path.join(os.fspath(directory), STATE_FILE)) as data:
+            return json.loads(str(data["meta"]))
+    return _read_orbax(directory) if exists(_orbax_root(directory)) else None
 
 
 def restore_run_state(directory, model, optimizer):
     """Assigns the saved variables (either format) to ``model`` and the (built) ``optimizer``; returns the bookkeeping."""
-    if saved_format(directory) == "orbax":
-        return _read_orbax(directory, model, optimizer)
+    if not _has_npz(directory):
+        meta = _read_orbax(directory, model, optimizer) if exists(_orbax_root(directory)) else None
+        if meta is None:
+            raise FileNotFoundError(f"{directory}: no run state ({STATE_FILE} or a committed {ORBAX_DIR}/) to restore.")
+        return meta
     path = os.path.join(os.fspath(directory), STATE_FILE)
     with np.load(path) as data:
         for prefix, variables in (("model", model.variables), ("optimizer", optimizer.variables)):

@@ -224,6 +224,20 @@ def _assert_every_file_readable(directory):
             assert os.path.isfile(os.path.join(directory, "best.weights.h5"))
 
 
+def _launch_with_stop(data, output, stop_at, *extra):
+    """``medt-train`` under ``tests.training.kill_points``: it stops itself at ``stop_at`` ("" runs through)."""
+    env = dict(os.environ, MEDT_STOP_AT=stop_at,
+               PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "tests.training.kill_points", *_command(data, output, *extra)[3:]]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _kill(process):
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+    process.stderr.close()
+
+
 @pytest.mark.slow
 def test_random_kills_lose_nothing(data, uninterrupted, tmp_path):
     # Four SIGKILLs at seeded moments, each followed by --resume: during start-up
@@ -236,13 +250,6 @@ def test_random_kills_lose_nothing(data, uninterrupted, tmp_path):
 
     rng = random.Random(16)
     output = tmp_path / "killed"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-
-    def launch(stop_at, *extra):
-        command = [sys.executable, "-m", "tests.training.kill_points", *_command(data, output, "--epochs", "3",
-                                                                                 *extra)[3:]]
-        return subprocess.Popen(command, env=dict(env, MEDT_STOP_AT=stop_at), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
 
     def next_epoch():
         meta = checkpoint.read_run_state(output) if (output / checkpoint.STATE_FILE).exists() else None
@@ -258,23 +265,20 @@ def test_random_kills_lose_nothing(data, uninterrupted, tmp_path):
     for moment in moments:
         stop_at, delay = moment()
         before = next_epoch()
-        process = launch(stop_at, *resume)
+        process = _launch_with_stop(data, output, stop_at, "--epochs", "3", *resume)
         if delay is not None:
             time.sleep(delay)
             assert process.poll() is None, f"ended before the kill at {delay:.1f} s: {process.stderr.read()[-2000:]}"
         else:
             assert stopped(process), f"ended before {stop_at}: {process.stderr.read()[-2000:]}"
-        process.kill()
-        assert process.wait() == -signal.SIGKILL
-        process.stderr.close()
+        _kill(process)
         _assert_every_file_readable(output)
         assert next_epoch() >= before  # a kill never takes back a completed epoch
         resume = ("--resume",)
     assert next_epoch() < 3  # the kills all came before the end
-    result = subprocess.run([sys.executable, "-m", "tests.training.kill_points",
-                             *_command(data, output, "--epochs", "3", "--resume")[3:]],
-                            env=dict(env, MEDT_STOP_AT=""), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    final = _launch_with_stop(data, output, "", "--epochs", "3", "--resume")
+    _, err = final.communicate(timeout=600)
+    assert final.returncode == 0, err[-3000:]
     _assert_every_file_readable(output)
     assert not [n for _, _, files in os.walk(output) for n in files if n.startswith(".tmp-")]
 
@@ -295,15 +299,9 @@ def test_orbax_run_state_killed_mid_save_resumes_to_the_same_result(data, uninte
     # epoch 2's state was handed to Orbax (written in the background, maybe not committed), then
     # --resume: the run ends with the variables of the uninterrupted run saved as run_state.npz.
     output = tmp_path / "orbax"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "tests.training.kill_points",
-               *_command(data, output, "--epochs", "3", "--checkpoint-format", "orbax")[3:]]
-    process = subprocess.Popen(command, env=dict(env, MEDT_STOP_AT="orbax_save:2:after"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = _launch_with_stop(data, output, "orbax_save:2:after", "--epochs", "3", "--checkpoint-format", "orbax")
     assert stopped(process), process.communicate()[1][-3000:]
-    process.kill()
-    assert process.wait() == -signal.SIGKILL
-    process.stderr.close()
+    _kill(process)
     _assert_every_file_readable(output)
     assert checkpoint.saved_format(output) == "orbax" and not (output / checkpoint.STATE_FILE).exists()
     assert checkpoint.read_run_state(output)["next_epoch"] in (1, 2)  # epoch 1 committed before epoch 2's save began
