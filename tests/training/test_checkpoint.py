@@ -63,6 +63,23 @@ def test_run_state_round_trip_and_mismatch_error(tmp_path, kind):
         checkpoint.restore_run_state(tmp_path, wider, wider_optimizer)
 
 
+def test_orbax_keeps_the_latest_two_committed_epochs(tmp_path):
+    # Saves in flight one after another (each waits for the previous commit): three epochs
+    # leave the latest two folders, no temporaries, and restore reads the last one.
+    model, optimizer = _model(), OfficialAdam(l2=1e-5)
+    optimizer.build(model.trainable_variables)
+    store = checkpoint.OrbaxRunState(tmp_path)
+    for epoch in (1, 2, 3):
+        model.variables[0].assign(np.full((3, 2), float(epoch), "float32"))
+        store.save(model, optimizer, {"next_epoch": epoch})
+    store.close()
+    assert sorted(os.listdir(tmp_path / checkpoint.ORBAX_DIR)) == ["2", "3"]
+    other, other_optimizer = _model(), OfficialAdam(l2=1e-5)
+    other_optimizer.build(other.trainable_variables)
+    assert checkpoint.restore_run_state(tmp_path, other, other_optimizer)["next_epoch"] == 3
+    np.testing.assert_array_equal(other.variables[0].numpy(), np.full((3, 2), 3.0, "float32"))
+
+
 def test_orbax_state_saved_on_four_devices_restores_on_one(tmp_path):
     # Saved in a process whose variables are replicated over 4 devices (Keras DataParallel);
     # restored here, on this process' one device: Orbax reshards onto the variables' sharding.

@@ -148,6 +148,7 @@ def test_two_processes_train_killed_and_resumed_through_orbax(tmp_path):
     assert datasets.load("medt_folder", data_dir=data_dir, manual_dir=manual)["train"][0]["image"].shape == (32, 32, 3)
     meta = checkpoint.read_run_state(multi)
     assert [row["epoch"] for row in meta["history"]] == [1, 2]
+    assert sorted(os.listdir(os.path.join(multi, checkpoint.ORBAX_DIR))) == ["1", "2"]  # no temporaries left
 
     # The same run in one process with 4 devices (run_state.npz) ends with the same variables.
     single = subprocess.run([sys.executable, "-m", "training.train", *common, "--output-dir",

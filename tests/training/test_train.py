@@ -293,25 +293,6 @@ def test_random_kills_lose_nothing(data, uninterrupted, tmp_path):
     np.testing.assert_allclose(reports[1]["f1"], reports[0]["f1"], rtol=1e-5)
 
 
-@pytest.mark.slow
-def test_orbax_run_state_killed_mid_save_resumes_to_the_same_result(data, uninterrupted, tmp_path):
-    # The Orbax format (multi-process runs, remote folders) in one process: SIGKILL right after
-    # epoch 2's state was handed to Orbax (written in the background, maybe not committed), then
-    # --resume: the run ends with the variables of the uninterrupted run saved as run_state.npz.
-    output = tmp_path / "orbax"
-    process = _launch_with_stop(data, output, "orbax_save:2:after", "--epochs", "3", "--checkpoint-format", "orbax")
-    assert stopped(process), process.communicate()[1][-3000:]
-    _kill(process)
-    _assert_every_file_readable(output)
-    assert checkpoint.saved_format(output) == "orbax" and not (output / checkpoint.STATE_FILE).exists()
-    assert checkpoint.read_run_state(output)["next_epoch"] in (1, 2)  # epoch 1 committed before epoch 2's save began
-
-    _run(data, output, "--epochs", "3", "--resume")
-    _assert_same_state(uninterrupted, output)
-    assert [row["epoch"] for row in checkpoint.read_run_state(output)["history"]] == [1, 2, 3]
-    assert sorted(os.listdir(output / checkpoint.ORBAX_DIR)) == ["2", "3"]  # the latest two, no temporaries
-
-
 @pytest.fixture(scope="module")
 def uneven_data(tmp_path_factory):
     """Splits that no batch of 4 divides: 26 train, 6 validation, 5 test."""
