@@ -27,3 +27,52 @@ def test_parity_measures_at_highest_precision(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="stop"):
             parity.measure_case(str(tmp_path / "case.pth"))
     assert seen == ["highest"]
+
+
+_FUSIONS = """
+import os, json, medt_keras, jax, jax.numpy as jnp
+x = jnp.ones((64, 256, 256))
+text = jax.jit(lambda x, w: (jnp.sum(jnp.exp(x), -1), x.reshape(-1, 256) @ w)).lower(x, jnp.ones((256, 256))).compile().as_text()
+names = [line.split("=")[0].strip() for line in text.splitlines() if line.startswith("  %")]
+print(json.dumps(dict(flags=os.environ.get("XLA_FLAGS", ""), ynn=sum(n.startswith("%ynn_fusion") for n in names))))
+"""
+
+
+def _run_fresh(**env_changes):
+    """A fresh process importing medt_keras first, as a user's script would: its XLA_FLAGS and YNNPACK fusions."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MEDT_KERAS_KEEP_XLA_FLAGS")}
+    env.update(env_changes)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", _FUSIONS], env=env, cwd=root, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_cpu_compiler_hands_only_products_to_ynnpack():
+    # The import adds the flag (with a jaxlib that has it): the reduction and the exponential
+    # compile to XLA's own code, the product still to YNNPACK; MEDT_KERAS_KEEP_XLA_FLAGS leaves
+    # XLA's default (the reduction in YNNPACK too); a user's own setting of the flag is kept.
+    from medt_keras import _backend
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("a CPU compiler flag")
+    version = _backend._jaxlib_version()
+    low, high = _backend._LIBRARY_FUSION_JAXLIB
+    tuned = _run_fresh()
+    default = _run_fresh(MEDT_KERAS_KEEP_XLA_FLAGS="1")
+    assert default["flags"] == ""
+    if not low <= version < high:
+        assert tuned["flags"] == ""
+        return
+    assert tuned["flags"] == _backend.CPU_LIBRARY_FUSION_XLA_FLAG
+    assert tuned["ynn"] == 1 and default["ynn"] == 2, (tuned, default)
+    own = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+    mine = _run_fresh(XLA_FLAGS=own)
+    assert mine["flags"] == own and mine["ynn"] == 2, mine
