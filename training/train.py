@@ -178,6 +178,22 @@ def build_model(config, in_channels, normalize="auto"):
     )
 
 
+def segmentation_loss(model):
+    """Sparse cross-entropy on logits, in float64 for a float64 model.
+
+    A Keras loss computes in Keras' float type (float32) whatever the
+    model's dtype: a float64 model's loss, and every gradient through it,
+    would be rounded to float32 (its mean over the pixels then depends on
+    the order of the sum, e.g. per device or not, at about 1e-6).
+    """
+    # The models take their dtype per layer (the Model's own policy stays
+    # float32), so the dtype of the logits is what counts.
+    outputs = getattr(model, "outputs", None)
+    logits_dtype = outputs[0].dtype if outputs else model.compute_dtype
+    dtype = "float64" if keras.backend.standardize_dtype(logits_dtype) == "float64" else None
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=dtype)
+
+
 def compile_model(model, num_classes, optimizer=None, steps_per_execution=1):
     """Compile ``model``: sparse cross-entropy on logits, foreground F1 and IoU as *weighted* metrics.
 
@@ -190,7 +206,7 @@ def compile_model(model, num_classes, optimizer=None, steps_per_execution=1):
     """
     model.compile(
         optimizer="rmsprop" if optimizer is None else optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=segmentation_loss(model),
         weighted_metrics=[ForegroundF1(num_classes), ForegroundIoU(num_classes)],
         steps_per_execution=steps_per_execution,
     )

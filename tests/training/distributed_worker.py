@@ -16,6 +16,7 @@ import numpy as np
 import keras
 
 from training import distribution
+from training.train import segmentation_loss
 from training.data import SegmentationBatches
 from medt_keras.optimizers import OfficialAdam
 
@@ -92,7 +93,7 @@ def _fit(data_parallel):
         distribution.reset()
     keras.utils.set_random_seed(0)
     model = medt_keras.MedT(img_size=128, in_channels=1, gates_trainable=True, dtype="float64", **TINY)
-    model.compile(optimizer=OfficialAdam(l2=1e-5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(optimizer=OfficialAdam(l2=1e-5), loss=segmentation_loss(model))
     batches = SegmentationBatches(_source(), 8, 128, shuffle=True, flip_probability=0.5, drop_remainder=data_parallel)
     losses = []
     record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: losses.append(float(logs["loss"])))

@@ -42,7 +42,10 @@ def test_eight_device_data_parallel_fit_equals_one_device():
     differences = report["differences"]
     assert all(np.isfinite(v) for v in differences.values()), {k: v for k, v in differences.items() if not np.isfinite(v)}
     worst = max(differences.items(), key=lambda item: item[1])
-    assert worst[1] < 1e-8, worst
+    # Not 1e-15: the deepest local layers' BatchNorm statistics (2x2 maps) carry rounding
+    # forward through 4 steps. Two one-device runs whose only difference is the order of
+    # XLA's float64 sums (YNNPACK's reductions or XLA's own) end up to 3e-8 apart there.
+    assert worst[1] < 1e-7, worst
 
     _assert_data_parallel_step(report["parallel_step"], report["single_step"])
     assert report["mismatch"] == "batch size 4 does not divide over 8 devices; use a multiple of 8 (e.g. --batch-size 8)."

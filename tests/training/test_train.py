@@ -354,6 +354,31 @@ def test_compiled_metrics_leave_zero_weight_examples_out():
     assert (got["f1"], got["iou"]) == pytest.approx(real, rel=1e-6)
 
 
+def test_float64_model_trains_on_a_float64_loss():
+    """A float64 model's loss is computed in float64 (Keras' default float32 would round every pixel's term)."""
+    import keras
+
+    from medt_keras._backend import enable_float64
+
+    enable_float64()
+    keras.utils.set_random_seed(0)
+    model = medt_keras.GatedAxialUNet(img_size=32, width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1), dtype="float64")
+    compile_model(model, 2)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 32, 32, 3))
+    y = (rng.random((2, 32, 32)) < 0.5).astype(np.int32)
+    logits = model(x)
+    # The loss itself in float64 (Keras then rounds only the scalar total it reports).
+    loss = model.loss(y, logits)
+    assert keras.backend.standardize_dtype(loss.dtype) == "float64"
+    logits = np.asarray(logits, np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -np.mean(np.take_along_axis(log_probs, y[..., None], -1))
+    assert np.isfinite(float(loss)) and abs(float(loss) - expected) <= 1e-14 * abs(expected)
+    float32_model = compile_model(keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 1)]), 2)
+    assert keras.backend.standardize_dtype(float32_model.loss.dtype) == "float32"
+
+
 def test_padded_evaluation_equals_the_exact_examples():
     """6 examples in batches of 4 (2 zero-weight copies): loss, F1 and IoU of the 6 examples alone."""
     import keras
