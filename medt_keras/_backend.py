@@ -25,17 +25,25 @@ if keras.backend.backend() != "jax":
 
 # XLA's CPU compiler (jaxlib 0.9 and later) hands matrix products,
 # reductions, elementwise operations and convolutions to the YNNPACK
-# library. For MedT its reductions (the attention's softmax sums and
-# weighted sums over many small maps) and its convolutions run slower than
-# XLA's own code: given the products alone, MedT's inference batch takes
-# about 16% less time and its training step 10-15% less on the CPU this
-# project is measured on (docs/performance.md). Like the rematerialisation
-# flag below it is read when JAX starts its CPU backend. A user's own
-# setting of the flag is kept; MEDT_KERAS_KEEP_XLA_FLAGS=1 adds nothing.
-CPU_LIBRARY_FUSION_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
+# library. For MedT its elementwise operations and convolutions run slower
+# than XLA's own code, and so do its reductions in inference (the
+# attention's softmax sums over rows of 64); in training its reductions
+# win (the BatchNorms' long ones). So a process gets the products only,
+# and ``medt-train`` the products and reductions: MedT inference about 16%
+# less time, MedT training about 10% (measurements in docs/performance.md).
+# Like the rematerialisation flag below, it is read when JAX starts its CPU
+# backend. A user's own setting of the flag is kept;
+# MEDT_KERAS_KEEP_XLA_FLAGS=1 adds nothing.
+_LIBRARY_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+CPU_LIBRARY_FUSION_TYPES = {
+    "inference": "LIBRARY_FUSION_TYPE_DOT",
+    "training": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+}
+CPU_LIBRARY_FUSION_XLA_FLAG = f"{_LIBRARY_FUSION_FLAG}={CPU_LIBRARY_FUSION_TYPES['inference']}"
 # The jaxlib versions measured with it: XLA aborts the process on a flag it
 # does not know (0.8 has none), so other versions get nothing.
 _LIBRARY_FUSION_JAXLIB = ((0, 9), (0, 11))
+_added_library_fusion_flag = None  # what this process put in XLA_FLAGS, if anything
 
 
 def _jaxlib_version():
@@ -47,19 +55,24 @@ def _jaxlib_version():
         return None
 
 
-def tune_cpu_compiler():
-    """Adds ``CPU_LIBRARY_FUSION_XLA_FLAG`` to ``XLA_FLAGS`` where it applies; called at import.
+def tune_cpu_compiler(workload="inference"):
+    """Sets XLA's YNNPACK library fusions for ``workload`` ("inference" or "training") in ``XLA_FLAGS``.
 
-    Only under the JAX backend, before JAX has started its backends, with a
-    jaxlib known to have the flag, when ``XLA_FLAGS`` does not already set
-    it and ``MEDT_KERAS_KEEP_XLA_FLAGS`` is unset. Returns whether it added
+    ``import medt_keras`` calls it for inference; ``medt-train`` for
+    training, before it starts JAX. Only under the JAX backend, before JAX
+    has started its backends, with a jaxlib known to have the flag, when
+    ``MEDT_KERAS_KEEP_XLA_FLAGS`` is unset and ``XLA_FLAGS`` has no setting
+    of the flag other than one this function made. Returns whether it set
     the flag. GPU and TPU compilers ignore it.
     """
-    flags = os.environ.get("XLA_FLAGS", "")
+    global _added_library_fusion_flag
+    wanted = f"{_LIBRARY_FUSION_FLAG}={CPU_LIBRARY_FUSION_TYPES[workload]}"
+    tokens = os.environ.get("XLA_FLAGS", "").split()
     if keras.backend.backend() != "jax" or os.environ.get("MEDT_KERAS_KEEP_XLA_FLAGS"):
         return False
-    if CPU_LIBRARY_FUSION_XLA_FLAG.split("=")[0] in flags:
-        return False
+    present = [t for t in tokens if t.startswith(_LIBRARY_FUSION_FLAG)]
+    if present and present != [_added_library_fusion_flag]:
+        return False  # the user's own setting
     version = _jaxlib_version()
     low, high = _LIBRARY_FUSION_JAXLIB
     if version is None or not low <= version < high:
@@ -68,7 +81,8 @@ def tune_cpu_compiler():
 
     if xla_bridge.backends_are_initialized():
         return False
-    os.environ["XLA_FLAGS"] = (flags + " " + CPU_LIBRARY_FUSION_XLA_FLAG).strip()
+    os.environ["XLA_FLAGS"] = " ".join([t for t in tokens if t not in present] + [wanted])
+    _added_library_fusion_flag = wanted
     return True
 
 

@@ -30,7 +30,11 @@ def test_parity_measures_at_highest_precision(tmp_path, monkeypatch):
 
 
 _FUSIONS = """
-import os, json, medt_keras, jax, jax.numpy as jnp
+import os, sys, json, medt_keras
+if sys.argv[1:] == ["medt-train"]:
+    from training.train import main
+    main(["--list-configs"])  # medt-train's start, up to where it would begin training
+import jax, jax.numpy as jnp
 x = jnp.ones((64, 256, 256))
 text = jax.jit(lambda x, w: (jnp.sum(jnp.exp(x), -1), x.reshape(-1, 256) @ w)).lower(x, jnp.ones((256, 256))).compile().as_text()
 names = [line.split("=")[0].strip() for line in text.splitlines() if line.startswith("  %")]
@@ -38,7 +42,7 @@ print(json.dumps(dict(flags=os.environ.get("XLA_FLAGS", ""), ynn=sum(n.startswit
 """
 
 
-def _run_fresh(**env_changes):
+def _run_fresh(*args, **env_changes):
     """A fresh process importing medt_keras first, as a user's script would: its XLA_FLAGS and YNNPACK fusions."""
     import json
     import os
@@ -49,7 +53,7 @@ def _run_fresh(**env_changes):
     env.update(env_changes)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    result = subprocess.run([sys.executable, "-c", _FUSIONS], env=env, cwd=root, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", _FUSIONS, *args], env=env, cwd=root, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -58,7 +62,8 @@ def _run_fresh(**env_changes):
 def test_cpu_compiler_hands_only_products_to_ynnpack():
     # The import adds the flag (with a jaxlib that has it): the reduction and the exponential
     # compile to XLA's own code, the product still to YNNPACK; MEDT_KERAS_KEEP_XLA_FLAGS leaves
-    # XLA's default (the reduction in YNNPACK too); a user's own setting of the flag is kept.
+    # XLA's default (the reduction in YNNPACK too); a user's own setting of the flag is kept;
+    # medt-train replaces the import's choice with training's.
     from medt_keras import _backend
 
     if jax.default_backend() != "cpu":
@@ -73,6 +78,11 @@ def test_cpu_compiler_hands_only_products_to_ynnpack():
         return
     assert tuned["flags"] == _backend.CPU_LIBRARY_FUSION_XLA_FLAG
     assert tuned["ynn"] == 1 and default["ynn"] == 2, (tuned, default)
-    own = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+    own = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"
     mine = _run_fresh(XLA_FLAGS=own)
-    assert mine["flags"] == own and mine["ynn"] == 2, mine
+    assert mine["flags"] == own, mine
+    # medt-train swaps in training's choice, the reduction back in YNNPACK; not over the user's.
+    training = _run_fresh("medt-train")
+    expected = "--xla_cpu_experimental_ynn_fusion_type=" + _backend.CPU_LIBRARY_FUSION_TYPES["training"]
+    assert training["flags"] == expected and training["ynn"] == 2, training
+    assert _run_fresh("medt-train", XLA_FLAGS=own)["flags"] == own

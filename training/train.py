@@ -32,7 +32,7 @@ import time
 
 import medt_keras  # noqa: F401  (selects the JAX backend before keras is imported)
 from medt_keras import files
-from medt_keras._backend import prepare_rematerialization
+from medt_keras._backend import prepare_rematerialization, tune_cpu_compiler
 
 import numpy as np
 
@@ -600,6 +600,8 @@ def evaluate_test_tiled(model, batches, config, directory):
 
 
 def main(argv=None):
+    # Training's choice of XLA's CPU library fusions, while JAX has not started.
+    tune_cpu_compiler("training")
     parser = parser_with_overrides(prog="medt-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="gated_hela", help=f"one of: {', '.join(config_names())}, or a .py file")
     parser.add_argument("--resume", action="store_true", help="continue the run in the output directory")
