@@ -177,10 +177,6 @@ def _columns_times_table(a, table):
 def _map_times_table(s, table, axis):
     # y_c[r, x] = sum_over_axis s[r, i, j] table_c[i, j]; axis -1 sums j
     # (x = i), axis -2 sums i (x = j).
-    import os
-    if len(table) > 1 and os.environ.get("EXP_TABLE_DOT"):
-        spec = "rij,cij->cri" if axis == -1 else "rij,cij->crj"
-        return tuple(jnp.einsum(spec, s, jnp.stack(table)))
     return tuple(jnp.sum(s * t_c, axis=axis) for t_c in table)
 
 
