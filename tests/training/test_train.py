@@ -359,14 +359,15 @@ def test_float64_model_trains_on_a_float64_loss():
     import keras
 
     from medt_keras._backend import enable_float64
+    from tests.conftest import TINY_IMG_SIZE, TINY_MODEL
 
     enable_float64()
     keras.utils.set_random_seed(0)
-    model = medt_keras.GatedAxialUNet(img_size=32, width_scale=0.03125, groups=2, blocks=(1, 1, 1, 1), dtype="float64")
+    model = medt_keras.GatedAxialUNet(img_size=TINY_IMG_SIZE, dtype="float64", **TINY_MODEL)
     compile_model(model, 2)
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 32, 32, 3))
-    y = (rng.random((2, 32, 32)) < 0.5).astype(np.int32)
+    x = rng.normal(size=(2, TINY_IMG_SIZE, TINY_IMG_SIZE, 3))
+    y = (rng.random((2, TINY_IMG_SIZE, TINY_IMG_SIZE)) < 0.5).astype(np.int32)
     logits = model(x)
     # The loss itself in float64 (Keras then rounds only the scalar total it reports).
     loss = model.loss(y, logits)
