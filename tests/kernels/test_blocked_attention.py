@@ -125,3 +125,54 @@ def test_used_only_for_maps_of_at_least_one_block(monkeypatch):
     assert kernel.enabled((2, 5, 3, 5, 1)) == on_cpu  # 5 lines: more than one block
     assert kernel.enabled((2, 4, 3, 5, 1)) == on_cpu  # exactly one block
     assert not kernel.enabled((2, 3, 3, 5, 1))  # less than one block
+
+
+@pytest.mark.parametrize("positional", [True, False], ids=["positional", "without-position"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_softmax_shift_bounds_every_row_maximum(positional, channels):
+    # The forward pass shifts each row by `_row_bound` instead of its
+    # maximum: it must never be below the maximum (exp would exceed 1 and
+    # could overflow), and for one channel without positional terms it is
+    # the maximum itself.
+    rng = np.random.default_rng(7 + channels)
+    q, k, v, extra = _inputs(rng, 2, 5, 3, 9, channels, 2, positional)
+    per_line, tables = kernel._split(extra)
+    q, k = kernel._channels(q), kernel._channels(k)
+    bound = kernel._row_bound(q, k, per_line, kernel._table_ranges(tables))
+    rows = lambda t: kernel._rows(t, jnp.float64)  # noqa: E731
+    logits = kernel._logits(
+        [rows(t) for t in q], [rows(t) for t in k],
+        None if per_line is None else jax.tree.map(rows, per_line), tables,
+    )
+    row_max = np.asarray(jnp.max(logits, axis=-1)).reshape(bound.shape)
+    assert np.isfinite(row_max).all()
+    assert (np.asarray(bound) >= row_max - 1e-12).all()
+    if channels == 1 and not positional:
+        np.testing.assert_allclose(np.asarray(bound), row_max, rtol=1e-13)
+    else:
+        assert (np.asarray(bound) > row_max + 1e-6).any()  # a bound, not the maximum
+
+
+def test_loose_bounds_fall_back_to_the_exact_maximum():
+    # Two channels whose largest products fall on different keys: every
+    # row's bound is 2 * 10 * 20 = 400 while its largest logit is 0, so
+    # shifted by the bound all of a row's weights underflow in float32.
+    # The kernel must notice and compute with the exact maxima.
+    rng = np.random.default_rng(3)
+    length = 8
+    q = jnp.full((1, 4, 2, length, 2), 10.0, jnp.float32)
+    keys = np.zeros((length, 2), np.float32)
+    keys[0] = (20.0, -20.0)
+    keys[1] = (-20.0, 20.0)
+    k = jnp.broadcast_to(jnp.asarray(keys), q.shape)
+    v = jnp.asarray(rng.normal(size=(1, 4, 2, length, 3)), jnp.float32)
+    bound = kernel._row_bound(kernel._channels(q), kernel._channels(k), None, None)
+    assert float(jnp.min(bound)) == pytest.approx(400.0)
+    (actual,) = kernel.blocked_attention(q, k, v)
+    (expected,) = softmax_attention(q, k, v, None, broadcast=False)
+    assert np.isfinite(np.asarray(actual)).all()
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-5, atol=1e-6)
+    grads = jax.grad(_loss(kernel.blocked_attention, [jnp.ones((1, 4, 2, length, 3))]), argnums=(0, 1, 2))(
+        q, k, v, None
+    )
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
