@@ -31,19 +31,35 @@ if keras.backend.backend() != "jax":
 # win (the BatchNorms' long ones). So a process gets the products only,
 # and ``medt-train`` the products and reductions: MedT inference about 16%
 # less time, MedT training about 10% (measurements in docs/performance.md).
-# Like the rematerialisation flag below, it is read when JAX starts its CPU
-# backend. A user's own setting of the flag is kept;
+# Inference also goes without XLA's tree-reduction rewrite, which splits
+# every reduction over more than 32 elements (the softmax's rows of 64)
+# into two that fuse with nothing (MedT inference another 10%); training
+# keeps it for the BatchNorms' reductions over whole batches.
+# Like the rematerialisation flag below, these are read when JAX starts its
+# CPU backend. A user's own setting of a flag is kept;
 # MEDT_KERAS_KEEP_XLA_FLAGS=1 adds nothing.
 _LIBRARY_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+_DISABLED_PASSES_FLAG = "--xla_disable_hlo_passes"
 CPU_LIBRARY_FUSION_TYPES = {
     "inference": "LIBRARY_FUSION_TYPE_DOT",
     "training": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
 }
-CPU_LIBRARY_FUSION_XLA_FLAG = f"{_LIBRARY_FUSION_FLAG}={CPU_LIBRARY_FUSION_TYPES['inference']}"
+# Every flag each workload sets, as XLA_FLAGS tokens.
+CPU_COMPILER_FLAGS = {
+    "inference": (
+        f"{_LIBRARY_FUSION_FLAG}={CPU_LIBRARY_FUSION_TYPES['inference']}",
+        # The CPU compiler's pass (GPU compilers name theirs differently).
+        f"{_DISABLED_PASSES_FLAG}=tree_reduction_rewriter",
+    ),
+    "training": (f"{_LIBRARY_FUSION_FLAG}={CPU_LIBRARY_FUSION_TYPES['training']}",),
+}
 # The jaxlib versions measured with it: XLA aborts the process on a flag it
 # does not know (0.8 has none), so other versions get nothing.
 _LIBRARY_FUSION_JAXLIB = ((0, 9), (0, 11))
-_added_library_fusion_flag = None  # what this process put in XLA_FLAGS, if anything
+# Accelerator plugins: with one installed JAX may run on a GPU or TPU,
+# whose compilers have not been measured without the tree-reduction rewrite.
+_ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu", "jax-metal", "jax_metal")
+_added_flags = {}  # flag name -> the token this process put in XLA_FLAGS
 
 
 def _jaxlib_version():
@@ -55,24 +71,29 @@ def _jaxlib_version():
         return None
 
 
+def _accelerator_plugin_installed():
+    from importlib import metadata
+
+    return any(
+        (dist.metadata["Name"] or "").lower().startswith(_ACCELERATOR_PLUGINS) for dist in metadata.distributions()
+    )
+
+
 def tune_cpu_compiler(workload="inference"):
-    """Sets XLA's YNNPACK library fusions for ``workload`` ("inference" or "training") in ``XLA_FLAGS``.
+    """Sets XLA's CPU compiler flags for ``workload`` ("inference" or "training") in ``XLA_FLAGS``.
 
     ``import medt_keras`` calls it for inference; ``medt-train`` for
     training, before it starts JAX. Only under the JAX backend, before JAX
-    has started its backends, with a jaxlib known to have the flag, when
-    ``MEDT_KERAS_KEEP_XLA_FLAGS`` is unset and ``XLA_FLAGS`` has no setting
-    of the flag other than one this function made. Returns whether it set
-    the flag. GPU and TPU compilers ignore it.
+    has started its backends, with a jaxlib known to have the flags, when
+    ``MEDT_KERAS_KEEP_XLA_FLAGS`` is unset; a flag ``XLA_FLAGS`` already
+    sets other than as this function did is left as it is, and flags set
+    for another workload are taken back. The tree-reduction pass is left on
+    where a GPU or TPU plugin is installed. Returns whether it changed
+    ``XLA_FLAGS``. GPU and TPU compilers ignore the YNNPACK flag.
     """
-    global _added_library_fusion_flag
-    wanted = f"{_LIBRARY_FUSION_FLAG}={CPU_LIBRARY_FUSION_TYPES[workload]}"
     tokens = os.environ.get("XLA_FLAGS", "").split()
     if keras.backend.backend() != "jax" or os.environ.get("MEDT_KERAS_KEEP_XLA_FLAGS"):
         return False
-    present = [t for t in tokens if t.startswith(_LIBRARY_FUSION_FLAG)]
-    if present and present != [_added_library_fusion_flag]:
-        return False  # the user's own setting
     version = _jaxlib_version()
     low, high = _LIBRARY_FUSION_JAXLIB
     if version is None or not low <= version < high:
@@ -81,9 +102,21 @@ def tune_cpu_compiler(workload="inference"):
 
     if xla_bridge.backends_are_initialized():
         return False
-    os.environ["XLA_FLAGS"] = " ".join([t for t in tokens if t not in present] + [wanted])
-    _added_library_fusion_flag = wanted
-    return True
+    wanted = {token.split("=")[0]: token for token in CPU_COMPILER_FLAGS[workload]}
+    if _DISABLED_PASSES_FLAG in wanted and _accelerator_plugin_installed():
+        del wanted[_DISABLED_PASSES_FLAG]
+    for flag in set(wanted) | set(_added_flags):
+        present = [t for t in tokens if t.split("=")[0] == flag]
+        if present and present != [_added_flags.get(flag)]:
+            continue  # the user's own setting
+        tokens = [t for t in tokens if t not in present]
+        _added_flags.pop(flag, None)
+        if flag in wanted:
+            tokens.append(wanted[flag])
+            _added_flags[flag] = wanted[flag]
+    changed = " ".join(tokens) != os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = " ".join(tokens)
+    return changed
 
 
 tune_cpu_compiler()

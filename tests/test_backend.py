@@ -38,7 +38,8 @@ import jax, jax.numpy as jnp
 x = jnp.ones((64, 256, 256))
 text = jax.jit(lambda x, w: (jnp.sum(jnp.exp(x), -1), x.reshape(-1, 256) @ w)).lower(x, jnp.ones((256, 256))).compile().as_text()
 names = [line.split("=")[0].strip() for line in text.splitlines() if line.startswith("  %")]
-print(json.dumps(dict(flags=os.environ.get("XLA_FLAGS", ""), ynn=sum(n.startswith("%ynn_fusion") for n in names))))
+print(json.dumps(dict(flags=os.environ.get("XLA_FLAGS", ""), ynn=sum(n.startswith("%ynn_fusion") for n in names),
+                      reduce_windows=text.count(" reduce-window("))))
 """
 
 
@@ -60,10 +61,11 @@ def _run_fresh(*args, **env_changes):
 
 
 def test_cpu_compiler_hands_only_products_to_ynnpack():
-    # The import adds the flag (with a jaxlib that has it): the reduction and the exponential
-    # compile to XLA's own code, the product still to YNNPACK; MEDT_KERAS_KEEP_XLA_FLAGS leaves
-    # XLA's default (the reduction in YNNPACK too); a user's own setting of the flag is kept;
-    # medt-train replaces the import's choice with training's.
+    # The import adds the flags (with a jaxlib that has them): the reduction and the exponential
+    # compile to XLA's own code, the product still to YNNPACK, and the reduction over 256 stays
+    # whole (XLA's tree-reduction rewrite off); MEDT_KERAS_KEEP_XLA_FLAGS leaves XLA's default
+    # (the reduction in YNNPACK too); a user's own setting of a flag is kept; medt-train replaces
+    # the import's choice with training's.
     from medt_keras import _backend
 
     if jax.default_backend() != "cpu":
@@ -76,13 +78,21 @@ def test_cpu_compiler_hands_only_products_to_ynnpack():
     if not low <= version < high:
         assert tuned["flags"] == ""
         return
-    assert tuned["flags"] == _backend.CPU_LIBRARY_FUSION_XLA_FLAG
+    expected = list(_backend.CPU_COMPILER_FLAGS["inference"])
+    if _backend._accelerator_plugin_installed():
+        expected = expected[:1]
+    assert tuned["flags"].split() == expected
     assert tuned["ynn"] == 1 and default["ynn"] == 2, (tuned, default)
     own = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"
     mine = _run_fresh(XLA_FLAGS=own)
-    assert mine["flags"] == own, mine
-    # medt-train swaps in training's choice, the reduction back in YNNPACK; not over the user's.
+    assert mine["flags"].split()[0] == own, mine
+    # With a setting of its own for the disabled passes, the user keeps the rewrite.
+    passes = "--xla_disable_hlo_passes=algsimp"
+    theirs = _run_fresh(XLA_FLAGS=passes)
+    assert theirs["flags"].split() == [passes, expected[0]], theirs
+    assert theirs["reduce_windows"] == 1 and (len(expected) == 1 or tuned["reduce_windows"] == 0), (theirs, tuned)
+    # medt-train swaps in training's choice, the reduction back in YNNPACK and the rewrite on;
+    # not over the user's.
     training = _run_fresh("medt-train")
-    expected = "--xla_cpu_experimental_ynn_fusion_type=" + _backend.CPU_LIBRARY_FUSION_TYPES["training"]
-    assert training["flags"] == expected and training["ynn"] == 2, training
+    assert training["flags"].split() == list(_backend.CPU_COMPILER_FLAGS["training"]) and training["ynn"] == 2, training
     assert _run_fresh("medt-train", XLA_FLAGS=own)["flags"] == own

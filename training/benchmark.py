@@ -679,11 +679,14 @@ def describe_official(config):
     return text + (f", OMP_WAIT_POLICY={config['omp_wait_policy']}" if config.get("omp_wait_policy") else "")
 
 
-def describe_ours(rematerialize=False, dtype="float32", threads=None):
-    """E.g. ``medt-keras float32, XLA CPU default threads (2)``."""
+def describe_ours(rematerialize=False, dtype="float32", threads=None, workload=None):
+    """E.g. ``medt-keras float32, XLA default threads (2), medt-train's CPU compiler setting``."""
     text = f"medt-keras {dtype}"
     text += ", rematerialize" if rematerialize else ""
-    return text + f", XLA default threads ({threads or os.cpu_count()})"
+    text += f", XLA default threads ({threads or os.cpu_count()})"
+    if workload is not None:
+        text += ", medt-train's CPU compiler setting" if workload == "train" else ", the import's CPU compiler setting"
+    return text
 
 
 def interleaved_order(sides, rounds):
@@ -792,12 +795,22 @@ def _timed_steps(step, repeats, warmup, give_up_after=None):
 
 
 class _KerasTimer:
-    """Our model, compiled once, timed on request (the worker of the interleaved comparison)."""
+    """Our model, compiled once, timed on request (the worker of the interleaved comparison).
 
-    def __init__(self, model_name, size, batch, infer_batch, rematerialize=False, dtype="float32"):
+    With ``workload`` ("train" or "infer") the process sets XLA's CPU
+    compiler as that workload's command does (``medt-train`` for training,
+    the library's import for inference; ``medt_keras._backend``) and
+    compiles that workload only; without it, the import's setting and both.
+    """
+
+    def __init__(self, model_name, size, batch, infer_batch, rematerialize=False, dtype="float32", workload=None):
         import numpy as np
 
         import medt_keras  # noqa: F401  (JAX backend)
+        from medt_keras._backend import tune_cpu_compiler
+
+        if workload == "train":
+            tune_cpu_compiler("training")  # before anything starts JAX
         import jax
         import keras
         from medt_keras.models.registry import get_spec
@@ -810,16 +823,15 @@ class _KerasTimer:
         self.model.compile(optimizer=keras.optimizers.Adam(1e-3),
                            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         start = time.perf_counter()
-        self.train()
-        compile_train = time.perf_counter() - start
-        start = time.perf_counter()
-        self.infer()
+        for name in ("train", "infer") if workload is None else (workload,):
+            getattr(self, name)()
         self.info = {
             "implementation": "medt-keras",
-            "compile_seconds": compile_train + time.perf_counter() - start,
+            "compile_seconds": time.perf_counter() - start,
             "jax": jax.__version__,
             "device": str(jax.devices()[0].device_kind),
-            "config": describe_ours(rematerialize, dtype),
+            "config": describe_ours(rematerialize, dtype, workload=workload),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
         }
 
     def train(self, config=None):
@@ -1042,7 +1054,10 @@ def compare_with_official(model, size, args, allocator, env, description, log=pr
                          size=size, batch=args.batch, infer_batch=args.infer_batch,
                          interop_threads=configs[0]["interop_threads"])
     with contextlib.ExitStack() as stack:
-        ours = stack.enter_context(_Worker(dict(common, kind="keras", **variant), env))
+        # One process per workload, each under the compiler setting its command uses (medt-train's
+        # for training, the import's for inference; see medt_keras._backend).
+        ours = {workload: stack.enter_context(_Worker(dict(common, kind="keras", workload=workload, **variant), env))
+                for workload in ("train", "infer")}
         officials = {}  # OMP_WAIT_POLICY -> worker: the policy is read when OpenMP starts
 
         def official(config):
@@ -1051,9 +1066,10 @@ def compare_with_official(model, size, args, allocator, env, description, log=pr
                 officials[policy] = stack.enter_context(_Worker(official_spec, _official_environment(env, policy)))
             return officials[policy]
 
-        record["ours"] = ours.info
-        ours_config = ours.info["config"]
-        log(f"{model} {size} {allocator}: ours compiled in {ours.info['compile_seconds']:.0f} s; searching "
+        record["ours"] = {workload: worker.info for workload, worker in ours.items()}
+        ours_configs = {workload: worker.info["config"] for workload, worker in ours.items()}
+        compile_seconds = sum(worker.info["compile_seconds"] for worker in ours.values())
+        log(f"{model} {size} {allocator}: ours compiled in {compile_seconds:.0f} s; searching "
             f"{len(configs)} official configurations", flush=True)
         search = []
         for config in configs:
@@ -1081,21 +1097,21 @@ def compare_with_official(model, size, args, allocator, env, description, log=pr
         for side, index in interleaved_order(("ours", "official"), args.rounds):
             for workload in ("train", "infer"):
                 config = best[workload] if side == "official" else None
-                worker = ours if side == "ours" else official(config)
+                worker = ours[workload] if side == "ours" else official(config)
                 before = _machine_load()
                 timed = worker.request(op="time", workload=workload, repeats=args.repeats, warmup=1, config=config)
                 after = _machine_load()
                 steal = (None if before["steal_seconds"] is None or after["steal_seconds"] is None
                          else after["steal_seconds"] - before["steal_seconds"])
                 runs.append(dict(timed, side=side, round=index, workload=workload,
-                                 config=ours_config if side == "ours" else describe_official(config),
+                                 config=ours_configs[workload] if side == "ours" else describe_official(config),
                                  load_average=after["load_average"], steal_seconds=steal))
                 log(f"  round {index + 1} {side:<8} {workload:<5} median {statistics.median(timed['seconds']):.3f} s "
                     f"(CPU {statistics.median(timed['cpu_seconds']):.3f} s, load {after['load_average'][0]:.1f})",
                     flush=True)
         record["runs"] = runs
         if args.step_memory:
-            record["ours_step_peak_rss_gib"] = ours.request(op="memory", workload="train")["step_peak_rss_gib"]
+            record["ours_step_peak_rss_gib"] = ours["train"].request(op="memory", workload="train")["step_peak_rss_gib"]
             record["official_step_peak_rss_gib"] = official(best["train"]).request(
                 op="memory", workload="train", config=best["train"])["step_peak_rss_gib"]
     rows = []
@@ -1103,7 +1119,7 @@ def compare_with_official(model, size, args, allocator, env, description, log=pr
         mine = summarize_runs([r for r in runs if r["side"] == "ours" and r["workload"] == workload])
         theirs = summarize_runs([r for r in runs if r["side"] == "official" and r["workload"] == workload])
         batch = args.batch if workload == "train" else args.infer_batch
-        rows.append(comparison_row(model, size, workload, description, mine, theirs, ours_config,
+        rows.append(comparison_row(model, size, workload, description, mine, theirs, ours_configs[workload],
                                    describe_official(best[workload]), batch))
     record["comparison"] = rows
     record["load_at_end"] = _machine_load()
@@ -1272,6 +1288,10 @@ def measure_train_profile(model_name, size, batch, repeats=5, profile_steps=2, t
     import numpy as np
 
     import medt_keras  # noqa: F401  (JAX backend)
+    from medt_keras._backend import tune_cpu_compiler
+
+    if workload == "train":
+        tune_cpu_compiler("training")  # as medt-train, while JAX has not started
     import jax
     import keras
     from medt_keras.models.registry import get_spec

@@ -171,10 +171,11 @@ def test_the_comparison_alternates_sides_and_times_the_official_in_its_fastest_c
 
     class FakeWorker:
         def __init__(self, spec, env):
-            started.append((spec["kind"], env.get("OMP_WAIT_POLICY")))
+            started.append((spec["kind"], env.get("OMP_WAIT_POLICY"), spec.get("workload")))
             self.kind = spec["kind"]
             keras = {"config": "ours-config", "compile_seconds": 1.0}
-            self.info = keras if self.kind == "keras" else {"implementation": "official"}
+            self.info = dict(keras, config=f"ours-{spec['workload']}") if self.kind == "keras" else {
+                "implementation": "official"}
 
         def request(self, **request):
             requests.append((self.kind, request.get("workload"), request.get("config")))
@@ -202,7 +203,9 @@ def test_the_comparison_alternates_sides_and_times_the_official_in_its_fastest_c
     # 1 thread x 2 layouts, 2 threads x 2 wait policies x 2 layouts; one official worker per wait policy.
     search, timed = requests[:12], requests[12:]
     assert [kind for kind, _, _ in search] == ["official"] * 12
-    assert started == [("keras", "ACTIVE"), ("official", None), ("official", "PASSIVE")]
+    # Ours: one worker per workload (each under its command's compiler setting).
+    assert started == [("keras", "ACTIVE", "train"), ("keras", "ACTIVE", "infer"), ("official", None, None),
+                       ("official", "PASSIVE", None)]
     # The first configuration has no limit; the next may run 3x the fastest so far, warm-up included.
     assert limits[:4] == [None, None, 3 * 4.0 * 3, 3 * 4.0 * 3] and limits[4] == 3 * 2.0 * 3
     best = {"threads": 1, "interop_threads": 1, "channels_last": True, "omp_wait_policy": None}
@@ -212,7 +215,8 @@ def test_the_comparison_alternates_sides_and_times_the_official_in_its_fastest_c
     train, infer = record["comparison"]
     assert train["ratio"] == 2.0 and infer["ratio"] == 2.0
     assert train["official_config"] == "PyTorch 1 thread, interop 1, channels_last"
-    assert train["ours_config"] == "ours-config" and train["ours_run_seconds"] == [1.0] * 3
+    assert train["ours_config"] == "ours-train" and infer["ours_config"] == "ours-infer"
+    assert train["ours_run_seconds"] == [1.0] * 3
     assert [run["side"] for run in record["runs"]] == ["ours", "ours", "official", "official"] * 3
 
 
