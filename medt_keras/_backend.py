@@ -59,7 +59,15 @@ _LIBRARY_FUSION_JAXLIB = ((0, 9), (0, 11))
 # Accelerator plugins: with one installed JAX may run on a GPU or TPU,
 # whose compilers have not been measured without the tree-reduction rewrite.
 _ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu", "jax-metal", "jax_metal")
-_added_flags = {}  # flag name -> the token this process put in XLA_FLAGS
+# The tokens of XLA_FLAGS that medt-keras put there, also in the environment
+# so that a process started from this one (a worker, medt-train launched by a
+# script that imported medt_keras) tells them from the user's own.
+_ADDED_FLAGS_VARIABLE = "MEDT_KERAS_ADDED_XLA_FLAGS"
+
+
+def _added_flags():
+    """flag name -> the token medt-keras put in XLA_FLAGS (in this process or the one that started it)."""
+    return {token.split("=")[0]: token for token in os.environ.get(_ADDED_FLAGS_VARIABLE, "").split()}
 
 
 def _jaxlib_version():
@@ -105,17 +113,19 @@ def tune_cpu_compiler(workload="inference"):
     wanted = {token.split("=")[0]: token for token in CPU_COMPILER_FLAGS[workload]}
     if _DISABLED_PASSES_FLAG in wanted and _accelerator_plugin_installed():
         del wanted[_DISABLED_PASSES_FLAG]
-    for flag in set(wanted) | set(_added_flags):
+    added = _added_flags()
+    for flag in sorted(set(wanted) | set(added)):
         present = [t for t in tokens if t.split("=")[0] == flag]
-        if present and present != [_added_flags.get(flag)]:
+        if present and present != [added.get(flag)]:
             continue  # the user's own setting
         tokens = [t for t in tokens if t not in present]
-        _added_flags.pop(flag, None)
+        added.pop(flag, None)
         if flag in wanted:
             tokens.append(wanted[flag])
-            _added_flags[flag] = wanted[flag]
+            added[flag] = wanted[flag]
     changed = " ".join(tokens) != os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = " ".join(tokens)
+    os.environ[_ADDED_FLAGS_VARIABLE] = " ".join(added.values())
     return changed
 
 

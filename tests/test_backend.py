@@ -50,7 +50,8 @@ def _run_fresh(*args, **env_changes):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MEDT_KERAS_KEEP_XLA_FLAGS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "MEDT_KERAS_KEEP_XLA_FLAGS", "MEDT_KERAS_ADDED_XLA_FLAGS")}
     env.update(env_changes)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -96,3 +97,8 @@ def test_cpu_compiler_hands_only_products_to_ynnpack():
     training = _run_fresh("medt-train")
     assert training["flags"].split() == list(_backend.CPU_COMPILER_FLAGS["training"]) and training["ynn"] == 2, training
     assert _run_fresh("medt-train", XLA_FLAGS=own)["flags"] == own
+    # Started from a process that imported medt_keras (its XLA_FLAGS inherited), medt-train
+    # still tells the import's flags from the user's and sets training's.
+    inherited = " ".join(expected)
+    started = _run_fresh("medt-train", XLA_FLAGS=inherited, MEDT_KERAS_ADDED_XLA_FLAGS=inherited)
+    assert started["flags"].split() == list(_backend.CPU_COMPILER_FLAGS["training"]), started
