@@ -56,9 +56,6 @@ CPU_COMPILER_FLAGS = {
 # The jaxlib versions measured with it: XLA aborts the process on a flag it
 # does not know (0.8 has none), so other versions get nothing.
 _LIBRARY_FUSION_JAXLIB = ((0, 9), (0, 11))
-# Accelerator plugins: with one installed JAX may run on a GPU or TPU,
-# whose compilers have not been measured without the tree-reduction rewrite.
-_ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu", "jax-metal", "jax_metal")
 # The tokens of XLA_FLAGS that medt-keras put there, also in the environment
 # so that a process started from this one (a worker, medt-train launched by a
 # script that imported medt_keras) tells them from the user's own.
@@ -80,11 +77,20 @@ def _jaxlib_version():
 
 
 def _accelerator_plugin_installed():
+    """Whether JAX may find a GPU or TPU here, whose compilers are unmeasured without the tree-reduction rewrite.
+
+    Looks where JAX looks for accelerators: the ``jax_plugins`` namespace
+    package and entry points (CUDA, ROCm, Metal plugins) and ``libtpu``,
+    unless ``JAX_PLATFORMS`` is ``cpu``.
+    """
+    import importlib.util
     from importlib import metadata
 
-    return any(
-        (dist.metadata["Name"] or "").lower().startswith(_ACCELERATOR_PLUGINS) for dist in metadata.distributions()
-    )
+    if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        return False
+    if importlib.util.find_spec("jax_plugins") is not None or importlib.util.find_spec("libtpu") is not None:
+        return True
+    return bool(metadata.entry_points(group="jax_plugins"))
 
 
 def tune_cpu_compiler(workload="inference"):

@@ -102,3 +102,19 @@ def test_cpu_compiler_hands_only_products_to_ynnpack():
     inherited = " ".join(expected)
     started = _run_fresh("medt-train", XLA_FLAGS=inherited, MEDT_KERAS_ADDED_XLA_FLAGS=inherited)
     assert started["flags"].split() == list(_backend.CPU_COMPILER_FLAGS["training"]), started
+
+
+def test_accelerator_plugins_keep_the_tree_reduction_rewrite(tmp_path, monkeypatch):
+    # Where JAX may find a GPU or TPU (a jax_plugins package, as the CUDA plugin installs),
+    # the import leaves XLA's tree-reduction rewrite on; JAX_PLATFORMS=cpu says it will not.
+    from medt_keras import _backend
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    if _backend._accelerator_plugin_installed():
+        pytest.skip("an accelerator plugin is installed here")
+    (tmp_path / "jax_plugins" / "xla_cuda12").mkdir(parents=True)
+    (tmp_path / "jax_plugins" / "xla_cuda12" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _backend._accelerator_plugin_installed()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not _backend._accelerator_plugin_installed()
