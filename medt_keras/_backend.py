@@ -40,18 +40,14 @@ if keras.backend.backend() != "jax":
 # MEDT_KERAS_KEEP_XLA_FLAGS=1 adds nothing.
 _LIBRARY_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 _DISABLED_PASSES_FLAG = "--xla_disable_hlo_passes"
-CPU_LIBRARY_FUSION_TYPES = {
-    "inference": "LIBRARY_FUSION_TYPE_DOT",
-    "training": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",
-}
 # Every flag each workload sets, as XLA_FLAGS tokens.
 CPU_COMPILER_FLAGS = {
     "inference": (
-        f"{_LIBRARY_FUSION_FLAG}={CPU_LIBRARY_FUSION_TYPES['inference']}",
+        f"{_LIBRARY_FUSION_FLAG}=LIBRARY_FUSION_TYPE_DOT",
         # The CPU compiler's pass (GPU compilers name theirs differently).
         f"{_DISABLED_PASSES_FLAG}=tree_reduction_rewriter",
     ),
-    "training": (f"{_LIBRARY_FUSION_FLAG}={CPU_LIBRARY_FUSION_TYPES['training']}",),
+    "training": (f"{_LIBRARY_FUSION_FLAG}=LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE",),
 }
 # The jaxlib versions measured with it: XLA aborts the process on a flag it
 # does not know (0.8 has none), so other versions get nothing.

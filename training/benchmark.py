@@ -794,6 +794,17 @@ def _timed_steps(step, repeats, warmup, give_up_after=None):
     return {"seconds": seconds, "cpu_seconds": cpu}
 
 
+def _set_compiler_for(workload):
+    """XLA's CPU compiler as the command of ``workload`` sets it: ``medt-train``'s for "train", the import's otherwise.
+
+    Imports medt_keras (the JAX backend, the import's setting); call it before anything starts JAX.
+    """
+    import medt_keras
+
+    if workload == "train":
+        medt_keras.tune_cpu_compiler("training")
+
+
 class _KerasTimer:
     """Our model, compiled once, timed on request (the worker of the interleaved comparison).
 
@@ -806,11 +817,7 @@ class _KerasTimer:
     def __init__(self, model_name, size, batch, infer_batch, rematerialize=False, dtype="float32", workload=None):
         import numpy as np
 
-        import medt_keras  # noqa: F401  (JAX backend)
-        from medt_keras._backend import tune_cpu_compiler
-
-        if workload == "train":
-            tune_cpu_compiler("training")  # before anything starts JAX
+        _set_compiler_for(workload)  # before anything starts JAX
         import jax
         import keras
         from medt_keras.models.registry import get_spec
@@ -1287,11 +1294,7 @@ def measure_train_profile(model_name, size, batch, repeats=5, profile_steps=2, t
 
     import numpy as np
 
-    import medt_keras  # noqa: F401  (JAX backend)
-    from medt_keras._backend import tune_cpu_compiler
-
-    if workload == "train":
-        tune_cpu_compiler("training")  # as medt-train, while JAX has not started
+    _set_compiler_for(workload)  # while JAX has not started
     import jax
     import keras
     from medt_keras.models.registry import get_spec

@@ -600,7 +600,7 @@ def evaluate_test_tiled(model, batches, config, directory):
 
 
 def main(argv=None):
-    # Training's choice of XLA's CPU library fusions, while JAX has not started.
+    # XLA's CPU compiler set for training, while JAX has not started.
     tune_cpu_compiler("training")
     parser = parser_with_overrides(prog="medt-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="gated_hela", help=f"one of: {', '.join(config_names())}, or a .py file")

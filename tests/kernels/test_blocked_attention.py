@@ -1,5 +1,7 @@
 """The blocked JAX attention kernel against the ``keras.ops`` form it replaces on CPU."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -135,11 +137,11 @@ def test_softmax_shift_bounds_every_row_maximum(positional, channels):
     # could overflow), and for one channel without positional terms it is
     # the maximum itself.
     rng = np.random.default_rng(7 + channels)
-    q, k, v, extra = _inputs(rng, 2, 5, 3, 9, channels, 2, positional)
+    q, k, _, extra = _inputs(rng, 2, 5, 3, 9, channels, 2, positional)
     per_line, tables = kernel._split(extra)
     q, k = kernel._channels(q), kernel._channels(k)
     bound = kernel._row_bound(q, k, per_line, kernel._table_ranges(tables))
-    rows = lambda t: kernel._rows(t, jnp.float64)  # noqa: E731
+    rows = functools.partial(kernel._rows, dtype=jnp.float64)
     logits = kernel._logits(
         [rows(t) for t in q], [rows(t) for t in k],
         None if per_line is None else jax.tree.map(rows, per_line), tables,
