@@ -7,7 +7,9 @@ reports images/s, compile time, peak memory, FLOPs per image (XLA's cost
 analysis of the same forward, and of forward plus backward for training:
 the optimiser update is left out, a negligible share) and the achieved fraction of the
 device's measured peak (a large float32 matrix product). Each measurement
-runs in a fresh process so its peak memory is its own.
+runs in a fresh process so its peak memory is its own; ours in one process
+per workload, each under its command's XLA CPU compiler setting
+(``medt-train``'s for training, the library import's for inference).
 
 With ``--official PATH`` (a checkout of the official MedT repository; none
 of its code is part of this project) the official PyTorch model is timed
@@ -151,10 +153,19 @@ def _time_then_sample(step, repeats, sampled_steps=2):
     return seconds, memory
 
 
-def measure_keras(model_name, size, batch, infer_batch, repeats, rematerialize=False, dtype="float32"):
+def measure_keras(model_name, size, batch, infer_batch, repeats, rematerialize=False, dtype="float32",
+                  workload=None):
+    """Our model's training step and inference batch, timed after compilation, with FLOPs and memory.
+
+    With ``workload`` ("train" or "infer") only that one, under its
+    command's compiler setting (``medt-train``'s for training, the
+    import's for inference; ``_set_compiler_for``), as the plain and
+    ``--separate`` runs call it, one process per workload; without it
+    both, under the import's setting.
+    """
     import numpy as np
 
-    import medt_keras  # noqa: F401  (JAX backend)
+    _set_compiler_for(workload)  # before anything starts JAX
     import jax
     import keras
     from medt_keras.models.registry import get_spec
@@ -168,28 +179,8 @@ def measure_keras(model_name, size, batch, infer_batch, repeats, rematerialize=F
         optimizer=keras.optimizers.Adam(1e-3),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
-    start = time.perf_counter()
-    model.train_on_batch(x, y)
-    compile_train = time.perf_counter() - start
-    train, step_memory = _time_then_sample(lambda: model.train_on_batch(x, y), repeats)
-
-    start = time.perf_counter()
-    np.asarray(model.predict_on_batch(x_infer))
-    compile_infer = time.perf_counter() - start
-    infer = _median_seconds(lambda: np.asarray(model.predict_on_batch(x_infer)), repeats)
-
-    # FLOPs and XLA memory from the same computations, lowered directly.
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
-
-    def loss_fn(t, n, x, y):
-        logits, n = model.stateless_call(t, n, x, training=True)
-        return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)), n
-
-    grad_step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-    compiled_train = grad_step.lower(trainable, non_trainable, x, y).compile()
-    forward = jax.jit(lambda t, n, x: model.stateless_call(t, n, x, training=False)[0])
-    compiled_infer = forward.lower(trainable, non_trainable, x_infer).compile()
 
     def flops(compiled):
         analysis = compiled.cost_analysis()
@@ -201,22 +192,61 @@ def measure_keras(model_name, size, batch, infer_batch, repeats, rematerialize=F
         memory = compiled.memory_analysis()
         return None if memory is None else memory.temp_size_in_bytes / 2**30
 
-    return {
+    result = {
         "implementation": "medt-keras",
-        "train_seconds": train,
-        "infer_seconds": infer,
-        "train_images_per_second": batch / train,
-        "infer_images_per_second": infer_batch / infer,
-        "compile_seconds": compile_train + compile_infer,
-        "train_flops_per_image": flops(compiled_train) / batch,
-        "infer_flops_per_image": flops(compiled_infer) / infer_batch,
-        "xla_train_temp_gib": temp_gib(compiled_train),
-        "train_step_peak_rss_gib": step_memory.peak_gib,
-        "peak_rss_gib": _peak_rss_gib(),
+        "compile_seconds": 0.0,
         "rematerialize": bool(rematerialize),
         "dtype": dtype,
         "device": str(jax.devices()[0].device_kind),
+        "xla_flags": {},
     }
+    if workload in (None, "train"):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        result["compile_seconds"] += time.perf_counter() - start
+        train, step_memory = _time_then_sample(lambda: model.train_on_batch(x, y), repeats)
+
+        # FLOPs and XLA memory from the same computation, lowered directly.
+        def loss_fn(t, n, x, y):
+            logits, n = model.stateless_call(t, n, x, training=True)
+            return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)), n
+
+        compiled_train = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(
+            trainable, non_trainable, x, y).compile()
+        result.update(
+            train_seconds=train,
+            train_images_per_second=batch / train,
+            train_flops_per_image=flops(compiled_train) / batch,
+            xla_train_temp_gib=temp_gib(compiled_train),
+            train_step_peak_rss_gib=step_memory.peak_gib,
+        )
+        result["xla_flags"]["train"] = os.environ.get("XLA_FLAGS", "")
+    if workload in (None, "infer"):
+        start = time.perf_counter()
+        np.asarray(model.predict_on_batch(x_infer))
+        result["compile_seconds"] += time.perf_counter() - start
+        infer = _median_seconds(lambda: np.asarray(model.predict_on_batch(x_infer)), repeats)
+        forward = jax.jit(lambda t, n, x: model.stateless_call(t, n, x, training=False)[0])
+        compiled_infer = forward.lower(trainable, non_trainable, x_infer).compile()
+        result.update(
+            infer_seconds=infer,
+            infer_images_per_second=infer_batch / infer,
+            infer_flops_per_image=flops(compiled_infer) / infer_batch,
+        )
+        result["xla_flags"]["infer"] = os.environ.get("XLA_FLAGS", "")
+    result["peak_rss_gib"] = _peak_rss_gib()
+    return result
+
+
+def _measure_keras_per_workload(run_child, spec):
+    """``measure_keras`` in one child process per workload, merged into one result (the larger peak RSS)."""
+    train = run_child(dict(spec, workload="train"))
+    infer = run_child(dict(spec, workload="infer"))
+    merged = dict(train, **{k: v for k, v in infer.items() if k not in ("compile_seconds", "peak_rss_gib", "xla_flags")})
+    merged["compile_seconds"] = train["compile_seconds"] + infer["compile_seconds"]
+    merged["peak_rss_gib"] = max(train["peak_rss_gib"], infer["peak_rss_gib"])
+    merged["xla_flags"] = dict(train["xla_flags"], **infer["xla_flags"])
+    return merged
 
 
 def measure_official(checkout, model_name, official_builder, size, batch, infer_batch, repeats):
@@ -1643,7 +1673,8 @@ def main(argv=None):
                 else:
                     spec.update(rematerialize=remat, dtype=args.dtype)
                 try:
-                    result = _run_child(spec)
+                    # Ours: each workload in its own process, under its command's compiler setting.
+                    result = _run_child(spec) if kind == "official" else _measure_keras_per_workload(_run_child, spec)
                 except RuntimeError as error:
                     # One size too large for one implementation must not lose the rest.
                     print(f"{model:<10} {size:>4} {kind:<30} {str(error).splitlines()[0]}", flush=True)

@@ -354,23 +354,33 @@ def test_separate_keeps_the_fresh_process_comparison(monkeypatch, capsys):
     kinds = []
 
     def child(spec, env=None):
-        kinds.append(spec["kind"])
+        kinds.append((spec["kind"], spec.get("workload")))
         if spec["kind"] == "platform":
             return ["0.0", "cpu", 1, 1, 1]
         if spec["kind"] == "peak":
             return 100.0
-        result = dict(implementation="official PyTorch" if spec["kind"] == "official" else "medt-keras",
-                      train_seconds=2.0, infer_seconds=1.0, train_images_per_second=2.0, infer_images_per_second=8.0,
-                      train_step_peak_rss_gib=1.0, peak_rss_gib=1.5)
-        if spec["kind"] == "keras":
-            result.update(train_seconds=1.0, train_flops_per_image=1e9, infer_flops_per_image=1e9)
-        return result
+        if spec["kind"] == "official":
+            return dict(implementation="official PyTorch", train_seconds=2.0, infer_seconds=1.0,
+                        train_images_per_second=2.0, infer_images_per_second=8.0, train_step_peak_rss_gib=1.0,
+                        peak_rss_gib=1.5)
+        # Ours: one process per workload, each reporting only its own figures and flags.
+        if spec["workload"] == "train":
+            return dict(implementation="medt-keras", compile_seconds=3.0, peak_rss_gib=1.5, train_seconds=1.0,
+                        train_images_per_second=4.0, train_flops_per_image=1e9, train_step_peak_rss_gib=0.5,
+                        xla_flags={"train": "training flags"})
+        return dict(implementation="medt-keras", compile_seconds=1.0, peak_rss_gib=0.7, infer_seconds=0.25,
+                    infer_images_per_second=32.0, infer_flops_per_image=1e9, xla_flags={"infer": "import flags"})
 
     monkeypatch.setattr(benchmark, "_run_child", child)
     monkeypatch.setattr(benchmark, "compare_with_official", lambda *a, **k: pytest.fail("not the interleaved mode"))
     assert benchmark.main(["--models", "gated", "--official", "/o", "--separate"]) == 0
-    assert kinds == ["platform", "peak", "keras", "official"]
-    assert "2.00x" in capsys.readouterr().out
+    assert kinds == [("platform", None), ("peak", None), ("keras", "train"), ("keras", "infer"), ("official", None)]
+    out = capsys.readouterr().out
+    assert "2.00x" in out and "4.00x" in out  # training 2.0 / 1.0 s, inference 1.0 / 0.25 s
+    merged = benchmark._measure_keras_per_workload(child, dict(kind="keras"))
+    assert merged["compile_seconds"] == 4.0 and merged["peak_rss_gib"] == 1.5
+    assert merged["xla_flags"] == {"train": "training flags", "infer": "import flags"}
+    assert merged["train_seconds"] == 1.0 and merged["infer_seconds"] == 0.25
     # Interleaved runs time one variant of ours: --rematerialize both needs --separate.
     assert benchmark.main(["--models", "gated", "--official", "/o", "--rematerialize", "both"]) == 2
 
