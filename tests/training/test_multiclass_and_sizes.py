@@ -66,12 +66,18 @@ def test_three_classes_train_predict_evaluate(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [(256, 256), (64, 96)])
 def test_models_train_and_predict_at_other_sizes(size):
+    # Seeded: the initial weights otherwise depend on what ran before in the same process.
+    keras.utils.set_random_seed(0)
     model = medt_keras.GatedAxialUNet(img_size=size, in_channels=1, gates_trainable=True, **TINY)
-    model.compile(optimizer=OfficialAdam(learning_rate=1e-2),
+    # At 1e-2 the loss jumped to 5.6 on the second step and came back to chance level
+    # (ln 2), so "the last loss below the first" held or not by 1e-4; at 1e-3 it falls
+    # at every step (0.697 -> 0.689 at 256x256, 0.706 -> 0.689 at 64x96 in 10 steps).
+    model.compile(optimizer=OfficialAdam(learning_rate=1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)
     x = rng.random((2, *size, 1)).astype(np.float32)
     y = (x[..., 0] > 0.5).astype(np.int32)
-    losses = [float(model.train_on_batch(x, y)) for _ in range(4)]
-    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    losses = [float(model.train_on_batch(x, y)) for _ in range(10)]
+    assert all(np.isfinite(losses)) and all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < losses[0] - 0.005, losses
     assert model.predict_on_batch(x).shape == (2, *size, 2)
