@@ -153,15 +153,13 @@ def _time_then_sample(step, repeats, sampled_steps=2):
     return seconds, memory
 
 
-def measure_keras(model_name, size, batch, infer_batch, repeats, rematerialize=False, dtype="float32",
-                  workload=None):
-    """Our model's training step and inference batch, timed after compilation, with FLOPs and memory.
+def measure_keras(model_name, size, batch, infer_batch, repeats, workload, rematerialize=False, dtype="float32"):
+    """Our model's training step ("train") or inference batch ("infer"), timed after compilation, with FLOPs and memory.
 
-    With ``workload`` ("train" or "infer") only that one, under its
-    command's compiler setting (``medt-train``'s for training, the
-    import's for inference; ``_set_compiler_for``), as the plain and
-    ``--separate`` runs call it, one process per workload; without it
-    both, under the import's setting.
+    Under the compiler setting of the workload's command (``medt-train``'s
+    for training, the import's for inference; ``_set_compiler_for``): the
+    plain and ``--separate`` runs call it once per workload, each in its
+    own process (``_measure_keras_per_workload``).
     """
     import numpy as np
 
@@ -194,16 +192,15 @@ def measure_keras(model_name, size, batch, infer_batch, repeats, rematerialize=F
 
     result = {
         "implementation": "medt-keras",
-        "compile_seconds": 0.0,
         "rematerialize": bool(rematerialize),
         "dtype": dtype,
         "device": str(jax.devices()[0].device_kind),
-        "xla_flags": {},
+        "xla_flags": {workload: os.environ.get("XLA_FLAGS", "")},
     }
-    if workload in (None, "train"):
+    if workload == "train":
         start = time.perf_counter()
         model.train_on_batch(x, y)
-        result["compile_seconds"] += time.perf_counter() - start
+        result["compile_seconds"] = time.perf_counter() - start
         train, step_memory = _time_then_sample(lambda: model.train_on_batch(x, y), repeats)
 
         # FLOPs and XLA memory from the same computation, lowered directly.
@@ -220,11 +217,10 @@ def measure_keras(model_name, size, batch, infer_batch, repeats, rematerialize=F
             xla_train_temp_gib=temp_gib(compiled_train),
             train_step_peak_rss_gib=step_memory.peak_gib,
         )
-        result["xla_flags"]["train"] = os.environ.get("XLA_FLAGS", "")
-    if workload in (None, "infer"):
+    else:
         start = time.perf_counter()
         np.asarray(model.predict_on_batch(x_infer))
-        result["compile_seconds"] += time.perf_counter() - start
+        result["compile_seconds"] = time.perf_counter() - start
         infer = _median_seconds(lambda: np.asarray(model.predict_on_batch(x_infer)), repeats)
         forward = jax.jit(lambda t, n, x: model.stateless_call(t, n, x, training=False)[0])
         compiled_infer = forward.lower(trainable, non_trainable, x_infer).compile()
@@ -233,7 +229,6 @@ def measure_keras(model_name, size, batch, infer_batch, repeats, rematerialize=F
             infer_images_per_second=infer_batch / infer,
             infer_flops_per_image=flops(compiled_infer) / infer_batch,
         )
-        result["xla_flags"]["infer"] = os.environ.get("XLA_FLAGS", "")
     result["peak_rss_gib"] = _peak_rss_gib()
     return result
 
