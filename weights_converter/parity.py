@@ -4,8 +4,9 @@ Each case is an official checkpoint ``CASE.pth`` and, beside it,
 ``CASE.npz`` with what the official code computed from it (input, eval
 logits in float32 and float64, train-mode logits, loss, every gradient and
 the BatchNorm running statistics after one train-mode forward; see
-``shared/fixtures/README.md``). ``measure_case`` converts the checkpoint
-and recomputes all of these with the Keras model.
+``shared/fixtures/README.md``). ``compute_case`` converts the checkpoint
+and recomputes all of these with the Keras model, ``compare_case`` measures
+them against the official values, and ``measure_case`` does both.
 
 Run ``python -m weights_converter.parity [CASE.pth | DIR ...]`` (or
 ``medt-parity``) for a report; with no argument it checks the fixtures
@@ -129,9 +130,29 @@ def cross_entropy(logits, target):
     return -jnp.mean(picked)
 
 
+@dataclasses.dataclass
+class CaseOutputs:
+    """What the converted model computes from one case's input, in the official layouts.
+
+    ``y_*`` are logits ``(batch, classes, height, width)``; ``grads`` and
+    ``stats`` map official state_dict keys to the gradient of that
+    parameter and to the BatchNorm buffer after the train-mode step.
+    """
+
+    case: str
+    architecture: str
+    y_eval32: np.ndarray
+    y_eval64: np.ndarray
+    y_train64: np.ndarray
+    loss64: float
+    grads: dict
+    stats: dict
+    seconds: float
+
+
 @highest_matmul_precision()  # no TF32 on GPU, no bfloat16 passes on TPU
-def measure_case(pth_path, npz_path=None):
-    """Converts ``pth_path`` and compares it with its ``.npz`` in every way."""
+def compute_case(pth_path, npz_path=None):
+    """Converts ``pth_path`` and runs it on the input in its ``.npz``: eval in float32 and float64, one train step."""
     import jax
 
     start = time.perf_counter()
@@ -142,13 +163,12 @@ def measure_case(pth_path, npz_path=None):
     model32 = load_official_checkpoint(pth_path, dtype="float32")
     architecture = type(model32).__name__
     y_eval32 = _nchw(_jitted_forward(model32, training=False)(x.astype(np.float32)))
-    eval32 = _relative_max(y_eval32, ref["y_eval"])
     del model32
 
     enable_float64()
     model = load_official_checkpoint(pth_path, dtype="float64")
     x64 = x.astype(np.float64)
-    eval64 = _relative_max(_nchw(_jitted_forward(model, training=False)(x64)), ref["y_eval64"])
+    y_eval64 = _nchw(_jitted_forward(model, training=False)(x64))
 
     # Every official parameter gets a gradient, the frozen gates included.
     entries = official_entries(model)
@@ -168,43 +188,67 @@ def measure_case(pth_path, npz_path=None):
     (loss, (logits, new_non_trainable)), grads = step(
         [v.value for v in trainable_vars], [v.value for v in non_trainable_vars]
     )
-    train64 = _relative_max(_nchw(logits), ref["y_train"])
-    loss64 = float(abs(float(loss) - float(ref["loss"])) / abs(float(ref["loss"])))
-    if not _all_finite(loss, ref["loss"]):
-        loss64 = float("nan")
-
     grad_of = {id(v): g for v, g in zip(trainable_vars, grads)}
     after_of = {id(v): a for v, a in zip(non_trainable_vars, new_non_trainable)}
+    official_grads, official_stats = {}, {}
+    for entry in entries:
+        if entry.variable is None:
+            continue
+        if id(entry.variable) in grad_of:
+            official_grads[entry.key] = entry.to_official(np.asarray(grad_of[id(entry.variable)]))
+        if id(entry.variable) in after_of:
+            official_stats[entry.key] = entry.to_official(np.asarray(after_of[id(entry.variable)]))
+    return CaseOutputs(
+        case=os.path.basename(os.path.splitext(pth_path)[0]),
+        architecture=architecture,
+        y_eval32=y_eval32,
+        y_eval64=y_eval64,
+        y_train64=_nchw(logits),
+        loss64=float(loss),
+        grads=official_grads,
+        stats=official_stats,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def compare_case(outputs, npz_path):
+    """``outputs`` (``compute_case``) against the official values in ``npz_path``, as a ``CaseResult``."""
+    ref = np.load(npz_path)
+    eval32 = _relative_max(outputs.y_eval32, ref["y_eval"])
+    eval64 = _relative_max(outputs.y_eval64, ref["y_eval64"])
+    train64 = _relative_max(outputs.y_train64, ref["y_train"])
+    loss64 = float(abs(outputs.loss64 - float(ref["loss"])) / abs(float(ref["loss"])))
+    if not _all_finite(outputs.loss64, ref["loss"]):
+        loss64 = float("nan")
+
     reference_grads = [k for k in ref.files if k.startswith("grad/")]
     reference_norm = np.sqrt(sum(np.sum(ref[k] ** 2) for k in reference_grads))
     grad_errors, stats_errors, raw_grad_errors = {}, {}, {}
     counters_equal = True
-    for entry in entries:
-        if entry.variable is None:
+    for key, ours in outputs.grads.items():
+        if "grad/" + key not in ref.files:
             continue
-        grad_key, after_key = "grad/" + entry.key, "after/" + entry.key
-        if grad_key in ref.files:
-            ours = entry.to_official(np.asarray(grad_of[id(entry.variable)]))
-            reference = ref[grad_key]
-            error = np.linalg.norm(ours - reference) if _all_finite(ours, reference) else float("nan")
-            scale = max(np.linalg.norm(reference), ZERO_GRADIENT_FLOOR * reference_norm)
-            grad_errors[entry.key] = float(error / scale)
-            raw_grad_errors[entry.key] = float(error / max(np.linalg.norm(reference), 1e-300))
-        if after_key in ref.files:
-            ours = entry.to_official(np.asarray(after_of[id(entry.variable)]))
-            if entry.key.endswith("num_batches_tracked"):
-                counters_equal &= int(ours) == int(ref[after_key])
-            else:
-                stats_errors[entry.key] = _relative_max(ours, ref[after_key])
-    grad_worst = worst_key(grad_errors)
-    stats_worst = worst_key(stats_errors)
+        reference = ref["grad/" + key]
+        error = np.linalg.norm(ours - reference) if _all_finite(ours, reference) else float("nan")
+        scale = max(np.linalg.norm(reference), ZERO_GRADIENT_FLOOR * reference_norm)
+        grad_errors[key] = float(error / scale)
+        raw_grad_errors[key] = float(error / max(np.linalg.norm(reference), 1e-300))
+    for key, ours in outputs.stats.items():
+        if "after/" + key not in ref.files:
+            continue
+        if key.endswith("num_batches_tracked"):
+            counters_equal &= int(ours) == int(ref["after/" + key])
+        else:
+            stats_errors[key] = _relative_max(ours, ref["after/" + key])
     if len(grad_errors) != len(reference_grads):
         raise AssertionError(
             f"{npz_path}: {len(reference_grads) - len(grad_errors)} reference gradients have no Keras variable"
         )
+    grad_worst = worst_key(grad_errors)
+    stats_worst = worst_key(stats_errors)
     return CaseResult(
-        case=os.path.basename(os.path.splitext(pth_path)[0]),
-        architecture=architecture,
+        case=outputs.case,
+        architecture=outputs.architecture,
         eval32=eval32,
         eval64=eval64,
         train64=train64,
@@ -216,11 +260,17 @@ def measure_case(pth_path, npz_path=None):
         counters_equal=bool(counters_equal),
         grads_compared=len(grad_errors),
         stats_compared=len(stats_errors),
-        seconds=time.perf_counter() - start,
+        seconds=outputs.seconds,
         grad_errors=grad_errors,
         stats_errors=stats_errors,
         raw_grad_errors=raw_grad_errors,
     )
+
+
+def measure_case(pth_path, npz_path=None):
+    """Converts ``pth_path`` and compares it with its ``.npz`` in every way (``compute_case``, ``compare_case``)."""
+    npz_path = npz_path or os.path.splitext(pth_path)[0] + ".npz"
+    return compare_case(compute_case(pth_path, npz_path), npz_path)
 
 
 def default_case_paths():
