@@ -31,12 +31,25 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
 def pytest_collection_modifyitems(config, items):
-    if "full" in (config.getoption("markexpr") or ""):
-        return
-    skip = pytest.mark.skip(reason="full-size parity case of -m full only (tests/weights_converter/test_parity.py)")
+    if "full" not in (config.getoption("markexpr") or ""):
+        skip = pytest.mark.skip(reason="full-size parity case of -m full only (tests/weights_converter/test_parity.py)")
+        for item in items:
+            if item.get_closest_marker("full_only"):
+                item.add_marker(skip)
+    # Longest files first, with the count of slow tests standing in for
+    # length: the two workers take whole files (--dist loadfile) in this
+    # order (pyproject.toml turns xdist's own reordering off). By xdist's
+    # order, most tests first, the four tests of test_distribution.py (a
+    # fifth of the suite's time) came near the end of the queue, where the
+    # other worker could run out of files. Each file's tests keep their order.
+    slow_in = {}
     for item in items:
-        if item.get_closest_marker("full_only"):
-            item.add_marker(skip)
+        if item.get_closest_marker("slow") and not item.get_closest_marker("skip"):
+            slow_in[item.fspath] = slow_in.get(item.fspath, 0) + 1
+    first_seen = {}
+    for index, item in enumerate(items):
+        first_seen.setdefault(item.fspath, index)
+    items.sort(key=lambda item: (-slow_in.get(item.fspath, 0), first_seen[item.fspath]))
 
 
 def pytest_unconfigure(config):
