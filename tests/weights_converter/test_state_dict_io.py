@@ -306,6 +306,46 @@ def test_refuses_safetensors_header_that_is_not_an_object(tmp_path):
     _refused_quickly(path, "the header is not JSON")
 
 
+def test_reading_sets_off_no_garbage_collection_and_restores_the_collector(tmp_path):
+    # 100,000 lists would set off collections of the caller's whole heap,
+    # whose time grows with the caller's objects, not the file's. At most
+    # the youngest generation is collected once, as the collector comes
+    # back on (the objects made since: the state_dict, or nothing).
+    import gc
+
+    nested = tmp_path / "nested.pth"
+    nested.write_bytes(torch_zip_bytes({}, extra_pickle=b"\x80\x02" + b"]" * 100000 + b"a" * 99999 + b"."))
+    good = tmp_path / "good.pth"
+    good.write_bytes(torch_zip_bytes({"w": np.ones((2, 3), np.float32)}))
+    reading, collections_per_read = [False], []
+
+    def seen(phase, info):
+        if phase == "start" and reading[0]:
+            collections_per_read[-1].append(info["generation"])
+
+    def read(path):
+        reading[0] = True
+        collections_per_read.append([])
+        try:
+            return read_state_dict(path)
+        finally:
+            reading[0] = False
+
+    gc.callbacks.append(seen)
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            with pytest.raises(CheckpointError, match="holds a list"):
+                read(nested)
+            assert gc.isenabled() == enabled
+            assert list(read(good)) == ["w"] and gc.isenabled() == enabled
+    finally:
+        gc.enable()
+        gc.callbacks.remove(seen)
+    assert len(collections_per_read) == 4
+    assert all(generations in ([], [0]) for generations in collections_per_read), collections_per_read
+
+
 def test_deep_nesting_and_huge_memo_index_are_checkpoint_errors(tmp_path):
     # Deeply nested lists (RecursionError in anything that walks them) and a
     # memo index of 2^31 (the C unpickler sizes its memo table by it).
