@@ -41,15 +41,13 @@ def pytest_collection_modifyitems(config, items):
     # order (pyproject.toml turns xdist's own reordering off). By xdist's
     # order, most tests first, the four tests of test_distribution.py (a
     # fifth of the suite's time) came near the end of the queue, where the
-    # other worker could run out of files. Each file's tests keep their order.
+    # other worker could run out of files.
     slow_in = {}
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("skip"):
             slow_in[item.fspath] = slow_in.get(item.fspath, 0) + 1
-    first_seen = {}
-    for index, item in enumerate(items):
-        first_seen.setdefault(item.fspath, index)
-    items.sort(key=lambda item: (-slow_in.get(item.fspath, 0), first_seen[item.fspath]))
+    # A stable sort: files with as many slow tests keep their order, each file's tests stay together.
+    items.sort(key=lambda item: -slow_in.get(item.fspath, 0))
 
 
 def pytest_unconfigure(config):
