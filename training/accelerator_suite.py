@@ -184,9 +184,9 @@ def parity_eval32_default(path):
     import numpy as np
 
     from weights_converter.convert import load_official_checkpoint
-    from weights_converter.parity import TOLERANCES, _jitted_forward, _nchw, _nhwc, _relative_max
+    from weights_converter.parity import TOLERANCES, _jitted_forward, _nchw, _nhwc, _relative_max, reference_path
 
-    ref = np.load(os.path.splitext(path)[0] + ".npz")
+    ref = np.load(reference_path(path))
     model = load_official_checkpoint(path, dtype="float32")
     y = _nchw(_jitted_forward(model, training=False)(_nhwc(ref["x"]).astype(np.float32)))
     eval32 = _relative_max(y, ref["y_eval"])

@@ -130,6 +130,11 @@ def cross_entropy(logits, target):
     return -jnp.mean(picked)
 
 
+def reference_path(pth_path):
+    """``CASE.npz``, the official outputs beside the checkpoint ``CASE.pth``."""
+    return os.path.splitext(pth_path)[0] + ".npz"
+
+
 @dataclasses.dataclass
 class CaseOutputs:
     """What the converted model computes from one case's input, in the official layouts.
@@ -156,7 +161,7 @@ def compute_case(pth_path, npz_path=None):
     import jax
 
     start = time.perf_counter()
-    npz_path = npz_path or os.path.splitext(pth_path)[0] + ".npz"
+    npz_path = npz_path or reference_path(pth_path)
     ref = np.load(npz_path)
     x = _nhwc(ref["x"])
 
@@ -269,7 +274,7 @@ def compare_case(outputs, npz_path):
 
 def measure_case(pth_path, npz_path=None):
     """Converts ``pth_path`` and compares it with its ``.npz`` in every way (``compute_case``, ``compare_case``)."""
-    npz_path = npz_path or os.path.splitext(pth_path)[0] + ".npz"
+    npz_path = npz_path or reference_path(pth_path)
     return compare_case(compute_case(pth_path, npz_path), npz_path)
 
 

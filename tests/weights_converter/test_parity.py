@@ -18,7 +18,7 @@ import os
 import pytest
 
 from tests.conftest import OFFICIAL_FULL, OFFICIAL_TINY
-from weights_converter.parity import TOLERANCES, compare_case, compute_case
+from weights_converter.parity import TOLERANCES, compare_case, compute_case, reference_path
 
 TINY = sorted(glob.glob(os.path.join(OFFICIAL_TINY, "*.pth")))
 FULL = sorted(glob.glob(os.path.join(OFFICIAL_FULL, "*.pth")))
@@ -60,7 +60,7 @@ def outputs_of(case):
 
 @pytest.fixture
 def result(case):
-    return compare_case(outputs_of(case), case[:-4] + ".npz")
+    return compare_case(outputs_of(case), reference_path(case))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -105,7 +105,7 @@ def test_nan_in_one_gradient_and_inf_in_one_statistic_fail_the_check(tmp_path):
     import numpy as np
 
     case = next(p for p in TINY if os.path.basename(p).startswith("gated"))
-    reference = dict(np.load(case[:-4] + ".npz"))
+    reference = dict(np.load(reference_path(case)))
     grads = sorted(k for k in reference if k.startswith("grad/"))
     stats = sorted(k for k in reference if k.startswith("after/") and k.endswith("running_var"))
     grad_key, stat_key = grads[len(grads) // 2], stats[len(stats) // 2]
