@@ -306,6 +306,12 @@ def test_refuses_safetensors_header_that_is_not_an_object(tmp_path):
     _refused_quickly(path, "the header is not JSON")
 
 
+# PROTO 2, 100,000 EMPTY_LISTs, then 99,999 APPENDs each putting the top
+# list into the one beneath, STOP: lists nested 100 times deeper than
+# Python's recursion limit.
+NESTED_LISTS_PICKLE = b"\x80\x02" + b"]" * 100000 + b"a" * 99999 + b"."
+
+
 def test_reading_sets_off_no_garbage_collection_and_restores_the_collector(tmp_path):
     # 100,000 lists would set off collections of the caller's whole heap,
     # whose time grows with the caller's objects, not the file's. At most
@@ -314,7 +320,7 @@ def test_reading_sets_off_no_garbage_collection_and_restores_the_collector(tmp_p
     import gc
 
     nested = tmp_path / "nested.pth"
-    nested.write_bytes(torch_zip_bytes({}, extra_pickle=b"\x80\x02" + b"]" * 100000 + b"a" * 99999 + b"."))
+    nested.write_bytes(torch_zip_bytes({}, extra_pickle=NESTED_LISTS_PICKLE))
     good = tmp_path / "good.pth"
     good.write_bytes(torch_zip_bytes({"w": np.ones((2, 3), np.float32)}))
     reading, collections_per_read = [False], []
@@ -350,8 +356,7 @@ def test_deep_nesting_and_huge_memo_index_are_checkpoint_errors(tmp_path):
     # Deeply nested lists (RecursionError in anything that walks them) and a
     # memo index of 2^31 (the C unpickler sizes its memo table by it).
     path = tmp_path / "nested.pth"
-    nested = b"\x80\x02" + b"]" * 100000 + b"a" * 99999 + b"."  # 100 times Python's recursion limit
-    path.write_bytes(torch_zip_bytes({}, extra_pickle=nested))
+    path.write_bytes(torch_zip_bytes({}, extra_pickle=NESTED_LISTS_PICKLE))
     _refused_quickly(path, "nested.pth: holds a list, not a state_dict")
     memo = b"\x80\x02}r\xff\xff\xff\x7f."  # EMPTY_DICT, LONG_BINPUT 2^31-1, STOP
     path.write_bytes(torch_zip_bytes({}, extra_pickle=memo))
