@@ -316,7 +316,11 @@ def test_reading_sets_off_no_garbage_collection_and_restores_the_collector(tmp_p
     # 100,000 lists would set off collections of the caller's whole heap,
     # whose time grows with the caller's objects, not the file's. At most
     # the youngest generation is collected once, as the collector comes
-    # back on (the objects made since: the state_dict, or nothing).
+    # back on (the objects made since: the state_dict, or nothing). Each
+    # read starts from a full collection: otherwise the caller's earlier
+    # objects may have left generation 1 one young collection short of its
+    # own threshold, and the young collection at the end would take it along
+    # (CI saw that once), which says nothing about the file.
     import gc
 
     nested = tmp_path / "nested.pth"
@@ -330,6 +334,7 @@ def test_reading_sets_off_no_garbage_collection_and_restores_the_collector(tmp_p
             collections_per_read[-1].append(info["generation"])
 
     def read(path):
+        gc.collect()
         reading[0] = True
         collections_per_read.append([])
         try:
