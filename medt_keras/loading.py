@@ -90,7 +90,7 @@ def _load_weights(path, architecture, config, dtype, hyperparameters):
     model = _build(spec, options, path)
     try:
         try:
-            model.load_weights(path)
+            _load_weights_quietly_if_refused(model, path)
         except ValueError:
             renames = _pre_rename_weight_paths(model)
             if not renames or not _holds_paths(path, renames):
@@ -220,6 +220,24 @@ def _pre_rename_weight_paths(model):
         if old != new:
             renames[f"layers/{old}"] = f"layers/{new}"
     return renames
+
+
+def _load_weights_quietly_if_refused(model, path):
+    """``model.load_weights(path)``; its warnings are shown only if it succeeds.
+
+    On a file that does not fit, Keras (3.15) warns once per nested
+    container of the functional graph that its layers "will retain their
+    freshly-initialized weights" before it raises. The caller then either
+    loads the file another way or raises a ``LoadError`` that says what is
+    wrong, so those warnings would only mislead.
+    """
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_weights(path)
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _holds_paths(path, renames):
