@@ -57,14 +57,17 @@ _BROADCAST_CHANNELS = 4
 _MAP_BROADCAST_CHANNELS = 1
 
 
-def enabled(shape=None):
+def enabled(shape=None, training=True):
     """Whether ``AxialAttention(attention="auto")`` uses this kernel for queries of ``shape``.
 
     Yes where JAX runs on the CPU and, given ``shape`` ``(batch, lines,
-    heads, L, c)``, the layer's maps fill at least one block. Smaller maps
-    gain little and pay for compiling the loops; from one block on the
-    kernel won even without blocking, as its broadcast products replace
-    batched matrix products of tiny matrices (timings in
+    heads, L, c)``, the layer's maps fill at least one block in training
+    (``training`` true) and more than one in inference. Smaller maps gain
+    little and pay for compiling the loops. In training the kernel won from
+    one block on, as its broadcast products and hand-written backward pass
+    replace batched matrix products of tiny matrices; in inference, where
+    the ``keras.ops`` form is one fused pass with no backward, a map of
+    exactly one block was faster without the loop (timings in
     docs/performance.md).
     """
     if jax.default_backend() != "cpu":
@@ -72,7 +75,8 @@ def enabled(shape=None):
     if shape is None:
         return True
     batch, lines, heads, length = shape[:4]
-    return batch * lines * heads * length * length >= BLOCK_ELEMENTS
+    elements = batch * lines * heads * length * length
+    return elements >= BLOCK_ELEMENTS if training else elements > BLOCK_ELEMENTS
 
 
 def blocked_attention(q, k, v, positional=None):

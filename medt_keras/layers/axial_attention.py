@@ -78,7 +78,8 @@ class AxialAttention(keras.layers.Layer):
 
             * ``"auto"`` (default): ``"blocked"`` where Keras runs on JAX,
               JAX on the CPU and the layer's attention maps fill at least
-              one block (``medt_keras.kernels.blocked_attention.enabled``),
+              one block in training, more than one in inference
+              (``medt_keras.kernels.blocked_attention.enabled``),
               ``"keras_ops"`` everywhere else (GPU, TPU, other backends);
             * ``"keras_ops"``: whole-tensor ``keras.ops``, on any backend
               and platform; XLA fuses it on GPU and TPU;
@@ -340,7 +341,7 @@ class AxialAttention(keras.layers.Layer):
         in ``keras.ops``, which the kernel's tests check it against, as the
         ``attention`` argument chooses.
         """
-        if _uses_blocked_kernel(self.attention, q.shape):
+        if _uses_blocked_kernel(self.attention, q.shape, training):
             from medt_keras.kernels import blocked_attention
 
             return blocked_attention.blocked_attention(q, k, v, positional)
@@ -428,7 +429,7 @@ class AxialAttention(keras.layers.Layer):
         return config
 
 
-def _uses_blocked_kernel(attention, shape):
+def _uses_blocked_kernel(attention, shape, training):
     """Whether ``attention`` (see ``AxialAttention``) means the JAX kernel for queries of ``shape``."""
     if attention == "keras_ops" or keras.backend.backend() != "jax":
         return False
@@ -436,4 +437,4 @@ def _uses_blocked_kernel(attention, shape):
         return True
     from medt_keras.kernels import blocked_attention
 
-    return blocked_attention.enabled(shape)
+    return blocked_attention.enabled(shape, training=bool(training))

@@ -147,6 +147,30 @@ def test_serialization_round_trip(attention):
     assert restored.get_config() == layer.get_config()
 
 
+def test_auto_takes_the_kernel_for_one_block_in_training_only(monkeypatch):
+    # Maps of exactly one block: the kernel in training, keras.ops in
+    # inference (where the kernel's loop lost at that size); the kernel
+    # for both once the maps fill more than one block.
+    import jax
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("attention='auto' uses the kernel on the CPU only")
+    calls = []
+    kernel = blocked_attention.blocked_attention
+    monkeypatch.setattr(blocked_attention, "blocked_attention", lambda *a: calls.append(1) or kernel(*a))
+    x = np.random.default_rng(3).normal(size=(2, 6, 6, 8))
+    layer = AxialAttention(8, num_heads=2, dtype="float64")
+    layer(x)
+    one_block = 2 * 6 * 2 * 6 * 6  # (batch, lines, heads, L, L) of the height attention
+    for block_elements, expected in ((one_block, {True: 1, False: 0}), (one_block - 1, {True: 1, False: 1})):
+        monkeypatch.setattr(blocked_attention, "BLOCK_ELEMENTS", block_elements)
+        for training in (True, False):
+            calls.clear()
+            y = layer(x, training=training)
+            assert np.isfinite(np.asarray(y)).all()
+            assert len(calls) == expected[training], (block_elements, training)
+
+
 def test_unknown_attention_is_a_clear_error():
     with pytest.raises(ValueError, match="attention must be one of"):
         AxialAttention(8, num_heads=2, attention="flash")
