@@ -76,10 +76,13 @@ class AxialAttention(keras.layers.Layer):
         attention: how the softmax attention is computed, the same
             function either way (equal in float64):
 
-            * ``"auto"`` (default): ``"blocked"`` where Keras runs on JAX,
-              JAX on the CPU and the layer's attention maps fill at least
+            * ``"auto"`` (default): where Keras runs on JAX and JAX on
+              the CPU, in float32 inference the native kernel
+              ``medt_keras.kernels.native_attention`` where it is built
+              for this CPU (x86-64 with AVX-512; see that module), else
+              ``"blocked"`` where the layer's attention maps fill at least
               one block in training, more than one in inference
-              (``medt_keras.kernels.blocked_attention.enabled``),
+              (``medt_keras.kernels.blocked_attention.enabled``);
               ``"keras_ops"`` everywhere else (GPU, TPU, other backends);
             * ``"keras_ops"``: whole-tensor ``keras.ops``, on any backend
               and platform; XLA fuses it on GPU and TPU;
@@ -335,12 +338,18 @@ class AxialAttention(keras.layers.Layer):
             y_i = sum_j softmax_j(s_ij) v_j
             y_position_i = sum_j softmax_j(s_ij) v_table_ij
 
-        Each output ``(n, b, G, L, d)``. ``medt_keras.kernels.blocked_attention``
-        (a block of lines at a time, so the maps stay in cache and are never
-        stored for the backward pass) or ``attention_ops.softmax_attention``
-        in ``keras.ops``, which the kernel's tests check it against, as the
+        Each output ``(n, b, G, L, d)``. ``medt_keras.kernels.native_attention``
+        (inference on the CPU, see ``attention="auto"``),
+        ``medt_keras.kernels.blocked_attention`` (a block of lines at a
+        time, so the maps stay in cache and are never stored for the
+        backward pass) or ``attention_ops.softmax_attention`` in
+        ``keras.ops``, which the kernels' tests check them against, as the
         ``attention`` argument chooses.
         """
+        if _uses_native_kernel(self.attention, q.shape, q.dtype, training):
+            from medt_keras.kernels import native_attention
+
+            return native_attention.attention(q, k, v, positional)
         if _uses_blocked_kernel(self.attention, q.shape, training):
             from medt_keras.kernels import blocked_attention
 
@@ -438,3 +447,12 @@ def _uses_blocked_kernel(attention, shape, training):
     from medt_keras.kernels import blocked_attention
 
     return blocked_attention.enabled(shape, training=bool(training))
+
+
+def _uses_native_kernel(attention, shape, dtype, training):
+    """Whether ``attention`` means the native inference kernel for queries of ``shape`` in ``dtype``."""
+    if attention != "auto" or training or keras.backend.backend() != "jax":
+        return False
+    from medt_keras.kernels import native_attention
+
+    return native_attention.usable(shape, dtype)

@@ -1,0 +1,244 @@
+"""Axial attention for inference in native code on x86-64 CPUs with AVX-512.
+
+``AxialAttention(attention="auto")`` calls ``attention`` in inference
+(``training=False``) where ``usable`` says yes: Keras on JAX, one CPU
+device, float32, a length that is a multiple of 16, and this module's C++
+kernel (``native_attention.cc``, an XLA FFI custom call) built and loaded.
+Everywhere else, and in training, the layer uses
+``medt_keras.kernels.blocked_attention`` or its ``keras.ops`` form as
+before; the tests check the three against each other.
+
+Why: in inference the blocked kernel runs in XLA as a chain of small
+operations, most of them on one thread, and MedT's largest layer took
+20 ms there against 11 ms for one pass per query in C with the rows split
+between the cores (``benchmarks/probes/native_attention.c``; numbers in
+docs/performance.md).
+
+The kernel is compiled on first use, once per machine, with the C++
+compiler on the path (``$CXX``, else ``g++`` or ``c++``) against the XLA
+FFI headers that jaxlib ships, and kept in
+``$MEDT_KERAS_CACHE_DIR/native`` (default ``~/.cache/medt_keras/native``),
+keyed by the source, jaxlib's version and the compiler. Without a compiler,
+AVX-512 or glibc's vector math library the layer falls back silently
+(``unavailable_reason`` says why); a compiler that fails on this source is
+reported once as a warning. ``MEDT_KERAS_NATIVE_ATTENTION=0`` turns the
+kernel off.
+
+Gradients through it (``jax.grad`` of a model called with
+``training=False``, e.g. saliency maps) are those of the blocked kernel,
+computed from the same inputs.
+"""
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+SWITCH = "MEDT_KERAS_NATIVE_ATTENTION"
+CACHE_ENVIRONMENT = "MEDT_KERAS_CACHE_DIR"
+
+SOURCE = Path(__file__).with_name("native_attention.cc")
+LANES = 16
+MAX_LENGTH = 512
+
+_FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC", "-std=c++17", "-w")
+_LIBRARIES = ("-lmvec",)
+_TARGETS = {
+    False: ("medt_native_attention_without_position", "MedtNativeAttentionWithoutPosition"),
+    True: ("medt_native_attention_positional", "MedtNativeAttentionPositional"),
+}
+
+
+def cache_dir():
+    """Where compiled kernels are kept: ``$MEDT_KERAS_CACHE_DIR/native`` or ``~/.cache/medt_keras/native``."""
+    root = os.environ.get(CACHE_ENVIRONMENT)
+    if root:
+        return Path(root) / "native"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "medt_keras" / "native"
+
+
+def _cpu_has_avx512():
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512f" in flags
+
+
+def _compiler():
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _compiler_version(compiler):
+    try:
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.splitlines()[0] if done.stdout else ""
+
+
+def _build(compiler):
+    """The path of the compiled library, building it if this machine has none yet."""
+    import jaxlib
+
+    include = jax.ffi.include_dir()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join(
+            [source, jaxlib.__version__.encode(), compiler.encode(), _compiler_version(compiler).encode()]
+            + [flag.encode() for flag in _FLAGS + _LIBRARIES]
+        )
+    ).hexdigest()[:20]
+    folder = cache_dir()
+    library = folder / f"native_attention-{key}.so"
+    if library.exists():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed into place: processes that
+    # build at once (test workers) each finish with a whole file.
+    handle, temporary = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(handle)
+    command = [compiler, *_FLAGS, "-I", include, str(SOURCE), "-o", temporary, *_LIBRARIES]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode != 0:
+            raise _BuildError(f"{' '.join(command)} failed:\n{done.stderr.strip()[-2000:]}")
+        os.replace(temporary, library)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return library
+
+
+class _BuildError(RuntimeError):
+    pass
+
+
+_turned_off = []
+
+
+@contextlib.contextmanager
+def turned_off():
+    """Within this block the layers do not use the kernel (``usable`` says no).
+
+    For XLA's cost analysis, which counts no operations in a custom call:
+    ``medt-bench`` counts a model's FLOPs with the kernel turned off.
+    """
+    _turned_off.append(True)
+    try:
+        yield
+    finally:
+        _turned_off.pop()
+
+
+def unavailable_reason():
+    """``None`` where the kernel is built and registered with XLA, else why not (a sentence).
+
+    Builds the kernel the first time it is called on a machine that can run
+    it (a few seconds); later processes load the cached library.
+    """
+    if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"turned off by {SWITCH}={os.environ[SWITCH]}"
+    if _turned_off:
+        return "turned off by native_attention.turned_off()"
+    return _built_reason()
+
+
+@functools.cache
+def _built_reason():
+    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"it is built for x86-64 Linux; this is {sys.platform} on {platform.machine()}"
+    if not _cpu_has_avx512():
+        return "this CPU has no AVX-512 (avx512f)"
+    compiler = _compiler()
+    if compiler is None:
+        return "no C++ compiler found ($CXX, g++ or c++)"
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+        for target, symbol in _TARGETS.values():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    except (_BuildError, OSError, subprocess.SubprocessError, AttributeError) as error:
+        warnings.warn(
+            f"medt-keras: the native attention kernel could not be built or loaded, so inference on the CPU "
+            f"uses the slower JAX kernel. {error}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return f"building or loading it failed: {error}"
+    return None
+
+
+def usable(shape, dtype):
+    """Whether ``attention`` can run queries of ``shape`` ``(batch, lines, heads, L, c)`` in ``dtype`` here."""
+    if jnp.dtype(dtype) != jnp.float32 or jax.default_backend() != "cpu" or len(jax.devices()) != 1:
+        return False
+    length = shape[3]
+    if length % LANES or length > MAX_LENGTH:
+        return False
+    return unavailable_reason() is None
+
+
+def attention(q, k, v, positional=None):
+    """``blocked_attention.blocked_attention``'s function, in native code; same arguments and outputs.
+
+    Float32 only; see ``usable``.
+    """
+    return _native_attention(q, k, v, positional)
+
+
+@jax.custom_vjp
+def _native_attention(q, k, v, positional):
+    rows = q.shape[0] * q.shape[1] * q.shape[2]
+    length, value_channels = q.shape[3], v.shape[4]
+
+    def per_row(x):  # (n, b, G, L, c) -> (rows, L, c)
+        return jnp.reshape(x, (rows, length, x.shape[-1]))
+
+    def per_row_channels_first(x):  # (n, b, G, L, c) -> (rows, c, L)
+        return jnp.swapaxes(per_row(x), 1, 2)
+
+    out_shape = jax.ShapeDtypeStruct((rows, length, value_channels), jnp.float32)
+    args = [per_row(q), per_row_channels_first(k), per_row_channels_first(v)]
+    if positional is not None:
+        p, r, q_table, k_table, v_table = positional
+        args += [
+            per_row(p),
+            per_row_channels_first(r),
+            jnp.transpose(q_table, (0, 2, 1)),  # [i, j, c] -> [i, c, j]
+            jnp.transpose(k_table, (1, 2, 0)),  # [j, i, c] -> [i, c, j]
+            jnp.transpose(v_table, (0, 2, 1)),
+        ]
+    target = _TARGETS[positional is not None][0]
+    outputs = jax.ffi.ffi_call(target, (out_shape,) * (1 + (positional is not None)), vmap_method="sequential")(
+        *args
+    )
+    return tuple(jnp.reshape(y, v.shape) for y in outputs)
+
+
+def _native_forward(q, k, v, positional):
+    return _native_attention(q, k, v, positional), (q, k, v, positional)
+
+
+def _native_backward(inputs, cotangents):
+    from medt_keras.kernels import blocked_attention
+
+    _, pullback = jax.vjp(blocked_attention.blocked_attention, *inputs)
+    return pullback(cotangents)
+
+
+_native_attention.defvjp(_native_forward, _native_backward)

@@ -1,0 +1,214 @@
+"""The native inference kernel against the blocked JAX kernel and a float64 reference."""
+
+import os
+import stat
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medt_keras.kernels import blocked_attention, native_attention
+from medt_keras.layers import AxialAttention
+from medt_keras.layers._attention_ops import softmax_attention
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    reason = native_attention.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the native kernel is not available here: {reason}")
+    return native_attention.attention
+
+
+def _inputs(rng, batch, lines, heads, length, channels, value_channels, positional):
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+    per_line = (batch, lines, heads, length)
+    q, k, v = normal(*per_line, channels), normal(*per_line, channels), normal(*per_line, value_channels)
+    extra = None
+    if positional:
+        extra = (
+            normal(*per_line, channels),
+            normal(*per_line, channels),
+            normal(length, length, channels),
+            normal(length, length, channels),
+            normal(length, length, value_channels),
+        )
+    return q, k, v, extra
+
+
+def _float64_reference(inputs):
+    # keras.ops' whole-tensor form, evaluated in float64 with NumPy.
+    def to64(x):
+        return None if x is None else np.asarray(x, np.float64)
+
+    q, k, v, positional = inputs
+    q, k, v = to64(q), to64(k), to64(v)
+    logits = np.einsum("nblic,nbljc->nblij", q, k)
+    if positional is not None:
+        p, r, q_table, k_table, v_table = (to64(t) for t in positional)
+        logits = logits + np.einsum("nblic,ijc->nblij", p, q_table) + np.einsum("nbljc,jic->nblij", r, k_table)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    outputs = [np.einsum("nblij,nbljd->nblid", weights, v)]
+    if positional is not None:
+        outputs.append(np.einsum("nblij,ijd->nblid", weights, v_table))
+    return outputs
+
+
+# (batch, lines, heads, L, c, cv): MedT's global 64-pixel layer shape in
+# small, the local branch's 16, odd channel counts, one line, lengths up to
+# the largest the kernel takes.
+SHAPES = [
+    (2, 3, 2, 16, 2, 4),
+    (1, 5, 1, 32, 1, 3),
+    (2, 4, 8, 64, 2, 4),
+    (1, 2, 3, 48, 5, 7),
+    (1, 1, 1, 512, 2, 2),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("positional", [False, True])
+def test_matches_float64_reference_and_blocked_kernel(kernel, shape, positional):
+    inputs = _inputs(np.random.default_rng(sum(shape)), *shape, positional)
+    actual = jax.jit(kernel)(*inputs)
+    blocked = jax.jit(blocked_attention.blocked_attention)(*inputs)
+    reference = _float64_reference(inputs)
+    assert len(actual) == len(reference) == len(blocked) == 1 + positional
+    for a, b, r in zip(actual, blocked, reference):
+        assert a.shape == r.shape and a.dtype == jnp.float32
+        assert np.isfinite(np.asarray(a)).all()
+        np.testing.assert_allclose(np.asarray(a), r, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+
+
+def test_matches_keras_ops_form(kernel):
+    inputs = _inputs(np.random.default_rng(1), 2, 3, 2, 32, 2, 4, True)
+    for a, e in zip(kernel(*inputs), softmax_attention(*inputs, broadcast=False)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=2e-5, atol=2e-5)
+
+
+def test_large_logits_do_not_overflow(kernel):
+    # Logits in the hundreds: the row maximum is subtracted before exp.
+    q, k, v, positional = _inputs(np.random.default_rng(2), 1, 2, 2, 16, 2, 3, True)
+    inputs = (q * 30, k * 30, v, positional)
+    actual = kernel(*inputs)
+    for a, r in zip(actual, _float64_reference(inputs)):
+        assert np.isfinite(np.asarray(a)).all()
+        np.testing.assert_allclose(np.asarray(a), r, rtol=1e-4, atol=1e-4)
+
+
+def test_nan_query_gives_nan_for_that_query_only(kernel):
+    q, k, v, positional = _inputs(np.random.default_rng(3), 1, 2, 1, 16, 2, 3, True)
+    q = q.at[0, 1, 0, 5, 0].set(jnp.nan)
+    for y in kernel(q, k, v, positional):
+        y = np.asarray(y)
+        assert np.isnan(y[0, 1, 0, 5]).all()
+        finite = np.ones(y.shape[:4], bool)
+        finite[0, 1, 0, 5] = False
+        assert np.isfinite(y[finite]).all()
+
+
+def test_gradients_are_the_blocked_kernels(kernel):
+    inputs = _inputs(np.random.default_rng(4), 1, 3, 2, 16, 2, 3, True)
+    weights = [jnp.asarray(np.random.default_rng(5).normal(size=(1, 3, 2, 16, 3)), jnp.float32)] * 2
+
+    def loss(attention):
+        return lambda *a: sum(jnp.sum(jnp.sin(y) * w) for y, w in zip(attention(*a), weights))
+
+    grads = jax.grad(loss(kernel), argnums=(0, 1, 2, 3))(*inputs)
+    expected = jax.grad(loss(blocked_attention.blocked_attention), argnums=(0, 1, 2, 3))(*inputs)
+    leaves, expected_leaves = jax.tree.leaves(grads), jax.tree.leaves(expected)
+    assert len(leaves) == len(expected_leaves) == 8
+    for g, e in zip(leaves, expected_leaves):
+        assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-5)
+
+
+def test_usable_only_for_float32_and_lengths_of_whole_vectors(kernel):
+    assert native_attention.usable((1, 2, 2, 64, 2), "float32")
+    assert not native_attention.usable((1, 2, 2, 64, 2), "float64")
+    assert not native_attention.usable((1, 2, 2, 24, 2), "float32")
+    assert not native_attention.usable((1, 2, 2, 1024, 2), "float32")
+
+
+def test_layer_uses_it_in_float32_inference_only(kernel, monkeypatch):
+    calls = []
+    original = native_attention.attention
+    monkeypatch.setattr(native_attention, "attention", lambda *a: calls.append(1) or original(*a))
+    x = np.random.default_rng(6).normal(size=(2, 16, 16, 8)).astype("float32")
+    layer = AxialAttention(8, num_heads=2, gated=True)
+    twin = AxialAttention(8, num_heads=2, gated=True, attention="blocked")
+    layer.build(x.shape)
+    twin.build(x.shape)
+    for target, source in zip(twin.variables, layer.variables):
+        target.assign(source.value)
+    y = np.asarray(layer(x, training=False))
+    assert calls == [1]
+    np.testing.assert_allclose(y, np.asarray(twin(x, training=False)), rtol=1e-4, atol=1e-5)
+    layer(x, training=True)
+    assert calls == [1]
+    AxialAttention(8, num_heads=2, attention="blocked")(x, training=False)
+    assert calls == [1]
+
+
+def test_switch_turns_it_off(kernel, monkeypatch):
+    monkeypatch.setenv(native_attention.SWITCH, "0")
+    try:
+        assert "turned off" in native_attention.unavailable_reason()
+        assert not native_attention.usable((1, 2, 2, 64, 2), "float32")
+    finally:
+        monkeypatch.delenv(native_attention.SWITCH)
+    assert native_attention.unavailable_reason() is None
+    with native_attention.turned_off():
+        assert "turned off" in native_attention.unavailable_reason()
+    assert native_attention.usable((1, 2, 2, 64, 2), "float32")
+
+
+def _fake_compiler(tmp_path, body):
+    path = tmp_path / "fake-c++"
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_a_failing_compiler_is_a_clear_error_and_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setenv(native_attention.CACHE_ENVIRONMENT, str(tmp_path / "cache"))
+    compiler = _fake_compiler(tmp_path, 'echo "native_attention.cc:1: error: no such header" >&2; exit 1')
+    with pytest.raises(native_attention._BuildError, match="no such header"):
+        native_attention._build(compiler)
+    assert os.listdir(tmp_path / "cache" / "native") == []
+
+
+def test_a_built_library_is_reused_without_compiling(tmp_path, monkeypatch):
+    monkeypatch.setenv(native_attention.CACHE_ENVIRONMENT, str(tmp_path / "cache"))
+    marker = tmp_path / "compiled"
+    # A "compiler" that writes its output file (the argument after -o) and counts its calls.
+    compiler = _fake_compiler(
+        tmp_path,
+        'case "$1" in --version) echo fake 1.0; exit 0;; esac\n'
+        'while [ $# -gt 0 ]; do if [ "$1" = -o ]; then out=$2; fi; shift; done\n'
+        f'echo built > "$out"; echo x >> "{marker}"',
+    )
+    first = native_attention._build(compiler)
+    second = native_attention._build(compiler)
+    assert first == second and first.read_text() == "built\n"
+    assert marker.read_text().count("x") == 1
+    assert [p.name for p in first.parent.iterdir()] == [first.name]
+
+
+def test_unavailable_without_a_compiler_falls_back_with_a_reason(kernel, monkeypatch):
+    monkeypatch.setattr(native_attention, "_compiler", lambda: None)
+    native_attention._built_reason.cache_clear()
+    try:
+        assert "no C++ compiler" in native_attention.unavailable_reason()
+        x = np.random.default_rng(7).normal(size=(1, 16, 16, 8)).astype("float32")
+        y = AxialAttention(8, num_heads=2)(x, training=False)
+        assert np.isfinite(np.asarray(y)).all()
+    finally:
+        monkeypatch.undo()
+        native_attention._built_reason.cache_clear()
+        native_attention.unavailable_reason()
