@@ -1,4 +1,5 @@
-// Axial softmax attention for inference on x86-64 CPUs with AVX-512, as XLA FFI handlers.
+// Axial softmax attention on x86-64 CPUs with AVX-512, forward and backward, as XLA FFI
+// handlers.
 //
 // The math is that of medt_keras/kernels/blocked_attention.py, per line (a "row" here) of
 // L positions, with C query/key channels and V value channels per head:
@@ -17,21 +18,37 @@
 //   q, p: (rows, L, C)        k, r: (rows, C, L)        v: (rows, V, L)
 //   q_table, k_table: (L, C, L), indexed [i][c][j] (k_table already transposed to
 //   [query, key])             v_table: (L, V, L), [i][d][j]
-//   y, y_position: (rows, L, V)
+//   y, y_position: (rows, L, V)          log_sum_exp: (rows, L)
+// and each gradient in the layout of its input.
+//
+// The forward pass also returns each query's log-sum-exp of logits; the backward pass
+// recomputes the weights a_ij = exp(s_ij - log_sum_exp_i) from it, as flash attention does
+// (no (L, L) map is stored between the passes), and computes, per query:
+//
+//   dW_ij = dy_i . v_j + dy_position_i . v_table[i, j]
+//   dS_ij = a_ij (dW_ij - sum_j' a_ij' dW_ij')
+//   dq_i = sum_j dS_ij k_j,  dk_j += dS_ij q_i,  dv_j += a_ij dy_i,
+//   dp_i = sum_j dS_ij q_table[i, j],  dr_j += dS_ij k_table[j, i],
+//   dq_table[i, j] += dS_ij p_i,  dk_table[j, i] += dS_ij r_j,  dv_table[i, j] += a_ij dy_position_i
+//
+// the tables' sums running over all rows: each chunk of rows adds into its own copy, and
+// the copies are added at the end, so the result does not depend on which thread ran what.
 //
 // The exponential is glibc's libmvec vector expf, 16 lanes at a time: it keeps NaN and
 // infinity (-ffast-math would let the compiler assume neither exists), so a NaN input
-// gives a NaN row, as in the XLA kernels. L must be a multiple of 16 and at most
-// kMaxLength; the Python side checks before calling.
+// gives a NaN row, as in the XLA kernels. L is at most kMaxLength; the Python side checks
+// before calling.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -44,23 +61,66 @@ namespace {
 constexpr int64_t kMaxLength = 512;
 constexpr int kLanes = 16;
 
-struct Sizes {
-  int64_t rows, length, channels, value_channels;
+// The inputs in the kernel's layouts; the positional ones are null without positional terms.
+struct Inputs {
+  int64_t rows = 0, length = 0, channels = 0, value_channels = 0;
+  const float *q = nullptr, *k = nullptr, *v = nullptr;
+  const float *p = nullptr, *r = nullptr, *q_table = nullptr, *k_table = nullptr, *v_table = nullptr;
+  bool positional() const { return p != nullptr; }
 };
 
-// One query's logits are in s (length floats); replaces them by exp(s - max) and returns
-// 1 / sum.
-inline float exponentiate(float* s, int64_t length) {
-  __m512 top = _mm512_loadu_ps(s);
-  for (int64_t j = kLanes; j < length; j += kLanes) top = _mm512_max_ps(top, _mm512_loadu_ps(s + j));
-  const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+inline float sum_of(__m512 x) { return _mm512_reduce_add_ps(x); }
+
+// The lanes of positions j .. j + 15 that lie inside a line of `length`: lines whose length
+// is not a multiple of 16 end in a partial vector, read and written under this mask (the
+// logits of the missing positions are -inf, so their weights are 0).
+inline __mmask16 lanes(int64_t j, int64_t length) {
+  const int64_t left = length - j;
+  return left >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+}
+inline __m512 load(const float* x, __mmask16 m) { return _mm512_maskz_loadu_ps(m, x); }
+inline void store(float* x, __mmask16 m, __m512 value) { _mm512_mask_storeu_ps(x, m, value); }
+
+// s[j] = s_ij, the logits of query i of a row.
+inline void logits(const Inputs& in, int64_t row, int64_t i, float* s) {
+  const int64_t L = in.length, C = in.channels;
+  const float* qi = in.q + (row * L + i) * C;
+  const float* kr = in.k + row * C * L;
+  for (int64_t j = 0; j < L; j += kLanes) {
+    const __mmask16 m = lanes(j, L);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C; ++c)
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(qi[c]), load(kr + c * L + j, m), acc);
+    if (in.positional()) {
+      const float* pi = in.p + (row * L + i) * C;
+      const float* rr = in.r + row * C * L;
+      const float* qt = in.q_table + i * C * L;
+      const float* kt = in.k_table + i * C * L;
+      for (int64_t c = 0; c < C; ++c) {
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(pi[c]), load(qt + c * L + j, m), acc);
+        acc = _mm512_fmadd_ps(load(rr + c * L + j, m), load(kt + c * L + j, m), acc);
+      }
+    }
+    _mm512_store_ps(s + j, _mm512_mask_blend_ps(m, _mm512_set1_ps(-INFINITY), acc));
+  }
+}
+
+// Replaces the logits in s by exp(s - max); returns {max, sum of the exponentials}.
+struct Shifted {
+  float shift, sum;
+};
+inline Shifted exponentiate(float* s, int64_t length) {
+  __m512 top = _mm512_load_ps(s);
+  for (int64_t j = kLanes; j < length; j += kLanes) top = _mm512_max_ps(top, _mm512_load_ps(s + j));
+  const float shift = _mm512_reduce_max_ps(top);
+  const __m512 shift_lanes = _mm512_set1_ps(shift);
   __m512 total = _mm512_setzero_ps();
   for (int64_t j = 0; j < length; j += kLanes) {
-    const __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift));
-    _mm512_storeu_ps(s + j, e);
+    const __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_load_ps(s + j), shift_lanes));
+    _mm512_store_ps(s + j, e);
     total = _mm512_add_ps(total, e);
   }
-  return 1.f / _mm512_reduce_add_ps(total);
+  return {shift, sum_of(total)};
 }
 
 // out[d] = scale * sum_j e[j] x[d * length + j] for d < count.
@@ -68,153 +128,318 @@ inline void weighted_sums(const float* e, const float* x, int64_t length, int64_
                           float* out) {
   for (int64_t d = 0; d < count; ++d) {
     const float* xd = x + d * length;
-    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(e), _mm512_loadu_ps(xd));
+    __m512 acc = _mm512_mul_ps(_mm512_load_ps(e), load(xd, lanes(0, length)));
     for (int64_t j = kLanes; j < length; j += kLanes)
-      acc = _mm512_fmadd_ps(_mm512_loadu_ps(e + j), _mm512_loadu_ps(xd + j), acc);
-    out[d] = _mm512_reduce_add_ps(acc) * scale;
+      acc = _mm512_fmadd_ps(_mm512_load_ps(e + j), load(xd + j, lanes(j, length)), acc);
+    out[d] = sum_of(acc) * scale;
   }
 }
 
-struct Positional {
-  const float *p, *r, *q_table, *k_table, *v_table;
-  float* y_position;
-};
-
-void attend_rows(const Sizes& n, int64_t first, int64_t last, const float* q, const float* k,
-                 const float* v, float* y, const Positional* positional) {
-  const int64_t L = n.length, C = n.channels, V = n.value_channels;
-  alignas(64) float s[kMaxLength];
-  for (int64_t row = first; row < last; ++row) {
-    const float* qr = q + row * L * C;
-    const float* kr = k + row * C * L;
-    const float* vr = v + row * V * L;
-    float* yr = y + row * L * V;
-    for (int64_t i = 0; i < L; ++i) {
-      const float* qi = qr + i * C;
-      for (int64_t j = 0; j < L; j += kLanes) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t c = 0; c < C; ++c)
-          acc = _mm512_fmadd_ps(_mm512_set1_ps(qi[c]), _mm512_loadu_ps(kr + c * L + j), acc);
-        if (positional != nullptr) {
-          const float* pi = positional->p + (row * L + i) * C;
-          const float* rr = positional->r + row * C * L;
-          const float* qt = positional->q_table + i * C * L;
-          const float* kt = positional->k_table + i * C * L;
-          for (int64_t c = 0; c < C; ++c) {
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(pi[c]), _mm512_loadu_ps(qt + c * L + j), acc);
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(rr + c * L + j), _mm512_loadu_ps(kt + c * L + j), acc);
-          }
-        }
-        _mm512_store_ps(s + j, acc);
-      }
-      const float inverse = exponentiate(s, L);
-      weighted_sums(s, vr, L, V, inverse, yr + i * V);
-      if (positional != nullptr)
-        weighted_sums(s, positional->v_table + i * V * L, L, V, inverse,
-                      positional->y_position + (row * L + i) * V);
+// x[d * length + j] += e[j] * scale[d] for d < count.
+inline void add_scaled(const float* e, const float* scale, int64_t length, int64_t count, float* x) {
+  for (int64_t d = 0; d < count; ++d) {
+    const __m512 sd = _mm512_set1_ps(scale[d]);
+    float* xd = x + d * length;
+    for (int64_t j = 0; j < length; j += kLanes) {
+      const __mmask16 m = lanes(j, length);
+      store(xd + j, m, _mm512_fmadd_ps(_mm512_load_ps(e + j), sd, load(xd + j, m)));
     }
   }
 }
 
-// Runs work(first, last) over [0, rows) in chunks, on the calling thread and on XLA's
-// intra-op pool. The caller takes chunks too, so the call finishes even when every pool
-// thread is busy (a task that starts after the last chunk is taken returns at once); the
-// state the tasks touch is shared-owned, so it outlives a task that starts late.
-void parallel_rows(ffi::ThreadPool& pool, int64_t rows, const std::function<void(int64_t, int64_t)>& work) {
+struct Outputs {
+  float *y = nullptr, *y_position = nullptr, *log_sum_exp = nullptr;
+};
+
+void forward_rows(const Inputs& in, const Outputs& out, int64_t first, int64_t last) {
+  const int64_t L = in.length, V = in.value_channels;
+  alignas(64) float s[kMaxLength];
+  for (int64_t row = first; row < last; ++row) {
+    for (int64_t i = 0; i < L; ++i) {
+      logits(in, row, i, s);
+      const Shifted shifted = exponentiate(s, L);
+      const float inverse = 1.f / shifted.sum;
+      weighted_sums(s, in.v + row * V * L, L, V, inverse, out.y + (row * L + i) * V);
+      if (in.positional())
+        weighted_sums(s, in.v_table + i * V * L, L, V, inverse, out.y_position + (row * L + i) * V);
+      out.log_sum_exp[row * L + i] = shifted.shift + std::log(shifted.sum);
+    }
+  }
+}
+
+struct Gradients {
+  // Per row, in the layouts of q, k, v, p, r.
+  float *dq = nullptr, *dk = nullptr, *dv = nullptr, *dp = nullptr, *dr = nullptr;
+};
+
+// tables: this chunk's sums of the table gradients, (L, C, L) + (L, C, L) + (L, V, L) for
+// q_table, k_table, v_table, starting at zero.
+void backward_rows(const Inputs& in, const float* log_sum_exp, const float* dy, const float* dy_position,
+                   const Gradients& g, float* tables, int64_t first, int64_t last) {
+  const int64_t L = in.length, C = in.channels, V = in.value_channels;
+  float* d_q_table = tables;
+  float* d_k_table = tables + L * C * L;
+  float* d_v_table = tables + 2 * L * C * L;
+  alignas(64) float a[kMaxLength];
+  alignas(64) float ds[kMaxLength];
+  for (int64_t row = first; row < last; ++row) {
+    const float* kr = in.k + row * C * L;
+    const float* vr = in.v + row * V * L;
+    float* dk = g.dk + row * C * L;
+    float* dv = g.dv + row * V * L;
+    float* dr = in.positional() ? g.dr + row * C * L : nullptr;
+    std::fill(dk, dk + C * L, 0.f);
+    std::fill(dv, dv + V * L, 0.f);
+    if (dr != nullptr) std::fill(dr, dr + C * L, 0.f);
+    for (int64_t i = 0; i < L; ++i) {
+      const float* dyi = dy + (row * L + i) * V;
+      const float* dypi = in.positional() ? dy_position + (row * L + i) * V : nullptr;
+      logits(in, row, i, a);
+      const __m512 lse = _mm512_set1_ps(log_sum_exp[row * L + i]);
+      __m512 dot = _mm512_setzero_ps();
+      for (int64_t j = 0; j < L; j += kLanes) {
+        const __mmask16 m = lanes(j, L);
+        const __m512 weight = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_load_ps(a + j), lse));
+        _mm512_store_ps(a + j, weight);
+        __m512 dw = _mm512_setzero_ps();
+        for (int64_t d = 0; d < V; ++d)
+          dw = _mm512_fmadd_ps(_mm512_set1_ps(dyi[d]), load(vr + d * L + j, m), dw);
+        if (dypi != nullptr) {
+          const float* vt = in.v_table + i * V * L;
+          for (int64_t d = 0; d < V; ++d)
+            dw = _mm512_fmadd_ps(_mm512_set1_ps(dypi[d]), load(vt + d * L + j, m), dw);
+        }
+        _mm512_store_ps(ds + j, dw);
+        dot = _mm512_fmadd_ps(weight, dw, dot);
+      }
+      const __m512 row_dot = _mm512_set1_ps(sum_of(dot));
+      for (int64_t j = 0; j < L; j += kLanes)
+        _mm512_store_ps(ds + j, _mm512_mul_ps(_mm512_load_ps(a + j), _mm512_sub_ps(_mm512_load_ps(ds + j), row_dot)));
+      weighted_sums(ds, kr, L, C, 1.f, g.dq + (row * L + i) * C);
+      add_scaled(ds, in.q + (row * L + i) * C, L, C, dk);
+      add_scaled(a, dyi, L, V, dv);
+      if (in.positional()) {
+        const float* pi = in.p + (row * L + i) * C;
+        weighted_sums(ds, in.q_table + i * C * L, L, C, 1.f, g.dp + (row * L + i) * C);
+        // dr_cj += ds_j k_table[i][c][j]; dk_table[i][c][j] += ds_j r_cj
+        const float* kt = in.k_table + i * C * L;
+        const float* rr = in.r + row * C * L;
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t j = 0; j < L; j += kLanes) {
+            const __mmask16 m = lanes(j, L);
+            const __m512 dsj = _mm512_load_ps(ds + j);
+            float* drc = dr + c * L + j;
+            float* dkt = d_k_table + (i * C + c) * L + j;
+            store(drc, m, _mm512_fmadd_ps(dsj, load(kt + c * L + j, m), load(drc, m)));
+            store(dkt, m, _mm512_fmadd_ps(dsj, load(rr + c * L + j, m), load(dkt, m)));
+          }
+        add_scaled(ds, pi, L, C, d_q_table + i * C * L);
+        add_scaled(a, dypi, L, V, d_v_table + i * V * L);
+      }
+    }
+  }
+}
+
+// Runs work(chunk, first, last) over [0, rows) in `chunks` chunks, on the calling thread
+// and on XLA's intra-op pool. The caller takes chunks too, so the call finishes even when
+// every pool thread is busy (a task that starts after the last chunk is taken returns at
+// once); the state the tasks touch is shared-owned, so it outlives a task that starts late.
+using Work = std::function<void(int64_t, int64_t, int64_t)>;
+
+int64_t chunk_count(ffi::ThreadPool& pool, int64_t rows) {
+  // Four chunks per thread: rows cost the same, but threads may start late.
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  return std::max<int64_t>(1, std::min<int64_t>(rows, threads * 4));
+}
+
+void parallel_rows(ffi::ThreadPool& pool, int64_t rows, int64_t chunks, const Work& work) {
   struct State {
     std::atomic<int64_t> next{0}, done{0};
-    int64_t chunks = 0, rows = 0, per_chunk = 0;
-    const std::function<void(int64_t, int64_t)>* work = nullptr;
+    int64_t chunks = 0, rows = 0;
+    const Work* work = nullptr;
     void run() {
       for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
-        const int64_t first = c * per_chunk;
-        (*work)(first, std::min(rows, first + per_chunk));
+        (*work)(c, rows * c / chunks, rows * (c + 1) / chunks);
         done.fetch_add(1, std::memory_order_release);
       }
     }
   };
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   auto state = std::make_shared<State>();
   state->rows = rows;
-  state->chunks = std::min<int64_t>(rows, threads * 4);
-  state->per_chunk = (rows + state->chunks - 1) / state->chunks;
-  state->chunks = (rows + state->per_chunk - 1) / state->per_chunk;
+  state->chunks = chunks;
   state->work = &work;
-  for (int64_t t = 1; t < std::min(threads, state->chunks); ++t) pool.Schedule([state] { state->run(); });
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([state] { state->run(); });
   state->run();
   while (state->done.load(std::memory_order_acquire) < state->chunks) std::this_thread::yield();
 }
 
-ffi::Error check(bool ok, const std::string& message) {
-  return ok ? ffi::Error::Success() : ffi::Error::InvalidArgument("medt native attention: " + message);
+using Buffer = ffi::Buffer<ffi::F32>;
+using Result = ffi::ResultBuffer<ffi::F32>;
+
+ffi::Error invalid(const std::string& message) {
+  return ffi::Error::InvalidArgument("medt native attention: " + message);
 }
 
-ffi::Error sizes_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v, Sizes* n) {
-  auto dq = q.dimensions(), dk = k.dimensions(), dv = v.dimensions();
-  if (dq.size() != 3 || dk.size() != 3 || dv.size() != 3) return check(false, "q, k and v must be 3-d");
-  *n = Sizes{dq[0], dq[1], dq[2], dv[1]};
-  if (ffi::Error e = check(n->length % kLanes == 0 && n->length <= kMaxLength,
-                           "the length must be a multiple of 16, at most 512");
-      e.failure())
-    return e;
-  return check(dk[0] == n->rows && dk[1] == n->channels && dk[2] == n->length && dv[0] == n->rows &&
-                   dv[2] == n->length,
-               "q (rows, L, C), k (rows, C, L) and v (rows, V, L) do not agree");
-}
-
-ffi::Error WithoutPositionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                               ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> y) {
-  Sizes n;
-  if (ffi::Error e = sizes_of(q, k, v, &n); e.failure()) return e;
-  const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data();
-  float* yd = y->typed_data();
-  parallel_rows(pool, n.rows, [&](int64_t first, int64_t last) { attend_rows(n, first, last, qd, kd, vd, yd, nullptr); });
+// Reads the sizes from q (rows, L, C) and v (rows, V, L) and checks every other input.
+ffi::Error read_inputs(Buffer& q, Buffer& k, Buffer& v, Inputs* in) {
+  auto dq = q.dimensions(), dv = v.dimensions();
+  if (dq.size() != 3 || dv.size() != 3) return invalid("q and v must be 3-d");
+  in->rows = dq[0], in->length = dq[1], in->channels = dq[2], in->value_channels = dv[1];
+  const int64_t L = in->length, C = in->channels, V = in->value_channels;
+  if (L < 1 || L > kMaxLength) return invalid("the length must be 1 to 512");
+  if (k.element_count() != in->rows * C * L || dv[0] != in->rows || dv[2] != L)
+    return invalid("q (rows, L, C), k (rows, C, L) and v (rows, V, L) do not agree");
+  in->q = q.typed_data(), in->k = k.typed_data(), in->v = v.typed_data();
   return ffi::Error::Success();
 }
 
-ffi::Error PositionalImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> r,
-                          ffi::Buffer<ffi::F32> q_table, ffi::Buffer<ffi::F32> k_table,
-                          ffi::Buffer<ffi::F32> v_table, ffi::ResultBuffer<ffi::F32> y,
-                          ffi::ResultBuffer<ffi::F32> y_position) {
-  Sizes n;
-  if (ffi::Error e = sizes_of(q, k, v, &n); e.failure()) return e;
-  const int64_t L = n.length, C = n.channels, V = n.value_channels;
-  if (ffi::Error e = check(p.element_count() == n.rows * L * C && r.element_count() == n.rows * C * L &&
-                               q_table.element_count() == L * C * L && k_table.element_count() == L * C * L &&
-                               v_table.element_count() == L * V * L,
-                           "the positional inputs do not agree with q, k and v");
-      e.failure())
-    return e;
-  const Positional positional{p.typed_data(),       r.typed_data(),       q_table.typed_data(),
-                              k_table.typed_data(), v_table.typed_data(), y_position->typed_data()};
-  const float *qd = q.typed_data(), *kd = k.typed_data(), *vd = v.typed_data();
-  float* yd = y->typed_data();
-  parallel_rows(pool, n.rows,
-                [&](int64_t first, int64_t last) { attend_rows(n, first, last, qd, kd, vd, yd, &positional); });
+ffi::Error read_positional(Buffer& p, Buffer& r, Buffer& q_table, Buffer& k_table, Buffer& v_table, Inputs* in) {
+  const int64_t L = in->length, C = in->channels, V = in->value_channels;
+  if (p.element_count() != in->rows * L * C || r.element_count() != in->rows * C * L ||
+      q_table.element_count() != L * C * L || k_table.element_count() != L * C * L ||
+      v_table.element_count() != L * V * L)
+    return invalid("the positional inputs do not agree with q, k and v");
+  in->p = p.typed_data(), in->r = r.typed_data();
+  in->q_table = q_table.typed_data(), in->k_table = k_table.typed_data(), in->v_table = v_table.typed_data();
   return ffi::Error::Success();
+}
+
+ffi::Error forward(ffi::ThreadPool& pool, const Inputs& in, const Outputs& out) {
+  parallel_rows(pool, in.rows, chunk_count(pool, in.rows),
+                [&](int64_t, int64_t first, int64_t last) { forward_rows(in, out, first, last); });
+  return ffi::Error::Success();
+}
+
+ffi::Error backward(ffi::ThreadPool& pool, const Inputs& in, const float* log_sum_exp, const float* dy,
+                    const float* dy_position, const Gradients& g, float* d_q_table, float* d_k_table,
+                    float* d_v_table) {
+  const int64_t L = in.length, C = in.channels, V = in.value_channels;
+  const int64_t chunks = chunk_count(pool, in.rows);
+  const int64_t table_size = in.positional() ? 2 * L * C * L + L * V * L : 0;
+  std::vector<float> tables(static_cast<size_t>(chunks * table_size), 0.f);
+  parallel_rows(pool, in.rows, chunks, [&](int64_t chunk, int64_t first, int64_t last) {
+    backward_rows(in, log_sum_exp, dy, dy_position, g, tables.data() + chunk * table_size, first, last);
+  });
+  if (!in.positional()) return ffi::Error::Success();
+  float* targets[3] = {d_q_table, d_k_table, d_v_table};
+  const int64_t offsets[4] = {0, L * C * L, 2 * L * C * L, table_size};
+  for (int t = 0; t < 3; ++t) {
+    std::fill(targets[t], targets[t] + (offsets[t + 1] - offsets[t]), 0.f);
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const float* source = tables.data() + chunk * table_size + offsets[t];
+      for (int64_t e = 0; e < offsets[t + 1] - offsets[t]; ++e) targets[t][e] += source[e];
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardWithoutPosition(ffi::ThreadPool pool, Buffer q, Buffer k, Buffer v, Result y,
+                                  Result log_sum_exp) {
+  Inputs in;
+  if (ffi::Error e = read_inputs(q, k, v, &in); e.failure()) return e;
+  Outputs out;
+  out.y = y->typed_data(), out.log_sum_exp = log_sum_exp->typed_data();
+  return forward(pool, in, out);
+}
+
+ffi::Error ForwardPositional(ffi::ThreadPool pool, Buffer q, Buffer k, Buffer v, Buffer p, Buffer r,
+                             Buffer q_table, Buffer k_table, Buffer v_table, Result y, Result y_position,
+                             Result log_sum_exp) {
+  Inputs in;
+  if (ffi::Error e = read_inputs(q, k, v, &in); e.failure()) return e;
+  if (ffi::Error e = read_positional(p, r, q_table, k_table, v_table, &in); e.failure()) return e;
+  Outputs out;
+  out.y = y->typed_data(), out.y_position = y_position->typed_data();
+  out.log_sum_exp = log_sum_exp->typed_data();
+  return forward(pool, in, out);
+}
+
+ffi::Error BackwardWithoutPosition(ffi::ThreadPool pool, Buffer q, Buffer k, Buffer v, Buffer log_sum_exp,
+                                   Buffer dy, Result dq, Result dk, Result dv) {
+  Inputs in;
+  if (ffi::Error e = read_inputs(q, k, v, &in); e.failure()) return e;
+  if (log_sum_exp.element_count() != in.rows * in.length || dy.element_count() != v.element_count())
+    return invalid("log_sum_exp or dy does not agree with q and v");
+  Gradients g;
+  g.dq = dq->typed_data(), g.dk = dk->typed_data(), g.dv = dv->typed_data();
+  return backward(pool, in, log_sum_exp.typed_data(), dy.typed_data(), nullptr, g, nullptr, nullptr, nullptr);
+}
+
+ffi::Error BackwardPositional(ffi::ThreadPool pool, Buffer q, Buffer k, Buffer v, Buffer p, Buffer r,
+                              Buffer q_table, Buffer k_table, Buffer v_table, Buffer log_sum_exp, Buffer dy,
+                              Buffer dy_position, Result dq, Result dk, Result dv, Result dp, Result dr,
+                              Result d_q_table, Result d_k_table, Result d_v_table) {
+  Inputs in;
+  if (ffi::Error e = read_inputs(q, k, v, &in); e.failure()) return e;
+  if (ffi::Error e = read_positional(p, r, q_table, k_table, v_table, &in); e.failure()) return e;
+  if (log_sum_exp.element_count() != in.rows * in.length || dy.element_count() != v.element_count() ||
+      dy_position.element_count() != v.element_count())
+    return invalid("log_sum_exp, dy or dy_position does not agree with q and v");
+  Gradients g;
+  g.dq = dq->typed_data(), g.dk = dk->typed_data(), g.dv = dv->typed_data();
+  g.dp = dp->typed_data(), g.dr = dr->typed_data();
+  return backward(pool, in, log_sum_exp.typed_data(), dy.typed_data(), dy_position.typed_data(), g,
+                  d_q_table->typed_data(), d_k_table->typed_data(), d_v_table->typed_data());
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MedtNativeAttentionWithoutPosition, WithoutPositionImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedtNativeAttentionWithoutPosition, ForwardWithoutPosition,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Ret<Buffer>()
+                                  .Ret<Buffer>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MedtNativeAttentionPositional, PositionalImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedtNativeAttentionPositional, ForwardPositional,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Ret<Buffer>()
+                                  .Ret<Buffer>()
+                                  .Ret<Buffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedtNativeAttentionWithoutPositionBackward, BackwardWithoutPosition,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Ret<Buffer>()
+                                  .Ret<Buffer>()
+                                  .Ret<Buffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MedtNativeAttentionPositionalBackward, BackwardPositional,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Arg<Buffer>()
+                                  .Ret<Buffer>()
+                                  .Ret<Buffer>()
+                                  .Ret<Buffer>()
+                                  .Ret<Buffer>()
+                                  .Ret<Buffer>()
+                                  .Ret<Buffer>()
+                                  .Ret<Buffer>()
+                                  .Ret<Buffer>());

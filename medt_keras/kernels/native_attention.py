@@ -2,7 +2,7 @@
 
 ``AxialAttention(attention="auto")`` calls ``attention`` in inference
 (``training=False``) where ``usable`` says yes: Keras on JAX, one CPU
-device, float32, a length that is a multiple of 16, and this module's C++
+device, float32, lines of at most 512 positions, and this module's C++
 kernel (``native_attention.cc``, an XLA FFI custom call) built and loaded.
 Everywhere else, and in training, the layer uses
 ``medt_keras.kernels.blocked_attention`` or its ``keras.ops`` form as
@@ -49,7 +49,6 @@ SWITCH = "MEDT_KERAS_NATIVE_ATTENTION"
 CACHE_ENVIRONMENT = "MEDT_KERAS_CACHE_DIR"
 
 SOURCE = Path(__file__).with_name("native_attention.cc")
-LANES = 16
 MAX_LENGTH = 512
 
 _FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC", "-std=c++17", "-w")
@@ -57,6 +56,10 @@ _LIBRARIES = ("-lmvec",)
 _TARGETS = {
     False: ("medt_native_attention_without_position", "MedtNativeAttentionWithoutPosition"),
     True: ("medt_native_attention_positional", "MedtNativeAttentionPositional"),
+}
+_BACKWARD_TARGETS = {
+    False: ("medt_native_attention_without_position_backward", "MedtNativeAttentionWithoutPositionBackward"),
+    True: ("medt_native_attention_positional_backward", "MedtNativeAttentionPositionalBackward"),
 }
 
 
@@ -170,7 +173,7 @@ def _built_reason():
         return "no C++ compiler found ($CXX, g++ or c++)"
     try:
         library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-        for target, symbol in _TARGETS.values():
+        for target, symbol in (*_TARGETS.values(), *_BACKWARD_TARGETS.values()):
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (_BuildError, OSError, subprocess.SubprocessError, AttributeError) as error:
         warnings.warn(
@@ -187,8 +190,7 @@ def usable(shape, dtype):
     """Whether ``attention`` can run queries of ``shape`` ``(batch, lines, heads, L, c)`` in ``dtype`` here."""
     if jnp.dtype(dtype) != jnp.float32 or jax.default_backend() != "cpu" or len(jax.devices()) != 1:
         return False
-    length = shape[3]
-    if length % LANES or length > MAX_LENGTH:
+    if shape[3] > MAX_LENGTH:
         return False
     return unavailable_reason() is None
 
@@ -196,23 +198,23 @@ def usable(shape, dtype):
 def attention(q, k, v, positional=None):
     """``blocked_attention.blocked_attention``'s function, in native code; same arguments and outputs.
 
-    Float32 only; see ``usable``.
+    Float32 only; see ``usable``. Differentiable: the backward pass is
+    native too and recomputes the weights from each query's log-sum-exp,
+    as the blocked kernel does.
     """
     return _native_attention(q, k, v, positional)
 
 
-@jax.custom_vjp
-def _native_attention(q, k, v, positional):
+def _kernel_layout(q, k, v, positional):
+    """The inputs as the C++ kernel takes them (see native_attention.cc): per line, the key position last."""
     rows = q.shape[0] * q.shape[1] * q.shape[2]
-    length, value_channels = q.shape[3], v.shape[4]
 
     def per_row(x):  # (n, b, G, L, c) -> (rows, L, c)
-        return jnp.reshape(x, (rows, length, x.shape[-1]))
+        return jnp.reshape(x, (rows, x.shape[3], x.shape[4]))
 
     def per_row_channels_first(x):  # (n, b, G, L, c) -> (rows, c, L)
         return jnp.swapaxes(per_row(x), 1, 2)
 
-    out_shape = jax.ShapeDtypeStruct((rows, length, value_channels), jnp.float32)
     args = [per_row(q), per_row_channels_first(k), per_row_channels_first(v)]
     if positional is not None:
         p, r, q_table, k_table, v_table = positional
@@ -223,22 +225,61 @@ def _native_attention(q, k, v, positional):
             jnp.transpose(k_table, (1, 2, 0)),  # [j, i, c] -> [i, c, j]
             jnp.transpose(v_table, (0, 2, 1)),
         ]
-    target = _TARGETS[positional is not None][0]
-    outputs = jax.ffi.ffi_call(target, (out_shape,) * (1 + (positional is not None)), vmap_method="sequential")(
-        *args
-    )
-    return tuple(jnp.reshape(y, v.shape) for y in outputs)
+    return args
+
+
+def _call(target, args, shapes):
+    outputs = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+    return jax.ffi.ffi_call(target, outputs, vmap_method="sequential")(*args)
+
+
+def _forward(q, k, v, positional):
+    """``(outputs, log_sum_exp, kernel-layout inputs)``; log_sum_exp ``(rows, L)``."""
+    args = _kernel_layout(q, k, v, positional)
+    rows, length = args[0].shape[:2]
+    y_shape = (rows, length, v.shape[-1])
+    terms = 1 + (positional is not None)
+    results = _call(_TARGETS[positional is not None][0], args, [y_shape] * terms + [(rows, length)])
+    outputs = tuple(jnp.reshape(y, v.shape) for y in results[:terms])
+    return outputs, results[terms], args
+
+
+@jax.custom_vjp
+def _native_attention(q, k, v, positional):
+    return _forward(q, k, v, positional)[0]
 
 
 def _native_forward(q, k, v, positional):
-    return _native_attention(q, k, v, positional), (q, k, v, positional)
+    outputs, log_sum_exp, args = _forward(q, k, v, positional)
+    return outputs, (args, log_sum_exp, q.shape, v.shape)
 
 
-def _native_backward(inputs, cotangents):
-    from medt_keras.kernels import blocked_attention
+def _native_backward(residuals, cotangents):
+    args, log_sum_exp, q_shape, v_shape = residuals
+    rows, length = args[0].shape[:2]
+    cotangents = [jnp.reshape(dy, (rows, length, v_shape[-1])) for dy in cotangents]
+    shapes = [arg.shape for arg in args]
+    grads = _call(_BACKWARD_TARGETS[len(args) > 3][0], args + [log_sum_exp] + cotangents, shapes)
 
-    _, pullback = jax.vjp(blocked_attention.blocked_attention, *inputs)
-    return pullback(cotangents)
+    def from_rows(g, shape):  # (rows, L, c) -> (n, b, G, L, c)
+        return jnp.reshape(g, shape[:4] + g.shape[2:])
+
+    def from_rows_channels_first(g, shape):  # (rows, c, L) -> (n, b, G, L, c)
+        return from_rows(jnp.swapaxes(g, 1, 2), shape)
+
+    dq = from_rows(grads[0], q_shape)
+    dk = from_rows_channels_first(grads[1], q_shape)
+    dv = from_rows_channels_first(grads[2], v_shape)
+    if len(args) == 3:
+        return dq, dk, dv, None
+    d_positional = (
+        from_rows(grads[3], q_shape),
+        from_rows_channels_first(grads[4], q_shape),
+        jnp.transpose(grads[5], (0, 2, 1)),  # [i, c, j] -> [i, j, c]
+        jnp.transpose(grads[6], (2, 0, 1)),  # [i, c, j] -> [j, i, c]
+        jnp.transpose(grads[7], (0, 2, 1)),
+    )
+    return dq, dk, dv, d_positional
 
 
 _native_attention.defvjp(_native_forward, _native_backward)

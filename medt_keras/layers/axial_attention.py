@@ -77,7 +77,7 @@ class AxialAttention(keras.layers.Layer):
             function either way (equal in float64):
 
             * ``"auto"`` (default): where Keras runs on JAX and JAX on
-              the CPU, in float32 inference the native kernel
+              one CPU device, in float32 the native kernel
               ``medt_keras.kernels.native_attention`` where it is built
               for this CPU (x86-64 with AVX-512; see that module), else
               ``"blocked"`` where the layer's attention maps fill at least
@@ -339,14 +339,14 @@ class AxialAttention(keras.layers.Layer):
             y_position_i = sum_j softmax_j(s_ij) v_table_ij
 
         Each output ``(n, b, G, L, d)``. ``medt_keras.kernels.native_attention``
-        (inference on the CPU, see ``attention="auto"``),
+        (float32 on one CPU device, see ``attention="auto"``),
         ``medt_keras.kernels.blocked_attention`` (a block of lines at a
         time, so the maps stay in cache and are never stored for the
         backward pass) or ``attention_ops.softmax_attention`` in
         ``keras.ops``, which the kernels' tests check them against, as the
         ``attention`` argument chooses.
         """
-        if _uses_native_kernel(self.attention, q.shape, q.dtype, training):
+        if _uses_native_kernel(self.attention, q.shape, q.dtype):
             from medt_keras.kernels import native_attention
 
             return native_attention.attention(q, k, v, positional)
@@ -449,9 +449,9 @@ def _uses_blocked_kernel(attention, shape, training):
     return blocked_attention.enabled(shape, training=bool(training))
 
 
-def _uses_native_kernel(attention, shape, dtype, training):
-    """Whether ``attention`` means the native inference kernel for queries of ``shape`` in ``dtype``."""
-    if attention != "auto" or training or keras.backend.backend() != "jax":
+def _uses_native_kernel(attention, shape, dtype):
+    """Whether ``attention`` means the native kernel for queries of ``shape`` in ``dtype``."""
+    if attention != "auto" or keras.backend.backend() != "jax":
         return False
     from medt_keras.kernels import native_attention
 

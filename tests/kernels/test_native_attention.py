@@ -1,4 +1,4 @@
-"""The native inference kernel against the blocked JAX kernel and a float64 reference."""
+"""The native attention kernel against the blocked JAX kernel and a float64 reference: outputs and gradients."""
 
 import os
 import stat
@@ -59,10 +59,14 @@ def _float64_reference(inputs):
 
 
 # (batch, lines, heads, L, c, cv): MedT's global 64-pixel layer shape in
-# small, the local branch's 16, odd channel counts, one line, lengths up to
-# the largest the kernel takes.
+# small, the local branch's 16, the gated U-Net's 8, lengths that end in a
+# partial vector of 16 lanes, a line of one position, odd channel counts,
+# the longest line the kernel takes.
 SHAPES = [
     (2, 3, 2, 16, 2, 4),
+    (2, 3, 2, 8, 2, 4),
+    (1, 2, 2, 21, 3, 5),
+    (2, 2, 1, 1, 2, 3),
     (1, 5, 1, 32, 1, 3),
     (2, 4, 8, 64, 2, 4),
     (1, 2, 3, 48, 5, 7),
@@ -112,47 +116,94 @@ def test_nan_query_gives_nan_for_that_query_only(kernel):
         assert np.isfinite(y[finite]).all()
 
 
-def test_gradients_are_the_blocked_kernels(kernel):
-    inputs = _inputs(np.random.default_rng(4), 1, 3, 2, 16, 2, 3, True)
-    weights = [jnp.asarray(np.random.default_rng(5).normal(size=(1, 3, 2, 16, 3)), jnp.float32)] * 2
+@pytest.mark.parametrize("shape", [(1, 3, 2, 16, 2, 3), (2, 4, 8, 64, 2, 4), (1, 2, 3, 21, 5, 7), (2, 3, 2, 8, 1, 2)])
+@pytest.mark.parametrize("positional", [False, True])
+def test_gradients_match_the_blocked_kernels(kernel, shape, positional):
+    # Every input's gradient: q, k, v, and with positional terms p, r and
+    # the three tables (summed over all lines).
+    inputs = _inputs(np.random.default_rng(sum(shape) + 4), *shape, positional)
+    weights = [jnp.asarray(np.random.default_rng(t).normal(size=shape[:4] + shape[5:]), jnp.float32) for t in (5, 6)]
 
     def loss(attention):
         return lambda *a: sum(jnp.sum(jnp.sin(y) * w) for y, w in zip(attention(*a), weights))
 
-    grads = jax.grad(loss(kernel), argnums=(0, 1, 2, 3))(*inputs)
-    expected = jax.grad(loss(blocked_attention.blocked_attention), argnums=(0, 1, 2, 3))(*inputs)
+    grads = jax.jit(jax.grad(loss(kernel), argnums=(0, 1, 2, 3)))(*inputs)
+    expected = jax.jit(jax.grad(loss(blocked_attention.blocked_attention), argnums=(0, 1, 2, 3)))(*inputs)
     leaves, expected_leaves = jax.tree.leaves(grads), jax.tree.leaves(expected)
-    assert len(leaves) == len(expected_leaves) == 8
+    assert len(leaves) == len(expected_leaves) == (8 if positional else 3)
     for g, e in zip(leaves, expected_leaves):
-        assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
-        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-5)
+        g, e = np.asarray(g), np.asarray(e)
+        assert g.shape == e.shape and np.isfinite(g).all() and np.abs(g).max() > 0
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * np.abs(e).max())
 
 
-def test_usable_only_for_float32_and_lengths_of_whole_vectors(kernel):
+def test_nan_query_gives_nan_gradients_for_its_line_only(kernel):
+    q, k, v, positional = _inputs(np.random.default_rng(8), 1, 2, 1, 16, 2, 3, True)
+    q = q.at[0, 1, 0, 5, 0].set(jnp.nan)
+    dq, dk = jax.grad(lambda q, k: sum(jnp.sum(y) for y in kernel(q, k, v, positional)), argnums=(0, 1))(q, k)
+    for g in (np.asarray(dq), np.asarray(dk)):
+        assert np.isnan(g[0, 1]).any()
+        assert np.isfinite(g[0, 0]).all()
+
+
+def test_usable_only_for_float32_and_lines_of_at_most_512(kernel):
     assert native_attention.usable((1, 2, 2, 64, 2), "float32")
+    assert native_attention.usable((1, 2, 2, 24, 2), "float32")
     assert not native_attention.usable((1, 2, 2, 64, 2), "float64")
-    assert not native_attention.usable((1, 2, 2, 24, 2), "float32")
-    assert not native_attention.usable((1, 2, 2, 1024, 2), "float32")
+    assert not native_attention.usable((1, 2, 2, 513, 2), "float32")
 
 
-def test_layer_uses_it_in_float32_inference_only(kernel, monkeypatch):
+def _twins(x, **variants):
+    layers = [AxialAttention(8, num_heads=2, gated=True, gates_trainable=True, **variant) for variant in variants.values()]
+    for layer in layers:
+        layer.build(x.shape)
+    for layer in layers[1:]:
+        for target, source in zip(layer.variables, layers[0].variables):
+            target.assign(source.value)
+    return layers
+
+
+def test_layer_uses_it_in_float32_training_and_inference(kernel, monkeypatch):
     calls = []
     original = native_attention.attention
     monkeypatch.setattr(native_attention, "attention", lambda *a: calls.append(1) or original(*a))
     x = np.random.default_rng(6).normal(size=(2, 16, 16, 8)).astype("float32")
-    layer = AxialAttention(8, num_heads=2, gated=True)
-    twin = AxialAttention(8, num_heads=2, gated=True, attention="blocked")
-    layer.build(x.shape)
-    twin.build(x.shape)
-    for target, source in zip(twin.variables, layer.variables):
-        target.assign(source.value)
+    layer, blocked = _twins(x, auto={}, blocked={"attention": "blocked"})
     y = np.asarray(layer(x, training=False))
     assert calls == [1]
-    np.testing.assert_allclose(y, np.asarray(twin(x, training=False)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(y, np.asarray(blocked(x, training=False)), rtol=1e-4, atol=1e-5)
     layer(x, training=True)
-    assert calls == [1]
-    AxialAttention(8, num_heads=2, attention="blocked")(x, training=False)
-    assert calls == [1]
+    assert calls == [1, 1]
+    blocked(x, training=False)
+    AxialAttention(8, num_heads=2, attention="keras_ops")(x, training=True)
+    assert calls == [1, 1]
+
+
+def test_layer_training_step_matches_the_blocked_kernel(kernel):
+    # Outputs, every trainable variable's gradient (tables and gates among
+    # them) and the BatchNorm updates of one training call, float32.
+    import keras
+
+    x = np.random.default_rng(9).normal(size=(2, 16, 16, 8)).astype("float32")
+    results = []
+    for layer in _twins(x, auto={}, blocked={"attention": "blocked"}):
+        trainable = [v.value for v in layer.trainable_variables]
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def loss(trainable, layer=layer, non_trainable=non_trainable):
+            y, updated = layer.stateless_call(trainable, non_trainable, x, training=True)
+            weights = keras.ops.reshape(keras.ops.arange(y.size, dtype=y.dtype), y.shape) / y.size
+            return keras.ops.sum(keras.ops.sin(y) * weights), updated
+
+        (value, updated), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+        results.append((value, grads, updated))
+    (value, grads, updated), (expected_value, expected_grads, expected_updated) = results
+    np.testing.assert_allclose(float(value), float(expected_value), rtol=1e-5)
+    assert len(grads) == len(expected_grads) > 5
+    for g, e in zip(grads + updated, expected_grads + expected_updated):
+        g, e = np.asarray(g), np.asarray(e)
+        assert np.isfinite(g).all()
+        np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-4 * max(1.0, np.abs(e).max()))
 
 
 def test_switch_turns_it_off(kernel, monkeypatch):
