@@ -10,16 +10,25 @@
 //
 // (without positional encodings only the first term and y). Why outside XLA: on the CPU,
 // XLA runs the blocked kernel's loop as a chain of small operations, most on one thread
-// (benchmarks/RESULTS.md). Here each query's logits, their maximum, the exponentials,
-// their sum and the weighted sums are computed in one pass while its L logits sit in the
-// first-level cache, and the rows are shared between XLA's own intra-op threads.
+// (benchmarks/RESULTS.md). Here a line's logits, their maxima, the exponentials, their sums
+// and the weighted sums are computed in one pass while they sit in the first-level cache,
+// and the rows are shared between XLA's own intra-op threads.
 //
-// Layouts (row-major, the key position j contiguous wherever it is summed over):
-//   q, p: (rows, L, C)        k, r: (rows, C, L)        v: (rows, V, L)
-//   q_table, k_table: (L, C, L), indexed [i][c][j] (k_table already transposed to
-//   [query, key])             v_table: (L, V, L), [i][d][j]
-//   y, y_position: (rows, L, V)          log_sum_exp: (rows, L)
-// and each gradient in the layout of its input.
+// The forward pass puts 16 queries in the lanes of a vector and walks over the keys, so the
+// softmax's maximum and sum and every weighted sum are lane-wise (no sums across lanes);
+// the backward pass puts 16 keys in the lanes and walks over the queries, so the gradients
+// of the keys, the values and the tables are lane-wise and only those of the queries are
+// sums across lanes. Per-line inputs are channels-first, so that either position is
+// contiguous; a scalar of the other position is a strided read.
+//
+// Layouts (row-major):
+//   q, k, p, r: (rows, C, L)      v: (rows, V, L)      log_sum_exp: (rows, L)
+//   forward tables, [c][j][i] (query position i contiguous): q_table and k_table (C, L, L),
+//     v_table (V, L, L)
+//   backward tables, [i][c][j] (key position j contiguous): q_table and k_table (L, C, L),
+//     v_table (L, V, L)
+//   y, y_position: (rows, V, L)     dy, dy_position: (rows, L, V)
+//   every gradient of a per-line input: (rows, C or V, L); of a table: its backward layout.
 //
 // The forward pass also returns each query's log-sum-exp of logits; the backward pass
 // recomputes the weights a_ij = exp(s_ij - log_sum_exp_i) from it, as flash attention does
@@ -36,8 +45,8 @@
 //
 // The exponential is glibc's libmvec vector expf, 16 lanes at a time: it keeps NaN and
 // infinity (-ffast-math would let the compiler assume neither exists), so a NaN input
-// gives a NaN row, as in the XLA kernels. L is at most kMaxLength; the Python side checks
-// before calling.
+// gives a NaN row, as in the XLA kernels. L is at most kMaxLength and C and V at most
+// kMaxChannels; the Python side checks before calling.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -55,13 +64,16 @@
 namespace ffi = xla::ffi;
 
 extern "C" __m512 _ZGVeN16v_expf(__m512);
+extern "C" __m512 _ZGVeN16v_logf(__m512);
 
 namespace {
 
 constexpr int64_t kMaxLength = 512;
+constexpr int64_t kMaxChannels = 64;
 constexpr int kLanes = 16;
 
-// The inputs in the kernel's layouts; the positional ones are null without positional terms.
+// The inputs in the kernel's layouts (the forward or the backward tables); the positional
+// ones are null without positional terms.
 struct Inputs {
   int64_t rows = 0, length = 0, channels = 0, value_channels = 0;
   const float *q = nullptr, *k = nullptr, *v = nullptr;
@@ -81,46 +93,28 @@ inline __mmask16 lanes(int64_t j, int64_t length) {
 inline __m512 load(const float* x, __mmask16 m) { return _mm512_maskz_loadu_ps(m, x); }
 inline void store(float* x, __mmask16 m, __m512 value) { _mm512_mask_storeu_ps(x, m, value); }
 
-// s[j] = s_ij, the logits of query i of a row.
+// s[j] = s_ij, the logits of query i of a row, keys in lanes (backward tables).
 inline void logits(const Inputs& in, int64_t row, int64_t i, float* s) {
   const int64_t L = in.length, C = in.channels;
-  const float* qi = in.q + (row * L + i) * C;
+  const float* qr = in.q + row * C * L;
   const float* kr = in.k + row * C * L;
   for (int64_t j = 0; j < L; j += kLanes) {
     const __mmask16 m = lanes(j, L);
     __m512 acc = _mm512_setzero_ps();
     for (int64_t c = 0; c < C; ++c)
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(qi[c]), load(kr + c * L + j, m), acc);
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(qr[c * L + i]), load(kr + c * L + j, m), acc);
     if (in.positional()) {
-      const float* pi = in.p + (row * L + i) * C;
+      const float* pr = in.p + row * C * L;
       const float* rr = in.r + row * C * L;
       const float* qt = in.q_table + i * C * L;
       const float* kt = in.k_table + i * C * L;
       for (int64_t c = 0; c < C; ++c) {
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(pi[c]), load(qt + c * L + j, m), acc);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(pr[c * L + i]), load(qt + c * L + j, m), acc);
         acc = _mm512_fmadd_ps(load(rr + c * L + j, m), load(kt + c * L + j, m), acc);
       }
     }
     _mm512_store_ps(s + j, _mm512_mask_blend_ps(m, _mm512_set1_ps(-INFINITY), acc));
   }
-}
-
-// Replaces the logits in s by exp(s - max); returns {max, sum of the exponentials}.
-struct Shifted {
-  float shift, sum;
-};
-inline Shifted exponentiate(float* s, int64_t length) {
-  __m512 top = _mm512_load_ps(s);
-  for (int64_t j = kLanes; j < length; j += kLanes) top = _mm512_max_ps(top, _mm512_load_ps(s + j));
-  const float shift = _mm512_reduce_max_ps(top);
-  const __m512 shift_lanes = _mm512_set1_ps(shift);
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t j = 0; j < length; j += kLanes) {
-    const __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_load_ps(s + j), shift_lanes));
-    _mm512_store_ps(s + j, e);
-    total = _mm512_add_ps(total, e);
-  }
-  return {shift, sum_of(total)};
 }
 
 // out[d] = scale * sum_j e[j] x[d * length + j] for d < count.
@@ -151,24 +145,63 @@ struct Outputs {
   float *y = nullptr, *y_position = nullptr, *log_sum_exp = nullptr;
 };
 
-void forward_rows(const Inputs& in, const Outputs& out, int64_t first, int64_t last) {
-  const int64_t L = in.length, V = in.value_channels;
-  alignas(64) float s[kMaxLength];
-  for (int64_t row = first; row < last; ++row) {
-    for (int64_t i = 0; i < L; ++i) {
-      logits(in, row, i, s);
-      const Shifted shifted = exponentiate(s, L);
-      const float inverse = 1.f / shifted.sum;
-      weighted_sums(s, in.v + row * V * L, L, V, inverse, out.y + (row * L + i) * V);
-      if (in.positional())
-        weighted_sums(s, in.v_table + i * V * L, L, V, inverse, out.y_position + (row * L + i) * V);
-      out.log_sum_exp[row * L + i] = shifted.shift + std::log(shifted.sum);
-    }
+// Queries i0 .. i0 + 15 of a row in the lanes (forward tables): for each key j the 16
+// logits, then their maxima, exponentials and sums over j, and the weighted sums, all
+// lane-wise. e holds the (L, 16) block of logits, then of exponentials.
+void forward_block(const Inputs& in, const Outputs& out, int64_t row, int64_t i0, float* e) {
+  const int64_t L = in.length, C = in.channels, V = in.value_channels;
+  const __mmask16 m = lanes(i0, L);
+  __m512 q[kMaxChannels], p[kMaxChannels];
+  for (int64_t c = 0; c < C; ++c) {
+    q[c] = load(in.q + (row * C + c) * L + i0, m);
+    if (in.positional()) p[c] = load(in.p + (row * C + c) * L + i0, m);
   }
+  const float* kr = in.k + row * C * L;
+  const float* rr = in.positional() ? in.r + row * C * L : nullptr;
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < L; ++j) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < C; ++c) acc = _mm512_fmadd_ps(q[c], _mm512_set1_ps(kr[c * L + j]), acc);
+    if (rr != nullptr)
+      for (int64_t c = 0; c < C; ++c) {
+        acc = _mm512_fmadd_ps(p[c], load(in.q_table + (c * L + j) * L + i0, m), acc);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(rr[c * L + j]), load(in.k_table + (c * L + j) * L + i0, m), acc);
+      }
+    _mm512_store_ps(e + j * kLanes, acc);
+    top = _mm512_max_ps(top, acc);
+  }
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < L; ++j) {
+    const __m512 x = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_load_ps(e + j * kLanes), top));
+    _mm512_store_ps(e + j * kLanes, x);
+    total = _mm512_add_ps(total, x);
+  }
+  const __m512 inverse = _mm512_div_ps(_mm512_set1_ps(1.f), total);
+  const float* vr = in.v + row * V * L;
+  for (int64_t d = 0; d < V; ++d) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < L; ++j)
+      acc = _mm512_fmadd_ps(_mm512_load_ps(e + j * kLanes), _mm512_set1_ps(vr[d * L + j]), acc);
+    store(out.y + (row * V + d) * L + i0, m, _mm512_mul_ps(acc, inverse));
+  }
+  if (in.positional())
+    for (int64_t d = 0; d < V; ++d) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t j = 0; j < L; ++j)
+        acc = _mm512_fmadd_ps(_mm512_load_ps(e + j * kLanes), load(in.v_table + (d * L + j) * L + i0, m), acc);
+      store(out.y_position + (row * V + d) * L + i0, m, _mm512_mul_ps(acc, inverse));
+    }
+  store(out.log_sum_exp + row * L + i0, m, _mm512_add_ps(top, _ZGVeN16v_logf(total)));
+}
+
+void forward_rows(const Inputs& in, const Outputs& out, int64_t first, int64_t last) {
+  alignas(64) float e[kMaxLength * kLanes];
+  for (int64_t row = first; row < last; ++row)
+    for (int64_t i0 = 0; i0 < in.length; i0 += kLanes) forward_block(in, out, row, i0, e);
 }
 
 struct Gradients {
-  // Per row, in the layouts of q, k, v, p, r.
+  // (rows, C or V, L), as q, k, v, p, r.
   float *dq = nullptr, *dk = nullptr, *dv = nullptr, *dp = nullptr, *dr = nullptr;
 };
 
@@ -194,6 +227,11 @@ void backward_rows(const Inputs& in, const float* log_sum_exp, const float* dy, 
     for (int64_t i = 0; i < L; ++i) {
       const float* dyi = dy + (row * L + i) * V;
       const float* dypi = in.positional() ? dy_position + (row * L + i) * V : nullptr;
+      float qi[kMaxChannels], pi[kMaxChannels], dqi[kMaxChannels], dpi[kMaxChannels];
+      for (int64_t c = 0; c < C; ++c) {
+        qi[c] = in.q[(row * C + c) * L + i];
+        if (in.positional()) pi[c] = in.p[(row * C + c) * L + i];
+      }
       logits(in, row, i, a);
       const __m512 lse = _mm512_set1_ps(log_sum_exp[row * L + i]);
       __m512 dot = _mm512_setzero_ps();
@@ -215,12 +253,13 @@ void backward_rows(const Inputs& in, const float* log_sum_exp, const float* dy, 
       const __m512 row_dot = _mm512_set1_ps(sum_of(dot));
       for (int64_t j = 0; j < L; j += kLanes)
         _mm512_store_ps(ds + j, _mm512_mul_ps(_mm512_load_ps(a + j), _mm512_sub_ps(_mm512_load_ps(ds + j), row_dot)));
-      weighted_sums(ds, kr, L, C, 1.f, g.dq + (row * L + i) * C);
-      add_scaled(ds, in.q + (row * L + i) * C, L, C, dk);
+      weighted_sums(ds, kr, L, C, 1.f, dqi);
+      for (int64_t c = 0; c < C; ++c) g.dq[(row * C + c) * L + i] = dqi[c];
+      add_scaled(ds, qi, L, C, dk);
       add_scaled(a, dyi, L, V, dv);
       if (in.positional()) {
-        const float* pi = in.p + (row * L + i) * C;
-        weighted_sums(ds, in.q_table + i * C * L, L, C, 1.f, g.dp + (row * L + i) * C);
+        weighted_sums(ds, in.q_table + i * C * L, L, C, 1.f, dpi);
+        for (int64_t c = 0; c < C; ++c) g.dp[(row * C + c) * L + i] = dpi[c];
         // dr_cj += ds_j k_table[i][c][j]; dk_table[i][c][j] += ds_j r_cj
         const float* kt = in.k_table + i * C * L;
         const float* rr = in.r + row * C * L;
@@ -281,15 +320,16 @@ ffi::Error invalid(const std::string& message) {
   return ffi::Error::InvalidArgument("medt native attention: " + message);
 }
 
-// Reads the sizes from q (rows, L, C) and v (rows, V, L) and checks every other input.
+// Reads the sizes from q (rows, C, L) and v (rows, V, L) and checks every other input.
 ffi::Error read_inputs(Buffer& q, Buffer& k, Buffer& v, Inputs* in) {
   auto dq = q.dimensions(), dv = v.dimensions();
   if (dq.size() != 3 || dv.size() != 3) return invalid("q and v must be 3-d");
-  in->rows = dq[0], in->length = dq[1], in->channels = dq[2], in->value_channels = dv[1];
+  in->rows = dq[0], in->channels = dq[1], in->length = dq[2], in->value_channels = dv[1];
   const int64_t L = in->length, C = in->channels, V = in->value_channels;
   if (L < 1 || L > kMaxLength) return invalid("the length must be 1 to 512");
+  if (C < 1 || C > kMaxChannels || V < 1 || V > kMaxChannels) return invalid("channels must be 1 to 64");
   if (k.element_count() != in->rows * C * L || dv[0] != in->rows || dv[2] != L)
-    return invalid("q (rows, L, C), k (rows, C, L) and v (rows, V, L) do not agree");
+    return invalid("q and k (rows, C, L) and v (rows, V, L) do not agree");
   in->q = q.typed_data(), in->k = k.typed_data(), in->v = v.typed_data();
   return ffi::Error::Success();
 }

@@ -2,8 +2,8 @@
 
 ``AxialAttention(attention="auto")`` calls ``attention`` in inference
 (``training=False``) where ``usable`` says yes: Keras on JAX, one CPU
-device, float32, lines of at most 512 positions, and this module's C++
-kernel (``native_attention.cc``, an XLA FFI custom call) built and loaded.
+device, float32, lines of at most 512 positions and at most 64 channels,
+and this module's C++ kernel (``native_attention.cc``, an XLA FFI custom call) built and loaded.
 Everywhere else, and in training, the layer uses
 ``medt_keras.kernels.blocked_attention`` or its ``keras.ops`` form as
 before; the tests check the three against each other.
@@ -50,6 +50,7 @@ CACHE_ENVIRONMENT = "MEDT_KERAS_CACHE_DIR"
 
 SOURCE = Path(__file__).with_name("native_attention.cc")
 MAX_LENGTH = 512
+MAX_CHANNELS = 64
 
 _FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC", "-std=c++17", "-w")
 _LIBRARIES = ("-lmvec",)
@@ -186,11 +187,15 @@ def _built_reason():
     return None
 
 
-def usable(shape, dtype):
-    """Whether ``attention`` can run queries of ``shape`` ``(batch, lines, heads, L, c)`` in ``dtype`` here."""
+def usable(shape, dtype, value_channels=None):
+    """Whether ``attention`` can run queries of ``shape`` ``(batch, lines, heads, L, c)`` in ``dtype`` here.
+
+    ``value_channels``: those of the values, if not ``c``. Lines of up to
+    512 positions, up to 64 channels of each.
+    """
     if jnp.dtype(dtype) != jnp.float32 or jax.default_backend() != "cpu" or len(jax.devices()) != 1:
         return False
-    if shape[3] > MAX_LENGTH:
+    if shape[3] > MAX_LENGTH or max(shape[4], value_channels or 0) > MAX_CHANNELS:
         return False
     return unavailable_reason() is None
 
@@ -205,27 +210,34 @@ def attention(q, k, v, positional=None):
     return _native_attention(q, k, v, positional)
 
 
-def _kernel_layout(q, k, v, positional):
-    """The inputs as the C++ kernel takes them (see native_attention.cc): per line, the key position last."""
-    rows = q.shape[0] * q.shape[1] * q.shape[2]
+def _per_line_layout(x):
+    """``(n, b, G, L, c)`` -> ``(rows, c, L)``: channels first, as the C++ kernel takes every per-line input."""
+    return jnp.swapaxes(jnp.reshape(x, (-1,) + x.shape[3:]), 1, 2)
 
-    def per_row(x):  # (n, b, G, L, c) -> (rows, L, c)
-        return jnp.reshape(x, (rows, x.shape[3], x.shape[4]))
 
-    def per_row_channels_first(x):  # (n, b, G, L, c) -> (rows, c, L)
-        return jnp.swapaxes(per_row(x), 1, 2)
+def _from_per_line_layout(x, shape):
+    """``(rows, c, L)`` -> ``(n, b, G, L, c)`` with ``shape``'s first three axes."""
+    return jnp.reshape(jnp.swapaxes(x, 1, 2), shape[:3] + (x.shape[2], x.shape[1]))
 
-    args = [per_row(q), per_row_channels_first(k), per_row_channels_first(v)]
+
+def _per_line_inputs(q, k, v, positional):
+    args = [_per_line_layout(x) for x in (q, k, v)]
     if positional is not None:
-        p, r, q_table, k_table, v_table = positional
-        args += [
-            per_row(p),
-            per_row_channels_first(r),
-            jnp.transpose(q_table, (0, 2, 1)),  # [i, j, c] -> [i, c, j]
-            jnp.transpose(k_table, (1, 2, 0)),  # [j, i, c] -> [i, c, j]
-            jnp.transpose(v_table, (0, 2, 1)),
-        ]
+        args += [_per_line_layout(x) for x in positional[:2]]
     return args
+
+
+def _forward_tables(positional):
+    # [c][j][i], the query position contiguous: q_table and v_table are
+    # indexed [i, j, c], k_table [j, i, c].
+    q_table, k_table, v_table = positional[2:]
+    return [jnp.transpose(q_table, (2, 1, 0)), jnp.transpose(k_table, (2, 0, 1)), jnp.transpose(v_table, (2, 1, 0))]
+
+
+def _backward_tables(positional):
+    # [i][c][j], the key position contiguous.
+    q_table, k_table, v_table = positional[2:]
+    return [jnp.transpose(q_table, (0, 2, 1)), jnp.transpose(k_table, (1, 2, 0)), jnp.transpose(v_table, (0, 2, 1))]
 
 
 def _call(target, args, shapes):
@@ -234,14 +246,15 @@ def _call(target, args, shapes):
 
 
 def _forward(q, k, v, positional):
-    """``(outputs, log_sum_exp, kernel-layout inputs)``; log_sum_exp ``(rows, L)``."""
-    args = _kernel_layout(q, k, v, positional)
-    rows, length = args[0].shape[:2]
-    y_shape = (rows, length, v.shape[-1])
+    """``(outputs, log_sum_exp)``; log_sum_exp ``(rows, L)``."""
+    args = _per_line_inputs(q, k, v, positional)
+    if positional is not None:
+        args += _forward_tables(positional)
+    rows, length = args[0].shape[0], args[0].shape[2]
     terms = 1 + (positional is not None)
+    y_shape = (rows, v.shape[-1], length)
     results = _call(_TARGETS[positional is not None][0], args, [y_shape] * terms + [(rows, length)])
-    outputs = tuple(jnp.reshape(y, v.shape) for y in results[:terms])
-    return outputs, results[terms], args
+    return tuple(_from_per_line_layout(y, v.shape) for y in results[:terms]), results[terms]
 
 
 @jax.custom_vjp
@@ -250,31 +263,25 @@ def _native_attention(q, k, v, positional):
 
 
 def _native_forward(q, k, v, positional):
-    outputs, log_sum_exp, args = _forward(q, k, v, positional)
-    return outputs, (args, log_sum_exp, q.shape, v.shape)
+    outputs, log_sum_exp = _forward(q, k, v, positional)
+    return outputs, (q, k, v, positional, log_sum_exp)
 
 
 def _native_backward(residuals, cotangents):
-    args, log_sum_exp, q_shape, v_shape = residuals
-    rows, length = args[0].shape[:2]
-    cotangents = [jnp.reshape(dy, (rows, length, v_shape[-1])) for dy in cotangents]
+    q, k, v, positional, log_sum_exp = residuals
+    args = _per_line_inputs(q, k, v, positional)
+    if positional is not None:
+        args += _backward_tables(positional)
+    rows, length = args[0].shape[0], args[0].shape[2]
+    cotangents = [jnp.reshape(dy, (rows, length, v.shape[-1])) for dy in cotangents]
     shapes = [arg.shape for arg in args]
-    grads = _call(_BACKWARD_TARGETS[len(args) > 3][0], args + [log_sum_exp] + cotangents, shapes)
-
-    def from_rows(g, shape):  # (rows, L, c) -> (n, b, G, L, c)
-        return jnp.reshape(g, shape[:4] + g.shape[2:])
-
-    def from_rows_channels_first(g, shape):  # (rows, c, L) -> (n, b, G, L, c)
-        return from_rows(jnp.swapaxes(g, 1, 2), shape)
-
-    dq = from_rows(grads[0], q_shape)
-    dk = from_rows_channels_first(grads[1], q_shape)
-    dv = from_rows_channels_first(grads[2], v_shape)
-    if len(args) == 3:
+    grads = _call(_BACKWARD_TARGETS[positional is not None][0], args + [log_sum_exp] + cotangents, shapes)
+    dq, dk, dv = (_from_per_line_layout(g, x.shape) for g, x in zip(grads[:3], (q, k, v)))
+    if positional is None:
         return dq, dk, dv, None
     d_positional = (
-        from_rows(grads[3], q_shape),
-        from_rows_channels_first(grads[4], q_shape),
+        _from_per_line_layout(grads[3], q.shape),
+        _from_per_line_layout(grads[4], k.shape),
         jnp.transpose(grads[5], (0, 2, 1)),  # [i, c, j] -> [i, j, c]
         jnp.transpose(grads[6], (2, 0, 1)),  # [i, c, j] -> [j, i, c]
         jnp.transpose(grads[7], (0, 2, 1)),

@@ -346,7 +346,7 @@ class AxialAttention(keras.layers.Layer):
         ``keras.ops``, which the kernels' tests check them against, as the
         ``attention`` argument chooses.
         """
-        if _uses_native_kernel(self.attention, q.shape, q.dtype):
+        if _uses_native_kernel(self.attention, q.shape, q.dtype, v.shape[-1]):
             from medt_keras.kernels import native_attention
 
             return native_attention.attention(q, k, v, positional)
@@ -449,10 +449,10 @@ def _uses_blocked_kernel(attention, shape, training):
     return blocked_attention.enabled(shape, training=bool(training))
 
 
-def _uses_native_kernel(attention, shape, dtype):
+def _uses_native_kernel(attention, shape, dtype, value_channels):
     """Whether ``attention`` means the native kernel for queries of ``shape`` in ``dtype``."""
     if attention != "auto" or keras.backend.backend() != "jax":
         return False
     from medt_keras.kernels import native_attention
 
-    return native_attention.usable(shape, dtype)
+    return native_attention.usable(shape, dtype, value_channels)

@@ -146,11 +146,13 @@ def test_nan_query_gives_nan_gradients_for_its_line_only(kernel):
         assert np.isfinite(g[0, 0]).all()
 
 
-def test_usable_only_for_float32_and_lines_of_at_most_512(kernel):
+def test_usable_only_for_float32_and_lines_of_at_most_512_positions_and_64_channels(kernel):
     assert native_attention.usable((1, 2, 2, 64, 2), "float32")
     assert native_attention.usable((1, 2, 2, 24, 2), "float32")
     assert not native_attention.usable((1, 2, 2, 64, 2), "float64")
     assert not native_attention.usable((1, 2, 2, 513, 2), "float32")
+    assert not native_attention.usable((1, 2, 2, 64, 65), "float32")
+    assert not native_attention.usable((1, 2, 2, 64, 32), "float32", value_channels=65)
 
 
 def _twins(x, **variants):
