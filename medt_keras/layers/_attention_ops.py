@@ -142,21 +142,29 @@ def similarity_statistics(q, k, tables, gates, groups):
     def per_group(x):  # (n, b, G) -> (groups, G)
         return ops.sum(ops.reshape(x, (-1, groups, lines, heads)), axis=(0, 2))
 
-    def outer(x):  # (..., c) -> (..., c, c)
-        return x[..., :, None] * x[..., None, :]
+    # Channels first, (n, b, G, c, L): every sum over positions below runs
+    # over the minor axis, which XLA's CPU reductions vectorise, and so do
+    # their gradients; with channels last, the (.., L, c, c) outer products
+    # and their gradients reduced over short minor axes (MedT's local
+    # 16-position layers took 13 ms per value and gradient against 3 ms).
+    q, k = ops.swapaxes(q, 3, 4), ops.swapaxes(k, 3, 4)
 
-    q_outer, k_outer = outer(q), outer(k)
+    def gram(x):  # (..., c, L) -> (..., c, c): sum_i x_i x_i^T
+        return ops.sum(x[..., :, None, :] * x[..., None, :, :], axis=-1)
+
     # Sums over (i, j) per (n, b, G) of each term and of its square.
-    sums = [ops.sum(ops.sum(q, axis=3) * ops.sum(k, axis=3), axis=-1)]
-    squares = [ops.sum(ops.sum(q_outer, axis=3) * ops.sum(k_outer, axis=3), axis=(-2, -1))]
+    sums = [ops.sum(ops.sum(q, axis=-1) * ops.sum(k, axis=-1), axis=-1)]
+    squares = [ops.sum(gram(q) * gram(k), axis=(-2, -1))]
     if tables is not None:
         # q.r^q: table rows are the query position i; k.r^k: the key position j.
-        for x, x_outer, table, gate in ((q, q_outer, tables[0], gates[1]), (k, k_outer, tables[1], gates[2])):
+        for x, table, gate in ((q, tables[0], gates[1]), (k, tables[1], gates[2])):
             scale = 1.0 if gate is None else gate
-            table_sum = ops.sum(table, axis=1)  # (L, c) against x's (.., L, c)
-            table_outer = ops.sum(outer(table), axis=1)
-            sums.append(scale * ops.sum(x * table_sum, axis=(3, 4)))
-            squares.append(scale * scale * ops.sum(x_outer * table_outer, axis=(3, 4, 5)))
+            table_sum = ops.transpose(ops.sum(table, axis=1))  # (c, L) against x's (.., c, L)
+            table_outer = ops.transpose(ops.sum(table[..., :, None] * table[..., None, :], axis=1), (1, 2, 0))
+            sums.append(scale * ops.sum(x * table_sum, axis=(-2, -1)))
+            squares.append(
+                scale * scale * ops.sum(x[..., :, None, :] * x[..., None, :, :] * table_outer, axis=(-3, -2, -1))
+            )
     mean = ops.stack([per_group(t) for t in sums], axis=1) / count
     mean_square = ops.stack([per_group(t) for t in squares], axis=1) / count
     variance = ops.maximum(mean_square - ops.square(mean), 0.0)
