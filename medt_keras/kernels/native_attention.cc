@@ -355,8 +355,11 @@ ffi::Error backward(ffi::ThreadPool& pool, const Inputs& in, const float* log_su
                     const float* dy_position, const Gradients& g, float* d_q_table, float* d_k_table,
                     float* d_v_table) {
   const int64_t L = in.length, C = in.channels, V = in.value_channels;
-  const int64_t chunks = chunk_count(pool, in.rows);
   const int64_t table_size = in.positional() ? 2 * L * C * L + L * V * L : 0;
+  // Fewer chunks where their copies of the tables would pass 256 MiB (long lines, many
+  // channels).
+  const int64_t chunks = std::min(chunk_count(pool, in.rows),
+                                  std::max<int64_t>(1, (int64_t{1} << 26) / std::max<int64_t>(1, table_size)));
   std::vector<float> tables(static_cast<size_t>(chunks * table_size), 0.f);
   parallel_rows(pool, in.rows, chunks, [&](int64_t chunk, int64_t first, int64_t last) {
     backward_rows(in, log_sum_exp, dy, dy_position, g, tables.data() + chunk * table_size, first, last);
