@@ -1,11 +1,12 @@
 """Axial attention for JAX on CPU, computed a block of lines at a time.
 
-This is the one place where medt-keras leaves ``keras.ops`` for JAX itself:
+Here medt-keras leaves ``keras.ops`` for JAX itself:
 ``AxialAttention(attention="blocked")`` calls ``blocked_attention`` on any
 JAX platform, and its default ``attention="auto"`` does where JAX runs on
-the CPU and the attention maps fill at least one block (see ``enabled``);
-everywhere else it uses its ``keras.ops`` form, against which the tests
-check this kernel.
+the CPU, the native kernel (``native_attention``) is not available or not
+usable (float64, several devices), and the attention maps fill at least
+one block (see ``enabled``); everywhere else it uses its ``keras.ops``
+form, against which the tests check this kernel.
 
 Why: written as whole-tensor operations, the attention of a 64-pixel axis
 makes ``(batch, lines, heads, L, L)`` maps of 33 MiB (MedT at 128x128,

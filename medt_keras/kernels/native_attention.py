@@ -1,18 +1,19 @@
-"""Axial attention for inference in native code on x86-64 CPUs with AVX-512.
+"""Axial attention in native code on x86-64 CPUs with AVX-512, forward and backward.
 
-``AxialAttention(attention="auto")`` calls ``attention`` in inference
-(``training=False``) where ``usable`` says yes: Keras on JAX, one CPU
-device, float32, lines of at most 512 positions and at most 64 channels,
-and this module's C++ kernel (``native_attention.cc``, an XLA FFI custom call) built and loaded.
-Everywhere else, and in training, the layer uses
-``medt_keras.kernels.blocked_attention`` or its ``keras.ops`` form as
-before; the tests check the three against each other.
+``AxialAttention(attention="auto")`` calls ``attention``, in training and in
+inference, where ``usable`` says yes: Keras on JAX, one CPU device,
+float32, lines of at most 512 positions and at most 64 channels, and this
+module's C++ kernel (``native_attention.cc``, XLA FFI custom calls) built
+and loaded. Everywhere else the layer uses
+``medt_keras.kernels.blocked_attention`` or its ``keras.ops`` form; the
+tests check the kernel's outputs and gradients against the blocked kernel
+and a float64 reference.
 
-Why: in inference the blocked kernel runs in XLA as a chain of small
-operations, most of them on one thread, and MedT's largest layer took
-20 ms there against 11 ms for one pass per query in C with the rows split
-between the cores (``benchmarks/probes/native_attention.c``; numbers in
-docs/performance.md).
+Why: on the CPU the blocked kernel runs in XLA as a chain of small
+operations, most of them on one thread; this kernel computes each line's
+logits, softmax and weighted sums in one pass and shares the lines between
+XLA's own threads (MedT's largest layer in inference about 50 -> 14 ms;
+docs/performance.md and benchmarks/RESULTS.md have the numbers).
 
 The kernel is compiled on first use, once per machine, with the C++
 compiler on the path (``$CXX``, else ``g++`` or ``c++``) against the XLA
@@ -22,11 +23,7 @@ keyed by the source, jaxlib's version and the compiler. Without a compiler,
 AVX-512 or glibc's vector math library the layer falls back silently
 (``unavailable_reason`` says why); a compiler that fails on this source is
 reported once as a warning. ``MEDT_KERAS_NATIVE_ATTENTION=0`` turns the
-kernel off.
-
-Gradients through it (``jax.grad`` of a model called with
-``training=False``, e.g. saliency maps) are those of the blocked kernel,
-computed from the same inputs.
+kernel off, and so does ``with turned_off():`` within a block.
 """
 
 import contextlib
@@ -138,7 +135,7 @@ _turned_off = []
 
 @contextlib.contextmanager
 def turned_off():
-    """Within this block the layers do not use the kernel (``usable`` says no).
+    """Within this block the layers do not use the kernel (``usable`` says no) when they are traced.
 
     For XLA's cost analysis, which counts no operations in a custom call:
     ``medt-bench`` counts a model's FLOPs with the kernel turned off.
