@@ -11,6 +11,7 @@ import pytest
 from medt_keras.kernels import blocked_attention, native_attention
 from medt_keras.layers import AxialAttention
 from medt_keras.layers._attention_ops import softmax_attention
+from tests.kernels.test_blocked_attention import _inputs as blocked_inputs
 
 
 @pytest.fixture(scope="module")
@@ -22,21 +23,7 @@ def kernel():
 
 
 def _inputs(rng, batch, lines, heads, length, channels, value_channels, positional):
-    def normal(*shape):
-        return jnp.asarray(rng.normal(size=shape), jnp.float32)
-
-    per_line = (batch, lines, heads, length)
-    q, k, v = normal(*per_line, channels), normal(*per_line, channels), normal(*per_line, value_channels)
-    extra = None
-    if positional:
-        extra = (
-            normal(*per_line, channels),
-            normal(*per_line, channels),
-            normal(length, length, channels),
-            normal(length, length, channels),
-            normal(length, length, value_channels),
-        )
-    return q, k, v, extra
+    return blocked_inputs(rng, batch, lines, heads, length, channels, value_channels, positional, dtype="float32")
 
 
 def _float64_reference(inputs):
