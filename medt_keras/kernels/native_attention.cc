@@ -55,6 +55,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <new>
 #include <string>
 #include <thread>
 #include <vector>
@@ -328,7 +329,8 @@ ffi::Error read_inputs(Buffer& q, Buffer& k, Buffer& v, Inputs* in) {
   const int64_t L = in->length, C = in->channels, V = in->value_channels;
   if (L < 1 || L > kMaxLength) return invalid("the length must be 1 to 512");
   if (C < 1 || C > kMaxChannels || V < 1 || V > kMaxChannels) return invalid("channels must be 1 to 64");
-  if (k.element_count() != in->rows * C * L || dv[0] != in->rows || dv[2] != L)
+  auto dk = k.dimensions();
+  if (dk.size() != 3 || dk[0] != in->rows || dk[1] != C || dk[2] != L || dv[0] != in->rows || dv[2] != L)
     return invalid("q and k (rows, C, L) and v (rows, V, L) do not agree");
   in->q = q.typed_data(), in->k = k.typed_data(), in->v = v.typed_data();
   return ffi::Error::Success();
@@ -360,7 +362,12 @@ ffi::Error backward(ffi::ThreadPool& pool, const Inputs& in, const float* log_su
   // channels).
   const int64_t chunks = std::min(chunk_count(pool, in.rows),
                                   std::max<int64_t>(1, (int64_t{1} << 26) / std::max<int64_t>(1, table_size)));
-  std::vector<float> tables(static_cast<size_t>(chunks * table_size), 0.f);
+  std::vector<float> tables;
+  try {
+    tables.assign(static_cast<size_t>(chunks * table_size), 0.f);
+  } catch (const std::bad_alloc&) {
+    return ffi::Error::Internal("medt native attention: out of memory for the table gradients");
+  }
   parallel_rows(pool, in.rows, chunks, [&](int64_t chunk, int64_t first, int64_t last) {
     backward_rows(in, log_sum_exp, dy, dy_position, g, tables.data() + chunk * table_size, first, last);
   });

@@ -93,8 +93,8 @@ def _compiler_version(compiler):
     return done.stdout.splitlines()[0] if done.stdout else ""
 
 
-def _build(compiler):
-    """The path of the compiled library, building it if this machine has none yet."""
+def _build(compiler, rebuild=False):
+    """The path of the compiled library, building it if this machine has none yet (or ``rebuild``)."""
     import jaxlib
 
     include = jax.ffi.include_dir()
@@ -107,7 +107,7 @@ def _build(compiler):
     ).hexdigest()[:20]
     folder = cache_dir()
     library = folder / f"native_attention-{key}.so"
-    if library.exists():
+    if library.exists() and not rebuild:
         return library
     folder.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed into place: processes that
@@ -119,6 +119,8 @@ def _build(compiler):
         done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0:
             raise _BuildError(f"{' '.join(command)} failed:\n{done.stderr.strip()[-2000:]}")
+        # mkstemp made the file private; a shared cache folder needs it readable.
+        os.chmod(temporary, 0o755)
         os.replace(temporary, library)
     finally:
         if os.path.exists(temporary):
@@ -160,6 +162,9 @@ def unavailable_reason():
     return _built_reason()
 
 
+_registered = []
+
+
 @functools.cache
 def _built_reason():
     if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
@@ -170,13 +175,23 @@ def _built_reason():
     if compiler is None:
         return "no C++ compiler found ($CXX, g++ or c++)"
     try:
-        library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
-        for target, symbol in (*_TARGETS.values(), *_BACKWARD_TARGETS.values()):
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        try:
+            library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+        except OSError:
+            # A cached file that does not load (truncated, or another user's
+            # unreadable one): build it again once.
+            library = ctypes.cdll.LoadLibrary(str(_build(compiler, rebuild=True)))
+        # XLA keeps the first registration of a name for the process (a
+        # second one from another copy of the library is an error), so a
+        # process registers once.
+        if not _registered:
+            for target, symbol in (*_TARGETS.values(), *_BACKWARD_TARGETS.values()):
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+            _registered.append(str(library._name))
     except (_BuildError, OSError, subprocess.SubprocessError, AttributeError) as error:
         warnings.warn(
-            f"medt-keras: the native attention kernel could not be built or loaded, so inference on the CPU "
-            f"uses the slower JAX kernel. {error}",
+            f"medt-keras: the native attention kernel could not be built or loaded, so the attention layers "
+            f"use the slower JAX kernel on this CPU. {error}",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -202,9 +217,47 @@ def attention(q, k, v, positional=None):
 
     Float32 only; see ``usable``. Differentiable: the backward pass is
     native too and recomputes the weights from each query's log-sum-exp,
-    as the blocked kernel does.
+    as the blocked kernel does. Raises ``RuntimeError`` where the kernel is
+    not available (``unavailable_reason``) and ``ValueError`` for inputs
+    whose shapes or dtypes do not agree.
     """
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"the native attention kernel is not available: {reason}")
+    _check_inputs(q, k, v, positional)
     return _native_attention(q, k, v, positional)
+
+
+def _check_inputs(q, k, v, positional):
+    shape = tuple(q.shape)
+    if len(shape) != 5 or v.ndim != 5:
+        raise ValueError(
+            f"native attention: q and v must be (batch, lines, heads, L, channels); got {shape} and {tuple(v.shape)}"
+        )
+    length = shape[3]
+    expected = {"q": (q, shape), "k": (k, shape), "v": (v, shape[:4] + (v.shape[-1],))}
+    if positional is not None:
+        if len(positional) != 5:
+            raise ValueError(f"positional must be (p, r, q_table, k_table, v_table); got {len(positional)} arrays")
+        p, r, q_table, k_table, v_table = positional
+        channels, value_channels = shape[4], v.shape[-1]
+        expected.update(
+            p=(p, shape),
+            r=(r, shape),
+            q_table=(q_table, (length, length, channels)),
+            k_table=(k_table, (length, length, channels)),
+            v_table=(v_table, (length, length, value_channels)),
+        )
+    for name, (x, want) in expected.items():
+        if tuple(x.shape) != want:
+            raise ValueError(f"native attention: {name} has shape {tuple(x.shape)}, expected {want}")
+        if jnp.dtype(x.dtype) != jnp.float32:
+            raise ValueError(f"native attention: {name} is {jnp.dtype(x.dtype).name}; the kernel takes float32")
+    if length > MAX_LENGTH or max(shape[4], v.shape[-1]) > MAX_CHANNELS:
+        raise ValueError(
+            f"native attention: lines of at most {MAX_LENGTH} positions and {MAX_CHANNELS} channels; "
+            f"got L={length}, c={shape[4]}, value channels={v.shape[-1]}"
+        )
 
 
 def _per_line_layout(x):

@@ -241,6 +241,9 @@ def test_a_built_library_is_reused_without_compiling(tmp_path, monkeypatch):
 
 
 def test_unavailable_without_a_compiler_falls_back_with_a_reason(kernel, monkeypatch):
+    calls = []
+    original = native_attention._native_attention
+    monkeypatch.setattr(native_attention, "_native_attention", lambda *a: calls.append(1) or original(*a))
     monkeypatch.setattr(native_attention, "_compiler", lambda: None)
     native_attention._built_reason.cache_clear()
     try:
@@ -248,7 +251,38 @@ def test_unavailable_without_a_compiler_falls_back_with_a_reason(kernel, monkeyp
         x = np.random.default_rng(7).normal(size=(1, 16, 16, 8)).astype("float32")
         y = AxialAttention(8, num_heads=2)(x, training=False)
         assert np.isfinite(np.asarray(y)).all()
+        assert calls == []
+        with pytest.raises(RuntimeError, match="not available: no C\\+\\+ compiler"):
+            native_attention.attention(*_inputs(np.random.default_rng(7), 1, 1, 1, 16, 2, 3, False))
     finally:
         monkeypatch.undo()
         native_attention._built_reason.cache_clear()
         native_attention.unavailable_reason()
+
+
+def test_inputs_that_do_not_agree_are_a_clear_error(kernel):
+    q, k, v, positional = _inputs(np.random.default_rng(10), 1, 2, 2, 16, 2, 3, True)
+    with pytest.raises(ValueError, match=r"k has shape \(1, 2, 2, 8, 4\), expected \(1, 2, 2, 16, 2\)"):
+        kernel(q, jnp.reshape(k, (1, 2, 2, 8, 4)), v, positional)
+    with pytest.raises(ValueError, match="v_table has shape"):
+        kernel(q, k, v, positional[:4] + (positional[4][:, :8],))
+    with pytest.raises(ValueError, match="v is float16; the kernel takes float32"):
+        kernel(q, k, v.astype(jnp.float16), None)
+    with pytest.raises(ValueError, match="must be"):
+        kernel(q[0], k, v, None)
+
+
+def test_a_cached_library_that_does_not_load_is_built_again(kernel, tmp_path, monkeypatch):
+    monkeypatch.setenv(native_attention.CACHE_ENVIRONMENT, str(tmp_path / "cache"))
+    compiler = native_attention._compiler()
+    path = native_attention._build(compiler)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o755)
+    path.write_bytes(b"not a library")
+    native_attention._built_reason.cache_clear()
+    try:
+        assert native_attention.unavailable_reason() is None
+        assert path.read_bytes()[:4] == b"\x7fELF"
+    finally:
+        native_attention._built_reason.cache_clear()
+        native_attention.unavailable_reason()
+
