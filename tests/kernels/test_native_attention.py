@@ -12,6 +12,7 @@ from medt_keras.kernels import blocked_attention, native_attention
 from medt_keras.layers import AxialAttention
 from medt_keras.layers._attention_ops import softmax_attention
 from tests.kernels.test_blocked_attention import _inputs as blocked_inputs
+from tests.layers.test_axial_attention import _gradients_and_updates, _twin_layers
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +143,9 @@ def test_usable_only_for_float32_and_lines_of_at_most_512_positions_and_64_chann
     assert not native_attention.usable((1, 2, 2, 64, 32), "float32", value_channels=65)
 
 
-def _twins(x, **variants):
-    layers = [AxialAttention(8, num_heads=2, gated=True, gates_trainable=True, **variant) for variant in variants.values()]
-    for layer in layers:
-        layer.build(x.shape)
-    for layer in layers[1:]:
-        for target, source in zip(layer.variables, layers[0].variables):
-            target.assign(source.value)
-    return layers
+def _twins(x):
+    # A gated positional layer with the native kernel ("auto") and its twin on the blocked kernel.
+    return _twin_layers(x, "height", True, True, [{}, {"attention": "blocked"}], dtype="float32", batch_groups=1)
 
 
 def test_layer_uses_it_in_float32_training_and_inference(kernel, monkeypatch):
@@ -157,7 +153,7 @@ def test_layer_uses_it_in_float32_training_and_inference(kernel, monkeypatch):
     original = native_attention.attention
     monkeypatch.setattr(native_attention, "attention", lambda *a: calls.append(1) or original(*a))
     x = np.random.default_rng(6).normal(size=(2, 16, 16, 8)).astype("float32")
-    layer, blocked = _twins(x, auto={}, blocked={"attention": "blocked"})
+    layer, blocked = _twins(x)
     y = np.asarray(layer(x, training=False))
     assert calls == [1]
     np.testing.assert_allclose(y, np.asarray(blocked(x, training=False)), rtol=1e-4, atol=1e-5)
@@ -171,20 +167,13 @@ def test_layer_uses_it_in_float32_training_and_inference(kernel, monkeypatch):
 def test_layer_training_step_matches_the_blocked_kernel(kernel):
     # Outputs, every trainable variable's gradient (tables and gates among
     # them) and the BatchNorm updates of one training call, float32.
-    import keras
-
     x = np.random.default_rng(9).normal(size=(2, 16, 16, 8)).astype("float32")
     results = []
-    for layer in _twins(x, auto={}, blocked={"attention": "blocked"}):
-        trainable = [v.value for v in layer.trainable_variables]
-        non_trainable = [v.value for v in layer.non_trainable_variables]
-
-        def loss(trainable, layer=layer, non_trainable=non_trainable):
-            y, updated = layer.stateless_call(trainable, non_trainable, x, training=True)
-            weights = keras.ops.reshape(keras.ops.arange(y.size, dtype=y.dtype), y.shape) / y.size
-            return keras.ops.sum(keras.ops.sin(y) * weights), updated
-
-        (value, updated), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
+    for layer in _twins(x):
+        y, grads, _, updated = _gradients_and_updates(layer, x)
+        y = np.asarray(y, np.float64)
+        # The loss _gradients_and_updates differentiates.
+        value = np.sum(np.sin(y) * np.arange(y.size).reshape(y.shape) / y.size)
         results.append((value, grads, updated))
     (value, grads, updated), (expected_value, expected_grads, expected_updated) = results
     np.testing.assert_allclose(float(value), float(expected_value), rtol=1e-5)

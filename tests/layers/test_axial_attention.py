@@ -192,11 +192,11 @@ def _gradients_and_updates(layer, x):
     return y, grads, x_grad, updated
 
 
-def _twin_layers(x, axis, positional, gated, variants):
-    """float64 layers for input ``x`` differing only by ``variants`` (one dict each), all with the first's weights."""
+def _twin_layers(x, axis, positional, gated, variants, dtype="float64", batch_groups=2):
+    """Layers for input ``x`` differing only by ``variants`` (one dict each), all with the first's weights."""
     layers = [
         AxialAttention(8, num_heads=2, axis=axis, positional_encoding=positional, gated=gated,
-                       gates_trainable=gated, batch_groups=2, dtype="float64", **variant)
+                       gates_trainable=gated, batch_groups=batch_groups, dtype=dtype, **variant)
         for variant in variants
     ]
     for layer in layers:
