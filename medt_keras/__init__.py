@@ -6,8 +6,8 @@ foreground metrics), so ``keras.saving.load_model`` needs nothing else.
 """
 
 from medt_keras import _backend  # noqa: F401  (must run before keras is imported)
-from medt_keras import files, layers, metrics, optimizers
-from medt_keras._backend import enable_float64, tune_cpu_compiler
+from medt_keras import compiler, files, layers, metrics, optimizers
+from medt_keras._backend import enable_float64
 from medt_keras.errors import LoadError
 from medt_keras.loading import load
 from medt_keras.metrics import ForegroundF1, ForegroundIoU
@@ -27,6 +27,7 @@ __all__ = [
     "LoadError",
     "MedT",
     "OfficialAdam",
+    "compiler",
     "enable_float64",
     "files",
     "get_spec",
@@ -34,5 +35,4 @@ __all__ = [
     "load",
     "metrics",
     "optimizers",
-    "tune_cpu_compiler",
 ]

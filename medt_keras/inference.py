@@ -24,6 +24,8 @@ import weakref
 
 import numpy as np
 
+from medt_keras import compiler
+
 BLENDS = ("gaussian", "linear", "uniform")
 
 
@@ -89,7 +91,7 @@ def _program(model):
             logits, _ = owner().stateless_call(trainable, non_trainable, tiles, training=False)
             return jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1)
 
-        program = jax.jit(probabilities)
+        program = compiler.jit(probabilities, "inference")
         _PROGRAMS[model] = program
     return program
 

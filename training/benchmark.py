@@ -8,8 +8,9 @@ analysis of the same forward, and of forward plus backward for training:
 the optimiser update is left out, a negligible share) and the achieved fraction of the
 device's measured peak (a large float32 matrix product). Each measurement
 runs in a fresh process so its peak memory is its own; ours in one process
-per workload, each under its command's XLA CPU compiler setting
-(``medt-train``'s for training, the library import's for inference).
+per workload (each program compiles with its workload's XLA options,
+``medt_keras.compiler``, as in ``medt-train``, ``medt-predict`` or a user's
+own ``fit``).
 
 With ``--official PATH`` (a checkout of the official MedT repository; none
 of its code is part of this project) the official PyTorch model is timed
@@ -156,14 +157,13 @@ def _time_then_sample(step, repeats, sampled_steps=2):
 def measure_keras(model_name, size, batch, infer_batch, repeats, workload, rematerialize=False, dtype="float32"):
     """Our model's training step ("train") or inference batch ("infer"), timed after compilation, with FLOPs and memory.
 
-    Under the compiler setting of the workload's command (``medt-train``'s
-    for training, the import's for inference; ``_set_compiler_for``): the
-    plain and ``--separate`` runs call it once per workload, each in its
-    own process (``_measure_keras_per_workload``).
+    The model's programs carry their workload's XLA options
+    (``medt_keras.compiler``); the plain and ``--separate`` runs call it
+    once per workload, each in its own process
+    (``_measure_keras_per_workload``).
     """
     import numpy as np
 
-    _set_compiler_for(workload)  # before anything starts JAX
     import jax
     import keras
     from medt_keras.kernels import native_attention
@@ -197,6 +197,7 @@ def measure_keras(model_name, size, batch, infer_batch, repeats, workload, remat
         "dtype": dtype,
         "device": str(jax.devices()[0].device_kind),
         "xla_flags": {workload: os.environ.get("XLA_FLAGS", "")},
+        "compiler_options": {workload: _compiler_options_of(workload)},
     }
     if workload == "train":
         start = time.perf_counter()
@@ -240,10 +241,12 @@ def _measure_keras_per_workload(run_child, spec):
     """``measure_keras`` in one child process per workload, merged into one result (the larger peak RSS)."""
     train = run_child(dict(spec, workload="train"))
     infer = run_child(dict(spec, workload="infer"))
-    merged = dict(train, **{k: v for k, v in infer.items() if k not in ("compile_seconds", "peak_rss_gib", "xla_flags")})
+    merged = dict(train, **{k: v for k, v in infer.items()
+                            if k not in ("compile_seconds", "peak_rss_gib", "xla_flags", "compiler_options")})
     merged["compile_seconds"] = train["compile_seconds"] + infer["compile_seconds"]
     merged["peak_rss_gib"] = max(train["peak_rss_gib"], infer["peak_rss_gib"])
     merged["xla_flags"] = dict(train["xla_flags"], **infer["xla_flags"])
+    merged["compiler_options"] = dict(train.get("compiler_options", {}), **infer.get("compiler_options", {}))
     return merged
 
 
@@ -708,12 +711,12 @@ def describe_official(config):
 
 
 def describe_ours(rematerialize=False, dtype="float32", threads=None, workload=None):
-    """E.g. ``medt-keras float32, XLA default threads (2), medt-train's CPU compiler setting``."""
+    """E.g. ``medt-keras float32, XLA default threads (2), training's CPU compiler options``."""
     text = f"medt-keras {dtype}"
     text += ", rematerialize" if rematerialize else ""
     text += f", XLA default threads ({threads or os.cpu_count()})"
     if workload is not None:
-        text += ", medt-train's CPU compiler setting" if workload == "train" else ", the import's CPU compiler setting"
+        text += ", training's CPU compiler options" if workload == "train" else ", inference's CPU compiler options"
     return text
 
 
@@ -822,30 +825,23 @@ def _timed_steps(step, repeats, warmup, give_up_after=None):
     return {"seconds": seconds, "cpu_seconds": cpu}
 
 
-def _set_compiler_for(workload):
-    """XLA's CPU compiler as the command of ``workload`` sets it: ``medt-train``'s for "train", the import's otherwise.
+def _compiler_options_of(workload):
+    """The XLA options the models' programs of ``workload`` ("train" or "infer") compile with (``medt_keras.compiler``)."""
+    from medt_keras import compiler
 
-    Imports medt_keras (the JAX backend, the import's setting); call it before anything starts JAX.
-    """
-    import medt_keras
-
-    if workload == "train":
-        medt_keras.tune_cpu_compiler("training")
+    return compiler.compiler_options("training" if workload == "train" else "inference")
 
 
 class _KerasTimer:
     """Our model, compiled once, timed on request (the worker of the interleaved comparison).
 
-    With ``workload`` ("train" or "infer") the process sets XLA's CPU
-    compiler as that workload's command does (``medt-train`` for training,
-    the library's import for inference; ``medt_keras._backend``) and
-    compiles that workload only; without it, the import's setting and both.
+    With ``workload`` ("train" or "infer") it compiles that workload only;
+    without it, both. Each program carries its workload's XLA options.
     """
 
     def __init__(self, model_name, size, batch, infer_batch, rematerialize=False, dtype="float32", workload=None):
         import numpy as np
 
-        _set_compiler_for(workload)  # before anything starts JAX
         import jax
         import keras
         from medt_keras.models.registry import get_spec
@@ -867,6 +863,7 @@ class _KerasTimer:
             "device": str(jax.devices()[0].device_kind),
             "config": describe_ours(rematerialize, dtype, workload=workload),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "compiler_options": {name: _compiler_options_of(name) for name in ("train", "infer")},
         }
 
     def train(self, config=None):
@@ -1089,8 +1086,7 @@ def compare_with_official(model, size, args, allocator, env, description, log=pr
                          size=size, batch=args.batch, infer_batch=args.infer_batch,
                          interop_threads=configs[0]["interop_threads"])
     with contextlib.ExitStack() as stack:
-        # One process per workload, each under the compiler setting its command uses (medt-train's
-        # for training, the import's for inference; see medt_keras._backend).
+        # One process per workload: each keeps its own peak memory and compiles only its program.
         ours = {workload: stack.enter_context(_Worker(dict(common, kind="keras", workload=workload, **variant), env))
                 for workload in ("train", "infer")}
         officials = {}  # OMP_WAIT_POLICY -> worker: the policy is read when OpenMP starts
@@ -1322,7 +1318,6 @@ def measure_train_profile(model_name, size, batch, repeats=5, profile_steps=2, t
 
     import numpy as np
 
-    _set_compiler_for(workload)  # while JAX has not started
     import jax
     import keras
     from medt_keras.models.registry import get_spec
@@ -1671,7 +1666,7 @@ def main(argv=None):
                 else:
                     spec.update(rematerialize=remat, dtype=args.dtype)
                 try:
-                    # Ours: each workload in its own process, under its command's compiler setting.
+                    # Ours: each workload in its own process.
                     result = _run_child(spec) if kind == "official" else _measure_keras_per_workload(_run_child, spec)
                 except RuntimeError as error:
                     # One size too large for one implementation must not lose the rest.

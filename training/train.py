@@ -32,7 +32,6 @@ import time
 
 import medt_keras  # noqa: F401  (selects the JAX backend before keras is imported)
 from medt_keras import files
-from medt_keras._backend import prepare_rematerialization, tune_cpu_compiler
 
 import numpy as np
 
@@ -320,9 +319,6 @@ def _set_up(config, resume, multi_process, require_accelerator):
     """Devices, data, the compiled model and, on resume, the saved state."""
     directory = config.output_dir or os.path.join("runs", "run")
     config = dataclasses.replace(config, output_dir=directory)
-    if config.rematerialize:
-        # Before anything starts JAX: on CPU it sets a compiler flag.
-        prepare_rematerialization()
     # First: a multi-process run must initialise before JAX starts, and
     # reading an Orbax run state starts it. A resume cannot change these fields.
     process_index, process_count, device_count = distribution.configure(
@@ -600,8 +596,6 @@ def evaluate_test_tiled(model, batches, config, directory):
 
 
 def main(argv=None):
-    # XLA's CPU compiler set for training, while JAX has not started.
-    tune_cpu_compiler("training")
     parser = parser_with_overrides(prog="medt-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="gated_hela", help=f"one of: {', '.join(config_names())}, or a .py file")
     parser.add_argument("--resume", action="store_true", help="continue the run in the output directory")

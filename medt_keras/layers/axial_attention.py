@@ -6,7 +6,6 @@ import math
 import keras
 from keras import ops
 
-from medt_keras._backend import prepare_rematerialization
 from medt_keras.initializers import Normal
 from medt_keras.layers import _attention_ops as attention_ops
 from medt_keras.layers.batch_norm import BatchNorm
@@ -71,8 +70,10 @@ class AxialAttention(keras.layers.Layer):
             ``RematScope`` cannot wrap this layer: its BatchNorms update
             variables, which a rematerialised function may not; this option
             rematerialises the computation and applies the updates outside.)
-            On CPU it needs an XLA flag that must be set before JAX starts;
-            see ``medt_keras._backend.prepare_rematerialization``.
+            On CPU the training program needs an XLA option to save memory
+            by it (``medt_keras.compiler.REMATERIALIZATION_OPTIONS``), which
+            the models' training functions carry; in a model of your own,
+            jit with ``compiler.jit(fun, "training", rematerialize=True)``.
         attention: how the softmax attention is computed, the same
             function either way (equal in float64):
 
@@ -146,8 +147,6 @@ class AxialAttention(keras.layers.Layer):
         self.gates_trainable = bool(gates_trainable)
         self.batch_groups = int(batch_groups)
         self.rematerialize = bool(rematerialize)
-        if self.rematerialize:
-            prepare_rematerialization()
         self.attention = attention
         self.head_channels = head_channels
 

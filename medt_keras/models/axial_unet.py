@@ -6,8 +6,7 @@ The official ``ResAxialAttentionUNet`` (builders ``axialunet`` and
 
 import keras
 
-from medt_keras import _backend  # noqa: F401
-from medt_keras._backend import prepare_rematerialization
+from medt_keras import compiler
 from medt_keras.initializers import FanInUniform
 from medt_keras.layers import AxialBlock, BatchNorm, PatchProductConv2D
 from medt_keras.preprocessing import check_preprocessing
@@ -161,6 +160,23 @@ class OfficialModel(keras.Model):
             setattr(self, key, value)
         self.preprocessing = check_preprocessing(preprocessing)
 
+    # Keras' functions for fit / evaluate / predict, each compiled with the
+    # XLA options of its workload (medt_keras.compiler): per program, so a
+    # user's own fit gets what medt-train gets and nothing else in the
+    # process changes.
+    def make_train_function(self, force=False):
+        rematerialize = bool(self.hyperparameters.get("rematerialize"))
+        with compiler.keras_jit_options("training", rematerialize=rematerialize):
+            return super().make_train_function(force)
+
+    def make_test_function(self, force=False):
+        with compiler.keras_jit_options("inference"):
+            return super().make_test_function(force)
+
+    def make_predict_function(self, force=False):
+        with compiler.keras_jit_options("inference"):
+            return super().make_predict_function(force)
+
     def get_config(self):
         config = {"name": self.name, "trainable": self.trainable}
         config.update(self.hyperparameters)
@@ -228,8 +244,6 @@ class AxialUNet(OfficialModel):
         dtype=None,
         **kwargs,
     ):
-        if rematerialize:
-            prepare_rematerialization()  # before any weight starts JAX
         blocks = check_blocks(blocks)
         img_size = image_size(img_size)
         inputs = image_input(img_size, in_channels, dtype, 32)

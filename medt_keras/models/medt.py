@@ -2,8 +2,6 @@
 
 import keras
 
-from medt_keras import _backend  # noqa: F401
-from medt_keras._backend import prepare_rematerialization
 from medt_keras.layers import PatchFold, PatchUnfold, UnusedOfficialWeights
 from medt_keras.models.axial_unet import (
     DECODER_WIDTHS,
@@ -72,8 +70,6 @@ class LoGo(OfficialModel):
         dtype=None,
         **kwargs,
     ):
-        if rematerialize:
-            prepare_rematerialization()  # before any weight starts JAX
         blocks = check_blocks(blocks)
         s = width_scale
         img_size = image_size(img_size)

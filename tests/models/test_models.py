@@ -172,34 +172,3 @@ def test_mixed_bfloat16_policy_trains_with_float32_statistics():
     assert np.isfinite(loss)
     norms = [v for v in model.non_trainable_variables if "moving_variance" in v.path]
     assert norms and all(v.dtype == "float32" and np.all(np.isfinite(np.asarray(v.value))) for v in norms)
-
-
-def test_rematerialize_sets_the_cpu_scheduler_flag_before_jax_starts():
-    import subprocess
-    import sys
-
-    code = (
-        "import os, medt_keras, jax\n"
-        "from medt_keras._backend import CPU_REMAT_XLA_FLAG\n"
-        "assert CPU_REMAT_XLA_FLAG not in os.environ.get('XLA_FLAGS', '')\n"
-        f"medt_keras.GatedAxialUNet(img_size={TINY_IMG_SIZE}, **{TINY!r}, rematerialize=True)\n"
-        "assert CPU_REMAT_XLA_FLAG in os.environ['XLA_FLAGS']\n"
-        "print('flag set')\n"
-    )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.returncode == 0 and "flag set" in out.stdout, out.stderr[-2000:]
-
-
-def test_rematerialize_after_jax_started_on_cpu_warns(monkeypatch):
-    import jax
-
-    from medt_keras import _backend
-
-    jax.devices()  # JAX has started
-    monkeypatch.setattr(_backend, "_warned_late_flag", False)
-    monkeypatch.setenv("XLA_FLAGS", "")
-    if jax.default_backend() != "cpu":
-        pytest.skip("the flag concerns the CPU compiler only")
-    with pytest.warns(UserWarning, match="xla_cpu_enable_concurrency_optimized_scheduler"):
-        medt_keras.GatedAxialUNet(img_size=TINY_IMG_SIZE, rematerialize=True, **TINY)
