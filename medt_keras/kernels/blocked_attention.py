@@ -2,11 +2,10 @@
 
 Here medt-keras leaves ``keras.ops`` for JAX itself:
 ``AxialAttention(attention="blocked")`` calls ``blocked_attention`` on any
-JAX platform, and its default ``attention="auto"`` does where JAX runs on
-the CPU, the native kernel (``native_attention``) is not available or not
-usable (float64, several devices), and the attention maps fill at least
-one block (see ``enabled``); everywhere else it uses its ``keras.ops``
-form, against which the tests check this kernel.
+JAX platform, and its default ``attention="auto"`` does on the CPU where
+the native kernel cannot run and the maps are large enough
+(``dispatch``); the tests check this kernel against the ``keras.ops``
+form.
 
 Why: written as whole-tensor operations, the attention of a 64-pixel axis
 makes ``(batch, lines, heads, L, L)`` maps of 33 MiB (MedT at 128x128,
@@ -56,28 +55,6 @@ _BROADCAST_CHANNELS = 4
 # batched matrix product beat one broadcast reduction per channel
 # (docs/performance.md).
 _MAP_BROADCAST_CHANNELS = 1
-
-
-def enabled(shape=None, training=True):
-    """Whether ``AxialAttention(attention="auto")`` uses this kernel for queries of ``shape``.
-
-    Yes where JAX runs on the CPU and, given ``shape`` ``(batch, lines,
-    heads, L, c)``, the layer's maps fill at least one block in training
-    (``training`` true) and more than one in inference. Smaller maps gain
-    little and pay for compiling the loops. In training the kernel won from
-    one block on, as its broadcast products and hand-written backward pass
-    replace batched matrix products of tiny matrices; in inference, where
-    the ``keras.ops`` form is one fused pass with no backward, a map of
-    exactly one block was faster without the loop (timings in
-    docs/performance.md).
-    """
-    if jax.default_backend() != "cpu":
-        return False
-    if shape is None:
-        return True
-    batch, lines, heads, length = shape[:4]
-    elements = batch * lines * heads * length * length
-    return elements >= BLOCK_ELEMENTS if training else elements > BLOCK_ELEMENTS
 
 
 def blocked_attention(q, k, v, positional=None):

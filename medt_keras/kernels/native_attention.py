@@ -1,11 +1,10 @@
 """Axial attention in native code on x86-64 CPUs with AVX-512, forward and backward.
 
-``AxialAttention(attention="auto")`` calls ``attention``, in training and in
-inference, where ``usable`` says yes: Keras on JAX, one CPU device,
-float32, lines of at most 512 positions and at most 64 channels, and this
-module's C++ kernel (``native_attention.cc``, XLA FFI custom calls) built
-and loaded. Everywhere else the layer uses
-``medt_keras.kernels.blocked_attention`` or its ``keras.ops`` form; the
+``AxialAttention(attention="native")`` calls ``attention``, in training and
+in inference, and so does ``attention="auto"`` where it can run
+(``dispatch``): Keras on JAX, one CPU device, float32, lines of at most 512
+positions and at most 64 channels, and this module's C++ kernel
+(``native_attention.cc``, XLA FFI custom calls) built and loaded. The
 tests check the kernel's outputs and gradients against the blocked kernel
 and a float64 reference.
 
@@ -41,6 +40,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from medt_keras.errors import KernelUnavailableError
 
 SWITCH = "MEDT_KERAS_NATIVE_ATTENTION"
 CACHE_ENVIRONMENT = "MEDT_KERAS_CACHE_DIR"
@@ -137,7 +138,7 @@ _turned_off = []
 
 @contextlib.contextmanager
 def turned_off():
-    """Within this block the layers do not use the kernel (``usable`` says no) when they are traced.
+    """Within this block layers with ``attention="auto"`` traced do not take the kernel.
 
     For XLA's cost analysis, which counts no operations in a custom call:
     ``medt-bench`` counts a model's FLOPs with the kernel turned off.
@@ -149,17 +150,31 @@ def turned_off():
         _turned_off.pop()
 
 
-def unavailable_reason():
-    """``None`` where the kernel is built and registered with XLA, else why not (a sentence).
+def turned_off_reason():
+    """Why ``attention="auto"`` is not to take the kernel now (``SWITCH`` or ``turned_off``), else ``None``.
 
-    Builds the kernel the first time it is called on a machine that can run
-    it (a few seconds); later processes load the cached library.
+    The switches concern "auto" only: ``attention="native"`` names the
+    kernel and gets it wherever it is built.
     """
     if os.environ.get(SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return f"turned off by {SWITCH}={os.environ[SWITCH]}"
     if _turned_off:
         return "turned off by native_attention.turned_off()"
+    return None
+
+
+def build_reason():
+    """``None`` where the kernel is built for this CPU and registered with XLA, else why not (a sentence).
+
+    Builds the kernel the first time it is called on a machine that can run
+    it (a few seconds); later processes load the cached library.
+    """
     return _built_reason()
+
+
+def unavailable_reason():
+    """``None`` where ``attention="auto"`` may take the kernel (built, not turned off), else why not."""
+    return turned_off_reason() or build_reason()
 
 
 _registered = []
@@ -199,31 +214,19 @@ def _built_reason():
     return None
 
 
-def usable(shape, dtype, value_channels=None):
-    """Whether ``attention`` can run queries of ``shape`` ``(batch, lines, heads, L, c)`` in ``dtype`` here.
-
-    ``value_channels``: those of the values, if not ``c``. Lines of up to
-    512 positions, up to 64 channels of each.
-    """
-    if jnp.dtype(dtype) != jnp.float32 or jax.default_backend() != "cpu" or len(jax.devices()) != 1:
-        return False
-    if shape[3] > MAX_LENGTH or max(shape[4], value_channels or 0) > MAX_CHANNELS:
-        return False
-    return unavailable_reason() is None
-
-
 def attention(q, k, v, positional=None):
     """``blocked_attention.blocked_attention``'s function, in native code; same arguments and outputs.
 
-    Float32 only; see ``usable``. Differentiable: the backward pass is
-    native too and recomputes the weights from each query's log-sum-exp,
-    as the blocked kernel does. Raises ``RuntimeError`` where the kernel is
-    not available (``unavailable_reason``) and ``ValueError`` for inputs
-    whose shapes or dtypes do not agree.
+    Float32 only; ``dispatch.native_unavailable_reason`` says where it
+    runs. Differentiable: the backward pass is native too and recomputes
+    the weights from each query's log-sum-exp, as the blocked kernel does.
+    Raises ``KernelUnavailableError`` (a ``RuntimeError``) where the kernel
+    is not built (``build_reason``) and ``ValueError`` for inputs whose
+    shapes or dtypes do not agree.
     """
-    reason = unavailable_reason()
+    reason = build_reason()
     if reason is not None:
-        raise RuntimeError(f"the native attention kernel is not available: {reason}")
+        raise KernelUnavailableError(f"the native attention kernel is not available: {reason}")
     _check_inputs(q, k, v, positional)
     return _native_attention(q, k, v, positional)
 

@@ -7,6 +7,7 @@ import keras
 from keras import ops
 
 from medt_keras.initializers import Normal
+from medt_keras.kernels import dispatch
 from medt_keras.layers import _attention_ops as attention_ops
 from medt_keras.layers.batch_norm import BatchNorm
 
@@ -14,7 +15,7 @@ _AXES = ("height", "width")
 
 # The implementations of the softmax attention ``AxialAttention`` chooses
 # from (its ``attention`` argument).
-ATTENTION_IMPLEMENTATIONS = ("auto", "keras_ops", "blocked")
+ATTENTION_IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
 
 
 @keras.saving.register_keras_serializable(package="medt_keras")
@@ -75,22 +76,15 @@ class AxialAttention(keras.layers.Layer):
             the models' training functions carry; in a model of your own,
             jit with ``compiler.jit(fun, "training", rematerialize=True)``.
         attention: how the softmax attention is computed, the same
-            function either way (equal in float64):
-
-            * ``"auto"`` (default): where Keras runs on JAX and JAX on
-              one CPU device, in float32 the native kernel
-              ``medt_keras.kernels.native_attention`` where it is built
-              for this CPU (x86-64 with AVX-512; see that module), else
-              ``"blocked"`` where the layer's attention maps fill at least
-              one block in training, more than one in inference
-              (``medt_keras.kernels.blocked_attention.enabled``);
-              ``"keras_ops"`` everywhere else (GPU, TPU, other backends);
-            * ``"keras_ops"``: whole-tensor ``keras.ops``, on any backend
-              and platform; XLA fuses it on GPU and TPU;
-            * ``"blocked"``: the pure-JAX kernel
-              ``medt_keras.kernels.blocked_attention`` (a block of lines at
-              a time, maps recomputed in the backward pass), on any JAX
-              platform; an error on other Keras backends.
+            function either way (equal in float64): ``"auto"`` (default:
+            the fastest that runs here), ``"keras_ops"`` (whole-tensor
+            ``keras.ops``, any backend and platform), ``"blocked"`` (the
+            pure-JAX kernel ``medt_keras.kernels.blocked_attention``) or
+            ``"native"`` (the native CPU kernel
+            ``medt_keras.kernels.native_attention``).
+            ``medt_keras.kernels.dispatch`` says which ``"auto"`` takes
+            where; a named kernel that cannot run the layer raises
+            ``medt_keras.errors.KernelUnavailableError`` saying why.
 
     Numerics: when the compute dtype is float16 or bfloat16 (a
     ``mixed_*`` policy), both implementations compute the logits, the
@@ -118,13 +112,7 @@ class AxialAttention(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention!r}.")
-        if attention == "blocked" and keras.backend.backend() != "jax":
-            raise ValueError(
-                f'attention="blocked" is a JAX kernel; the Keras backend is {keras.backend.backend()!r}. '
-                'Use attention="keras_ops" (or "auto").'
-            )
+        dispatch.check_name(attention)
         if axis not in _AXES:
             raise ValueError(f"axis must be one of {_AXES}, got {axis!r}.")
         if filters % num_heads:
@@ -345,11 +333,12 @@ class AxialAttention(keras.layers.Layer):
         ``keras.ops``, which the kernels' tests check them against, as the
         ``attention`` argument chooses.
         """
-        if _uses_native_kernel(self.attention, q.shape, q.dtype, v.shape[-1]):
+        implementation = dispatch.choose(self.attention, q.shape, q.dtype, v.shape[-1], training=bool(training))
+        if implementation == "native":
             from medt_keras.kernels import native_attention
 
             return native_attention.attention(q, k, v, positional)
-        if _uses_blocked_kernel(self.attention, q.shape, training):
+        if implementation == "blocked":
             from medt_keras.kernels import blocked_attention
 
             return blocked_attention.blocked_attention(q, k, v, positional)
@@ -435,23 +424,3 @@ class AxialAttention(keras.layers.Layer):
             }
         )
         return config
-
-
-def _uses_blocked_kernel(attention, shape, training):
-    """Whether ``attention`` (see ``AxialAttention``) means the JAX kernel for queries of ``shape``."""
-    if attention == "keras_ops" or keras.backend.backend() != "jax":
-        return False
-    if attention == "blocked":
-        return True
-    from medt_keras.kernels import blocked_attention
-
-    return blocked_attention.enabled(shape, training=bool(training))
-
-
-def _uses_native_kernel(attention, shape, dtype, value_channels):
-    """Whether ``attention`` means the native kernel for queries of ``shape`` in ``dtype``."""
-    if attention != "auto" or keras.backend.backend() != "jax":
-        return False
-    from medt_keras.kernels import native_attention
-
-    return native_attention.usable(shape, dtype, value_channels)

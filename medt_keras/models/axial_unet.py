@@ -220,8 +220,9 @@ class AxialUNet(OfficialModel):
             (less memory, about one more forward pass of the attention;
             the same computation up to rounding). See ``AxialAttention``.
         attention: the attention implementation of every attention layer:
-            "auto" (the blocked JAX kernel on CPU where it pays, keras.ops
-            elsewhere), "keras_ops" or "blocked" (see ``AxialAttention``).
+            "auto" (the fastest that runs here), "keras_ops", "blocked" or
+            "native" (see ``AxialAttention`` and
+            ``medt_keras.kernels.dispatch``).
         dtype: dtype or policy of every layer ("float64" needs JAX x64).
 
     Input: ``(batch, height, width, in_channels)`` float.
