@@ -121,16 +121,6 @@ def test_bfloat16_keeps_its_dtype_and_computes_the_softmax_in_float32():
     assert {t.dtype for t in jax.tree.leaves(grads)} == {jnp.dtype(jnp.bfloat16)}
 
 
-def test_used_for_maps_of_one_block_in_training_and_more_in_inference(monkeypatch):
-    monkeypatch.setattr(kernel, "BLOCK_ELEMENTS", 2 * 4 * 3 * 5 * 5)
-    on_cpu = jax.default_backend() == "cpu"
-    for training in (True, False):
-        assert kernel.enabled((2, 5, 3, 5, 1), training=training) == on_cpu  # 5 lines: more than one block
-        assert not kernel.enabled((2, 3, 3, 5, 1), training=training)  # less than one block
-    assert kernel.enabled((2, 4, 3, 5, 1), training=True) == on_cpu  # exactly one block
-    assert not kernel.enabled((2, 4, 3, 5, 1), training=False)
-
-
 @pytest.mark.parametrize("positional", [True, False], ids=["positional", "without-position"])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_softmax_shift_bounds_every_row_maximum(positional, channels):

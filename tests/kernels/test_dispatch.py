@@ -76,13 +76,14 @@ def test_auto_takes_native_then_blocked_where_it_pays_then_keras_ops(built, monk
     assert dispatch.choose("auto", SMALL, "float32") == "native"
     assert dispatch.choose("auto", LARGE, "float32", training=True) == "native"
     # Float64 (parity) takes the JAX kernels: blocked from one block in training, above one in inference.
-    one_block = int(round(blocked_attention.BLOCK_ELEMENTS ** 0.5))
-    exactly_one = (1, 1, 1, one_block, 4)
-    assert one_block * one_block == blocked_attention.BLOCK_ELEMENTS
-    assert dispatch.choose("auto", exactly_one, "float64", training=True) == "blocked"
-    assert dispatch.choose("auto", exactly_one, "float64", training=False) == "keras_ops"
-    assert dispatch.choose("auto", LARGE, "float64", training=False) == "blocked"
-    assert dispatch.choose("auto", SMALL, "float64", training=True) == "keras_ops"
+    monkeypatch.setattr(blocked_attention, "BLOCK_ELEMENTS", 2 * 4 * 3 * 5 * 5)
+    for training in (True, False):
+        assert dispatch.choose("auto", (2, 5, 3, 5, 1), "float64", training=training) == "blocked"  # 5 lines
+        assert dispatch.choose("auto", (2, 3, 3, 5, 1), "float64", training=training) == "keras_ops"  # < 1 block
+    assert dispatch.choose("auto", (2, 4, 3, 5, 1), "float64", training=True) == "blocked"  # exactly one block
+    assert dispatch.choose("auto", (2, 4, 3, 5, 1), "float64", training=False) == "keras_ops"
+    monkeypatch.undo()
+    monkeypatch.setattr(native_attention, "build_reason", lambda: None)
     # The switches turn auto's native choice off, not a named kernel.
     monkeypatch.setenv(native_attention.SWITCH, "0")
     assert dispatch.choose("auto", LARGE, "float32", training=True) == "blocked"
