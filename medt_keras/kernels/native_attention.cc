@@ -1,5 +1,5 @@
-// Axial softmax attention on x86-64 CPUs with AVX-512, forward and backward, as XLA FFI
-// handlers.
+// Axial softmax attention on x86-64 CPUs with AVX-512, or AVX2 and FMA, forward and
+// backward, as XLA FFI handlers.
 //
 // The math is that of medt_keras/kernels/blocked_attention.py, per line (a "row" here) of
 // L positions, with C query/key channels and V value channels per head:
@@ -14,12 +14,15 @@
 // and the weighted sums are computed in one pass while they sit in the first-level cache,
 // and the rows are shared between XLA's own intra-op threads.
 //
-// The forward pass puts 16 queries in the lanes of a vector and walks over the keys, so the
-// softmax's maximum and sum and every weighted sum are lane-wise (no sums across lanes);
-// the backward pass puts 16 keys in the lanes and walks over the queries, so the gradients
-// of the keys, the values and the tables are lane-wise and only those of the queries are
-// sums across lanes. Per-line inputs are channels-first, so that either position is
-// contiguous; a scalar of the other position is a strided read.
+// One source for both instruction sets: the algorithm is written once against the vector
+// operations below (Vec, Mask, load, fmadd, ...), which the compiler flags pick (-mavx512f:
+// kLanes = 16; -mavx2 -mfma: kLanes = 8). The forward pass puts kLanes queries in the lanes
+// of a vector and walks over the keys, so the softmax's maximum and sum and every weighted
+// sum are lane-wise (no sums across lanes); the backward pass puts kLanes keys in the lanes
+// and walks over the queries, so the gradients of the keys, the values and the tables are
+// lane-wise and only those of the queries are sums across lanes. Per-line inputs are
+// channels-first, so that either position is contiguous; a scalar of the other position is
+// a strided read.
 //
 // Layouts (row-major):
 //   q, k, p, r: (rows, C, L)      v: (rows, V, L)      log_sum_exp: (rows, L)
@@ -43,10 +46,10 @@
 // the tables' sums running over all rows: each chunk of rows adds into its own copy, and
 // the copies are added at the end, so the result does not depend on which thread ran what.
 //
-// The exponential is glibc's libmvec vector expf, 16 lanes at a time: it keeps NaN and
-// infinity (-ffast-math would let the compiler assume neither exists), so a NaN input
-// gives a NaN row, as in the XLA kernels. L is at most kMaxLength and C and V at most
-// kMaxChannels; the Python side checks before calling.
+// The exponential is glibc's libmvec vector expf, kLanes at a time (_ZGVeN16v_expf or
+// _ZGVdN8v_expf): it keeps NaN and infinity (-ffast-math would let the compiler assume
+// neither exists), so a NaN input gives a NaN row, as in the XLA kernels. L is at most
+// kMaxLength and C and V at most kMaxChannels; the Python side checks before calling.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -64,14 +67,120 @@
 
 namespace ffi = xla::ffi;
 
+// Lines whose length is not a multiple of kLanes end in a partial vector, read and written
+// under a Mask from lanes(): its missing lanes read as 0 and are never written, and where
+// they would enter a sum across positions (the backward's logits) they are set to -inf, so
+// their weights are 0. Reading them as 0 rather than as the memory after the line matters:
+// that memory is the next channel or row, and a NaN or infinity there times a weight of 0
+// would still be NaN.
+#if defined(__AVX512F__)
+
 extern "C" __m512 _ZGVeN16v_expf(__m512);
 extern "C" __m512 _ZGVeN16v_logf(__m512);
 
 namespace {
 
+constexpr int kLanes = 16;
+using Vec = __m512;
+using Mask = __mmask16;
+
+inline Mask lanes(int64_t j, int64_t length) {
+  const int64_t left = length - j;
+  return left >= kLanes ? static_cast<Mask>(0xFFFF) : static_cast<Mask>((1u << left) - 1u);
+}
+inline Vec load(const float* x, Mask m) { return _mm512_maskz_loadu_ps(m, x); }
+inline void store(float* x, Mask m, Vec value) { _mm512_mask_storeu_ps(x, m, value); }
+// value in the lanes of m, outside elsewhere.
+inline Vec where(Mask m, Vec value, Vec outside) { return _mm512_mask_blend_ps(m, outside, value); }
+
+// The kernel's own scratch, whole vectors on 64-byte boundaries.
+inline Vec load_aligned(const float* x) { return _mm512_load_ps(x); }
+inline void store_aligned(float* x, Vec value) { _mm512_store_ps(x, value); }
+
+inline Vec zero() { return _mm512_setzero_ps(); }
+inline Vec broadcast(float x) { return _mm512_set1_ps(x); }
+inline Vec add(Vec a, Vec b) { return _mm512_add_ps(a, b); }
+inline Vec sub(Vec a, Vec b) { return _mm512_sub_ps(a, b); }
+inline Vec mul(Vec a, Vec b) { return _mm512_mul_ps(a, b); }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline Vec maximum(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline Vec reciprocal(Vec x) { return _mm512_div_ps(_mm512_set1_ps(1.f), x); }
+inline Vec exponential(Vec x) { return _ZGVeN16v_expf(x); }
+inline Vec logarithm(Vec x) { return _ZGVeN16v_logf(x); }
+inline float sum_of(Vec x) { return _mm512_reduce_add_ps(x); }
+
+}  // namespace
+
+#elif defined(__AVX2__) && defined(__FMA__)
+
+extern "C" __m256 _ZGVdN8v_expf(__m256);
+extern "C" __m256 _ZGVdN8v_logf(__m256);
+
+namespace {
+
+constexpr int kLanes = 8;
+using Vec = __m256;
+
+// AVX2 has no mask registers: the lanes are an integer vector, -1 where inside, for
+// vmaskmov and vblendv. `full` lets whole vectors take plain loads and stores: masked stores
+// are slow on AMD CPUs (on an AMD EPYC the backward pass, which adds into its gradients
+// under masks, took 2-3 times as long with masked loads and stores throughout).
+struct Mask {
+  __m256i bits;
+  bool full;
+};
+
+inline Mask lanes(int64_t j, int64_t length) {
+  const int64_t left = length - j;
+  if (left >= kLanes) return {_mm256_set1_epi32(-1), true};
+  const __m256i index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return {_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), index), false};
+}
+inline Vec load(const float* x, Mask m) { return m.full ? _mm256_loadu_ps(x) : _mm256_maskload_ps(x, m.bits); }
+inline void store(float* x, Mask m, Vec value) {
+  if (m.full)
+    _mm256_storeu_ps(x, value);
+  else
+    _mm256_maskstore_ps(x, m.bits, value);
+}
+// value in the lanes of m, outside elsewhere.
+inline Vec where(Mask m, Vec value, Vec outside) {
+  return _mm256_blendv_ps(outside, value, _mm256_castsi256_ps(m.bits));
+}
+
+// The kernel's own scratch, whole vectors on 64-byte boundaries.
+inline Vec load_aligned(const float* x) { return _mm256_load_ps(x); }
+inline void store_aligned(float* x, Vec value) { _mm256_store_ps(x, value); }
+
+inline Vec zero() { return _mm256_setzero_ps(); }
+inline Vec broadcast(float x) { return _mm256_set1_ps(x); }
+inline Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+inline Vec sub(Vec a, Vec b) { return _mm256_sub_ps(a, b); }
+inline Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+inline Vec fmadd(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec maximum(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline Vec reciprocal(Vec x) { return _mm256_div_ps(_mm256_set1_ps(1.f), x); }
+inline Vec exponential(Vec x) { return _ZGVdN8v_expf(x); }
+inline Vec logarithm(Vec x) { return _ZGVdN8v_logf(x); }
+inline float sum_of(Vec x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+}  // namespace
+
+#else
+#error "native_attention.cc needs AVX-512 (-mavx512f -mfma) or AVX2 and FMA (-mavx2 -mfma)"
+#endif
+
+namespace {
+
 constexpr int64_t kMaxLength = 512;
 constexpr int64_t kMaxChannels = 64;
-constexpr int kLanes = 16;
+// The scratch rows below hold whole vectors.
+static_assert(kMaxLength % kLanes == 0, "kMaxLength must be a multiple of kLanes");
 
 // The inputs in the kernel's layouts (the forward or the backward tables); the positional
 // ones are null without positional terms.
@@ -82,39 +191,26 @@ struct Inputs {
   bool positional() const { return p != nullptr; }
 };
 
-inline float sum_of(__m512 x) { return _mm512_reduce_add_ps(x); }
-
-// The lanes of positions j .. j + 15 that lie inside a line of `length`: lines whose length
-// is not a multiple of 16 end in a partial vector, read and written under this mask (the
-// logits of the missing positions are -inf, so their weights are 0).
-inline __mmask16 lanes(int64_t j, int64_t length) {
-  const int64_t left = length - j;
-  return left >= kLanes ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-}
-inline __m512 load(const float* x, __mmask16 m) { return _mm512_maskz_loadu_ps(m, x); }
-inline void store(float* x, __mmask16 m, __m512 value) { _mm512_mask_storeu_ps(x, m, value); }
-
 // s[j] = s_ij, the logits of query i of a row, keys in lanes (backward tables).
 inline void logits(const Inputs& in, int64_t row, int64_t i, float* s) {
   const int64_t L = in.length, C = in.channels;
   const float* qr = in.q + row * C * L;
   const float* kr = in.k + row * C * L;
   for (int64_t j = 0; j < L; j += kLanes) {
-    const __mmask16 m = lanes(j, L);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t c = 0; c < C; ++c)
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(qr[c * L + i]), load(kr + c * L + j, m), acc);
+    const Mask m = lanes(j, L);
+    Vec acc = zero();
+    for (int64_t c = 0; c < C; ++c) acc = fmadd(broadcast(qr[c * L + i]), load(kr + c * L + j, m), acc);
     if (in.positional()) {
       const float* pr = in.p + row * C * L;
       const float* rr = in.r + row * C * L;
       const float* qt = in.q_table + i * C * L;
       const float* kt = in.k_table + i * C * L;
       for (int64_t c = 0; c < C; ++c) {
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(pr[c * L + i]), load(qt + c * L + j, m), acc);
-        acc = _mm512_fmadd_ps(load(rr + c * L + j, m), load(kt + c * L + j, m), acc);
+        acc = fmadd(broadcast(pr[c * L + i]), load(qt + c * L + j, m), acc);
+        acc = fmadd(load(rr + c * L + j, m), load(kt + c * L + j, m), acc);
       }
     }
-    _mm512_store_ps(s + j, _mm512_mask_blend_ps(m, _mm512_set1_ps(-INFINITY), acc));
+    store_aligned(s + j, where(m, acc, broadcast(-INFINITY)));
   }
 }
 
@@ -123,9 +219,9 @@ inline void weighted_sums(const float* e, const float* x, int64_t length, int64_
                           float* out) {
   for (int64_t d = 0; d < count; ++d) {
     const float* xd = x + d * length;
-    __m512 acc = _mm512_mul_ps(_mm512_load_ps(e), load(xd, lanes(0, length)));
+    Vec acc = mul(load_aligned(e), load(xd, lanes(0, length)));
     for (int64_t j = kLanes; j < length; j += kLanes)
-      acc = _mm512_fmadd_ps(_mm512_load_ps(e + j), load(xd + j, lanes(j, length)), acc);
+      acc = fmadd(load_aligned(e + j), load(xd + j, lanes(j, length)), acc);
     out[d] = sum_of(acc) * scale;
   }
 }
@@ -133,11 +229,11 @@ inline void weighted_sums(const float* e, const float* x, int64_t length, int64_
 // x[d * length + j] += e[j] * scale[d] for d < count.
 inline void add_scaled(const float* e, const float* scale, int64_t length, int64_t count, float* x) {
   for (int64_t d = 0; d < count; ++d) {
-    const __m512 sd = _mm512_set1_ps(scale[d]);
+    const Vec sd = broadcast(scale[d]);
     float* xd = x + d * length;
     for (int64_t j = 0; j < length; j += kLanes) {
-      const __mmask16 m = lanes(j, length);
-      store(xd + j, m, _mm512_fmadd_ps(_mm512_load_ps(e + j), sd, load(xd + j, m)));
+      const Mask m = lanes(j, length);
+      store(xd + j, m, fmadd(load_aligned(e + j), sd, load(xd + j, m)));
     }
   }
 }
@@ -146,53 +242,52 @@ struct Outputs {
   float *y = nullptr, *y_position = nullptr, *log_sum_exp = nullptr;
 };
 
-// Queries i0 .. i0 + 15 of a row in the lanes (forward tables): for each key j the 16
-// logits, then their maxima, exponentials and sums over j, and the weighted sums, all
-// lane-wise. e holds the (L, 16) block of logits, then of exponentials.
+// Queries i0 .. i0 + kLanes - 1 of a row in the lanes (forward tables): for each key j the
+// kLanes logits, then their maxima, exponentials and sums over j, and the weighted sums, all
+// lane-wise. e holds the (L, kLanes) block of logits, then of exponentials.
 void forward_block(const Inputs& in, const Outputs& out, int64_t row, int64_t i0, float* e) {
   const int64_t L = in.length, C = in.channels, V = in.value_channels;
-  const __mmask16 m = lanes(i0, L);
-  __m512 q[kMaxChannels], p[kMaxChannels];
+  const Mask m = lanes(i0, L);
+  Vec q[kMaxChannels], p[kMaxChannels];
   for (int64_t c = 0; c < C; ++c) {
     q[c] = load(in.q + (row * C + c) * L + i0, m);
     if (in.positional()) p[c] = load(in.p + (row * C + c) * L + i0, m);
   }
   const float* kr = in.k + row * C * L;
   const float* rr = in.positional() ? in.r + row * C * L : nullptr;
-  __m512 top = _mm512_set1_ps(-INFINITY);
+  Vec top = broadcast(-INFINITY);
   for (int64_t j = 0; j < L; ++j) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t c = 0; c < C; ++c) acc = _mm512_fmadd_ps(q[c], _mm512_set1_ps(kr[c * L + j]), acc);
+    Vec acc = zero();
+    for (int64_t c = 0; c < C; ++c) acc = fmadd(q[c], broadcast(kr[c * L + j]), acc);
     if (rr != nullptr)
       for (int64_t c = 0; c < C; ++c) {
-        acc = _mm512_fmadd_ps(p[c], load(in.q_table + (c * L + j) * L + i0, m), acc);
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(rr[c * L + j]), load(in.k_table + (c * L + j) * L + i0, m), acc);
+        acc = fmadd(p[c], load(in.q_table + (c * L + j) * L + i0, m), acc);
+        acc = fmadd(broadcast(rr[c * L + j]), load(in.k_table + (c * L + j) * L + i0, m), acc);
       }
-    _mm512_store_ps(e + j * kLanes, acc);
-    top = _mm512_max_ps(top, acc);
+    store_aligned(e + j * kLanes, acc);
+    top = maximum(top, acc);
   }
-  __m512 total = _mm512_setzero_ps();
+  Vec total = zero();
   for (int64_t j = 0; j < L; ++j) {
-    const __m512 x = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_load_ps(e + j * kLanes), top));
-    _mm512_store_ps(e + j * kLanes, x);
-    total = _mm512_add_ps(total, x);
+    const Vec x = exponential(sub(load_aligned(e + j * kLanes), top));
+    store_aligned(e + j * kLanes, x);
+    total = add(total, x);
   }
-  const __m512 inverse = _mm512_div_ps(_mm512_set1_ps(1.f), total);
+  const Vec inverse = reciprocal(total);
   const float* vr = in.v + row * V * L;
   for (int64_t d = 0; d < V; ++d) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < L; ++j)
-      acc = _mm512_fmadd_ps(_mm512_load_ps(e + j * kLanes), _mm512_set1_ps(vr[d * L + j]), acc);
-    store(out.y + (row * V + d) * L + i0, m, _mm512_mul_ps(acc, inverse));
+    Vec acc = zero();
+    for (int64_t j = 0; j < L; ++j) acc = fmadd(load_aligned(e + j * kLanes), broadcast(vr[d * L + j]), acc);
+    store(out.y + (row * V + d) * L + i0, m, mul(acc, inverse));
   }
   if (in.positional())
     for (int64_t d = 0; d < V; ++d) {
-      __m512 acc = _mm512_setzero_ps();
+      Vec acc = zero();
       for (int64_t j = 0; j < L; ++j)
-        acc = _mm512_fmadd_ps(_mm512_load_ps(e + j * kLanes), load(in.v_table + (d * L + j) * L + i0, m), acc);
-      store(out.y_position + (row * V + d) * L + i0, m, _mm512_mul_ps(acc, inverse));
+        acc = fmadd(load_aligned(e + j * kLanes), load(in.v_table + (d * L + j) * L + i0, m), acc);
+      store(out.y_position + (row * V + d) * L + i0, m, mul(acc, inverse));
     }
-  store(out.log_sum_exp + row * L + i0, m, _mm512_add_ps(top, _ZGVeN16v_logf(total)));
+  store(out.log_sum_exp + row * L + i0, m, add(top, logarithm(total)));
 }
 
 void forward_rows(const Inputs& in, const Outputs& out, int64_t first, int64_t last) {
@@ -234,26 +329,24 @@ void backward_rows(const Inputs& in, const float* log_sum_exp, const float* dy, 
         if (in.positional()) pi[c] = in.p[(row * C + c) * L + i];
       }
       logits(in, row, i, a);
-      const __m512 lse = _mm512_set1_ps(log_sum_exp[row * L + i]);
-      __m512 dot = _mm512_setzero_ps();
+      const Vec lse = broadcast(log_sum_exp[row * L + i]);
+      Vec dot = zero();
       for (int64_t j = 0; j < L; j += kLanes) {
-        const __mmask16 m = lanes(j, L);
-        const __m512 weight = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_load_ps(a + j), lse));
-        _mm512_store_ps(a + j, weight);
-        __m512 dw = _mm512_setzero_ps();
-        for (int64_t d = 0; d < V; ++d)
-          dw = _mm512_fmadd_ps(_mm512_set1_ps(dyi[d]), load(vr + d * L + j, m), dw);
+        const Mask m = lanes(j, L);
+        const Vec weight = exponential(sub(load_aligned(a + j), lse));
+        store_aligned(a + j, weight);
+        Vec dw = zero();
+        for (int64_t d = 0; d < V; ++d) dw = fmadd(broadcast(dyi[d]), load(vr + d * L + j, m), dw);
         if (dypi != nullptr) {
           const float* vt = in.v_table + i * V * L;
-          for (int64_t d = 0; d < V; ++d)
-            dw = _mm512_fmadd_ps(_mm512_set1_ps(dypi[d]), load(vt + d * L + j, m), dw);
+          for (int64_t d = 0; d < V; ++d) dw = fmadd(broadcast(dypi[d]), load(vt + d * L + j, m), dw);
         }
-        _mm512_store_ps(ds + j, dw);
-        dot = _mm512_fmadd_ps(weight, dw, dot);
+        store_aligned(ds + j, dw);
+        dot = fmadd(weight, dw, dot);
       }
-      const __m512 row_dot = _mm512_set1_ps(sum_of(dot));
+      const Vec row_dot = broadcast(sum_of(dot));
       for (int64_t j = 0; j < L; j += kLanes)
-        _mm512_store_ps(ds + j, _mm512_mul_ps(_mm512_load_ps(a + j), _mm512_sub_ps(_mm512_load_ps(ds + j), row_dot)));
+        store_aligned(ds + j, mul(load_aligned(a + j), sub(load_aligned(ds + j), row_dot)));
       weighted_sums(ds, kr, L, C, 1.f, dqi);
       for (int64_t c = 0; c < C; ++c) g.dq[(row * C + c) * L + i] = dqi[c];
       add_scaled(ds, qi, L, C, dk);
@@ -266,12 +359,12 @@ void backward_rows(const Inputs& in, const float* log_sum_exp, const float* dy, 
         const float* rr = in.r + row * C * L;
         for (int64_t c = 0; c < C; ++c)
           for (int64_t j = 0; j < L; j += kLanes) {
-            const __mmask16 m = lanes(j, L);
-            const __m512 dsj = _mm512_load_ps(ds + j);
+            const Mask m = lanes(j, L);
+            const Vec dsj = load_aligned(ds + j);
             float* drc = dr + c * L + j;
             float* dkt = d_k_table + (i * C + c) * L + j;
-            store(drc, m, _mm512_fmadd_ps(dsj, load(kt + c * L + j, m), load(drc, m)));
-            store(dkt, m, _mm512_fmadd_ps(dsj, load(rr + c * L + j, m), load(dkt, m)));
+            store(drc, m, fmadd(dsj, load(kt + c * L + j, m), load(drc, m)));
+            store(dkt, m, fmadd(dsj, load(rr + c * L + j, m), load(dkt, m)));
           }
         add_scaled(ds, pi, L, C, d_q_table + i * C * L);
         add_scaled(a, dypi, L, V, d_v_table + i * V * L);

@@ -1,4 +1,4 @@
-"""Axial attention in native code on x86-64 CPUs with AVX-512, forward and backward.
+"""Axial attention in native code on x86-64 CPUs with AVX-512 or AVX2, forward and backward.
 
 ``AxialAttention(attention="native")`` calls ``attention``, in training and
 in inference, and so does ``attention="auto"`` where it can run
@@ -18,11 +18,15 @@ The kernel is compiled on first use, once per machine, with the C++
 compiler on the path (``$CXX``, else ``g++`` or ``c++``) against the XLA
 FFI headers that jaxlib ships, and kept in
 ``$MEDT_KERAS_CACHE_DIR/native`` (default ``~/.cache/medt_keras/native``),
-keyed by the source, jaxlib's version and the compiler. Without a compiler,
-AVX-512 or glibc's vector math library the layer falls back silently
-(``unavailable_reason`` says why); a compiler that fails on this source is
-reported once as a warning. ``MEDT_KERAS_NATIVE_ATTENTION=0`` turns the
-kernel off, and so does ``with turned_off():`` within a block.
+keyed by the source, jaxlib's version, the compiler and the instruction
+set. It is built for the best instruction set the CPU has
+(``instruction_set``): AVX-512 (16 lanes), else AVX2 with FMA (8 lanes, the
+same source); ``MEDT_KERAS_NATIVE_ISA=avx2`` (or ``avx512``) asks for one,
+e.g. to test the AVX2 build on an AVX-512 machine. Without a compiler, either
+instruction set or glibc's vector math library the layer falls back
+silently (``unavailable_reason`` says why); a compiler that fails on this
+source is reported once as a warning. ``MEDT_KERAS_NATIVE_ATTENTION=0``
+turns the kernel off, and so does ``with turned_off():`` within a block.
 """
 
 import contextlib
@@ -45,12 +49,18 @@ from medt_keras.errors import KernelUnavailableError
 
 SWITCH = "MEDT_KERAS_NATIVE_ATTENTION"
 CACHE_ENVIRONMENT = "MEDT_KERAS_CACHE_DIR"
+ISA_ENVIRONMENT = "MEDT_KERAS_NATIVE_ISA"
 
 SOURCE = Path(__file__).with_name("native_attention.cc")
 MAX_LENGTH = 512
 MAX_CHANNELS = 64
 
-_FLAGS = ("-O3", "-mavx512f", "-mfma", "-shared", "-fPIC", "-std=c++17", "-w")
+_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-w")
+# Best first: (the /proc/cpuinfo flags it needs, the compiler flags that select it in the source).
+_INSTRUCTION_SETS = {
+    "avx512": ({"avx512f", "fma"}, ("-mavx512f", "-mfma")),
+    "avx2": ({"avx2", "fma"}, ("-mavx2", "-mfma")),
+}
 _LIBRARIES = ("-lmvec",)
 _TARGETS = {
     False: ("medt_native_attention_without_position", "MedtNativeAttentionWithoutPosition"),
@@ -71,12 +81,43 @@ def cache_dir():
     return (Path(xdg) if xdg else Path.home() / ".cache") / "medt_keras" / "native"
 
 
-def _cpu_has_avx512():
+def _cpu_flags():
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return " avx512f" in flags
+        return set()
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return flags
+
+
+def _instruction_set_or_reason():
+    """``(name, None)``, or ``(None, why not)`` where the CPU has no instruction set the kernel is built for."""
+    flags = _cpu_flags()
+    wanted = os.environ.get(ISA_ENVIRONMENT, "").strip().lower()
+    if wanted:
+        if wanted not in _INSTRUCTION_SETS:
+            return None, f"{ISA_ENVIRONMENT}={wanted} is not one of {', '.join(_INSTRUCTION_SETS)}"
+        missing = sorted(_INSTRUCTION_SETS[wanted][0] - flags)
+        if missing:
+            return None, f"{ISA_ENVIRONMENT}={wanted}, but this CPU lacks {' and '.join(missing)}"
+        return wanted, None
+    for name, (needs, _) in _INSTRUCTION_SETS.items():
+        if needs <= flags:
+            return name, None
+    return None, "this CPU has neither AVX-512 (avx512f) nor AVX2 with FMA (avx2, fma)"
+
+
+def instruction_set():
+    """The instruction set the kernel is built for here: ``"avx512"``, ``"avx2"``, or ``None`` where neither.
+
+    The best the CPU has, unless ``$MEDT_KERAS_NATIVE_ISA`` names one
+    (``None`` if the CPU lacks that one).
+    """
+    return _instruction_set_or_reason()[0]
 
 
 def _compiler():
@@ -94,20 +135,21 @@ def _compiler_version(compiler):
     return done.stdout.splitlines()[0] if done.stdout else ""
 
 
-def _build(compiler, rebuild=False):
-    """The path of the compiled library, building it if this machine has none yet (or ``rebuild``)."""
+def _build(compiler, isa, rebuild=False):
+    """The path of the library for instruction set ``isa``, building it if this machine has none (or ``rebuild``)."""
     import jaxlib
 
     include = jax.ffi.include_dir()
     source = SOURCE.read_bytes()
+    flags = _FLAGS + _INSTRUCTION_SETS[isa][1]
     key = hashlib.sha256(
         b"\0".join(
             [source, jaxlib.__version__.encode(), compiler.encode(), _compiler_version(compiler).encode()]
-            + [flag.encode() for flag in _FLAGS + _LIBRARIES]
+            + [flag.encode() for flag in flags + _LIBRARIES]
         )
     ).hexdigest()[:20]
     folder = cache_dir()
-    library = folder / f"native_attention-{key}.so"
+    library = folder / f"native_attention-{isa}-{key}.so"
     if library.exists() and not rebuild:
         return library
     folder.mkdir(parents=True, exist_ok=True)
@@ -115,7 +157,7 @@ def _build(compiler, rebuild=False):
     # build at once (test workers) each finish with a whole file.
     handle, temporary = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(handle)
-    command = [compiler, *_FLAGS, "-I", include, str(SOURCE), "-o", temporary, *_LIBRARIES]
+    command = [compiler, *flags, "-I", include, str(SOURCE), "-o", temporary, *_LIBRARIES]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0:
@@ -184,21 +226,22 @@ _registered = []
 def _built_reason():
     if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
         return f"it is built for x86-64 Linux; this is {sys.platform} on {platform.machine()}"
-    if not _cpu_has_avx512():
-        return "this CPU has no AVX-512 (avx512f)"
+    isa, reason = _instruction_set_or_reason()
+    if reason is not None:
+        return reason
     compiler = _compiler()
     if compiler is None:
         return "no C++ compiler found ($CXX, g++ or c++)"
     try:
         try:
-            library = ctypes.cdll.LoadLibrary(str(_build(compiler)))
+            library = ctypes.cdll.LoadLibrary(str(_build(compiler, isa)))
         except OSError:
             # A cached file that does not load (truncated, or another user's
             # unreadable one): build it again once.
-            library = ctypes.cdll.LoadLibrary(str(_build(compiler, rebuild=True)))
+            library = ctypes.cdll.LoadLibrary(str(_build(compiler, isa, rebuild=True)))
         # XLA keeps the first registration of a name for the process (a
         # second one from another copy of the library is an error), so a
-        # process registers once.
+        # process registers once, for the instruction set it first built.
         if not _registered:
             for target, symbol in (*_TARGETS.values(), *_BACKWARD_TARGETS.values()):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")

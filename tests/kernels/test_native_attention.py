@@ -2,6 +2,9 @@
 
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +49,21 @@ def _float64_reference(inputs):
     return outputs
 
 
+# Lengths that end in a partial vector of 8 lanes (the AVX2 build) and of
+# 16 (AVX-512), or are shorter than one vector.
+ODD_SHAPES = [
+    (1, 2, 1, 3, 2, 3),
+    (1, 1, 2, 7, 3, 2),
+    (1, 2, 1, 9, 2, 5),
+    (1, 1, 2, 15, 4, 3),
+    (2, 1, 1, 17, 2, 2),
+    (1, 2, 1, 23, 3, 4),
+]
+
 # (batch, lines, heads, L, c, cv): MedT's global 64-pixel layer shape in
 # small, the local branch's 16, the gated U-Net's 8, lengths that end in a
-# partial vector of 16 lanes, a line of one position, odd channel counts,
-# the longest line the kernel takes.
+# partial vector, a line of one position, odd channel counts, the longest
+# line the kernel takes.
 SHAPES = [
     (2, 3, 2, 16, 2, 4),
     (2, 3, 2, 8, 2, 4),
@@ -59,6 +73,7 @@ SHAPES = [
     (2, 4, 8, 64, 2, 4),
     (1, 2, 3, 48, 5, 7),
     (1, 1, 1, 512, 2, 2),
+    *ODD_SHAPES,
 ]
 
 
@@ -93,8 +108,40 @@ def test_large_logits_do_not_overflow(kernel):
         np.testing.assert_allclose(np.asarray(a), r, rtol=1e-4, atol=1e-4)
 
 
-def test_nan_query_gives_nan_for_that_query_only(kernel):
-    q, k, v, positional = _inputs(np.random.default_rng(3), 1, 2, 1, 16, 2, 3, True)
+@pytest.mark.parametrize("length", [9, 17])
+@pytest.mark.parametrize("with_position", [False, True])
+def test_very_negative_logits_keep_their_gradients(kernel, length, with_position):
+    # Every logit below -100, so exp(-log_sum_exp) overflows: the backward's
+    # weights of the missing lanes must come from logits of -inf, not from
+    # their zeros (inf times the 0 of a masked read would be NaN in dq).
+    q, k, v, positional = _inputs(np.random.default_rng(13), 1, 2, 2, length, 2, 3, with_position)
+    inputs = (-(jnp.abs(q) + 8), jnp.abs(k) + 8, v)
+
+    def loss(attention):
+        return lambda q, k, v: sum(jnp.sum(jnp.sin(y)) for y in attention(q, k, v, positional))
+
+    grads = jax.grad(loss(kernel), argnums=(0, 1, 2))(*inputs)
+    expected = jax.grad(loss(blocked_attention.blocked_attention), argnums=(0, 1, 2))(*inputs)
+    for g, e in zip(grads, expected):
+        g, e = np.asarray(g), np.asarray(e)
+        assert np.isfinite(g).all()
+        # Looser than elsewhere: the weights exp(s - log_sum_exp) carry the
+        # rounding of a log-sum-exp near -130 (float32 steps of 1.5e-5 there),
+        # so they sum to 1 within about 1e-5, and dq multiplies that by keys
+        # that share an offset of 8 (5e-4 of the largest dq against float64;
+        # the blocked kernel 2e-5).
+        np.testing.assert_allclose(g, e, rtol=1e-3, atol=2e-3 * np.abs(e).max())
+
+
+# At lengths 9 and 17 the last vector of line 0 (of 8 or 16 lanes) has 7
+# or more lanes past its end, over the start of line 1 in memory and the
+# NaN at position 5 there: a missing lane must read nothing from it.
+NAN_LENGTHS = [16, 9, 17]
+
+
+@pytest.mark.parametrize("length", NAN_LENGTHS)
+def test_nan_query_gives_nan_for_that_query_only(kernel, length):
+    q, k, v, positional = _inputs(np.random.default_rng(3), 1, 2, 1, length, 2, 3, True)
     q = q.at[0, 1, 0, 5, 0].set(jnp.nan)
     for y in kernel(q, k, v, positional):
         y = np.asarray(y)
@@ -104,7 +151,10 @@ def test_nan_query_gives_nan_for_that_query_only(kernel):
         assert np.isfinite(y[finite]).all()
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 2, 16, 2, 3), (2, 4, 8, 64, 2, 4), (1, 2, 3, 21, 5, 7), (2, 3, 2, 8, 1, 2)])
+# No line of one position: its weight is 1 whatever the logits, so most gradients are 0.
+@pytest.mark.parametrize(
+    "shape", [(1, 3, 2, 16, 2, 3), (2, 4, 8, 64, 2, 4), (1, 2, 3, 21, 5, 7), (2, 3, 2, 8, 1, 2), *ODD_SHAPES]
+)
 @pytest.mark.parametrize("positional", [False, True])
 def test_gradients_match_the_blocked_kernels(kernel, shape, positional):
     # Every input's gradient: q, k, v, and with positional terms p, r and
@@ -125,13 +175,33 @@ def test_gradients_match_the_blocked_kernels(kernel, shape, positional):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * np.abs(e).max())
 
 
-def test_nan_query_gives_nan_gradients_for_its_line_only(kernel):
-    q, k, v, positional = _inputs(np.random.default_rng(8), 1, 2, 1, 16, 2, 3, True)
+@pytest.mark.parametrize("length", NAN_LENGTHS)
+def test_nan_query_gives_nan_gradients_for_its_line_only(kernel, length):
+    q, k, v, positional = _inputs(np.random.default_rng(8), 1, 2, 1, length, 2, 3, True)
     q = q.at[0, 1, 0, 5, 0].set(jnp.nan)
     dq, dk = jax.grad(lambda q, k: sum(jnp.sum(y) for y in kernel(q, k, v, positional)), argnums=(0, 1))(q, k)
     for g in (np.asarray(dq), np.asarray(dk)):
         assert np.isnan(g[0, 1]).any()
         assert np.isfinite(g[0, 0]).all()
+
+
+@pytest.mark.parametrize("length", NAN_LENGTHS)
+def test_nan_key_gives_nan_for_its_line_only(kernel, length):
+    # Every query of line 1 attends to the NaN key, so that line is NaN;
+    # line 0's gradients read the keys as sums across lanes (dq), where a
+    # NaN from line 1 in a missing lane would not be cancelled by its weight of 0.
+    q, k, v, positional = _inputs(np.random.default_rng(12), 1, 2, 1, length, 2, 3, True)
+    k = k.at[0, 1, 0, 5, 0].set(jnp.nan)
+    for y in kernel(q, k, v, positional):
+        y = np.asarray(y)
+        assert np.isnan(y[0, 1]).all() and np.isfinite(y[0, 0]).all()
+
+    def loss(q, k, v, p, r):
+        return sum(jnp.sum(y) for y in kernel(q, k, v, (p, r) + positional[2:]))
+
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, *positional[:2])
+    for g in map(np.asarray, grads):
+        assert np.isnan(g[0, 1]).all() and np.isfinite(g[0, 0]).all()
 
 
 def test_usable_only_for_float32_and_lines_of_at_most_512_positions_and_64_channels(kernel):
@@ -208,7 +278,7 @@ def test_a_failing_compiler_is_a_clear_error_and_leaves_no_file(tmp_path, monkey
     monkeypatch.setenv(native_attention.CACHE_ENVIRONMENT, str(tmp_path / "cache"))
     compiler = _fake_compiler(tmp_path, 'echo "native_attention.cc:1: error: no such header" >&2; exit 1')
     with pytest.raises(native_attention._BuildError, match="no such header"):
-        native_attention._build(compiler)
+        native_attention._build(compiler, "avx2")
     assert os.listdir(tmp_path / "cache" / "native") == []
 
 
@@ -222,11 +292,15 @@ def test_a_built_library_is_reused_without_compiling(tmp_path, monkeypatch):
         'while [ $# -gt 0 ]; do if [ "$1" = -o ]; then out=$2; fi; shift; done\n'
         f'echo built > "$out"; echo x >> "{marker}"',
     )
-    first = native_attention._build(compiler)
-    second = native_attention._build(compiler)
+    first = native_attention._build(compiler, "avx2")
+    second = native_attention._build(compiler, "avx2")
     assert first == second and first.read_text() == "built\n"
     assert marker.read_text().count("x") == 1
     assert [p.name for p in first.parent.iterdir()] == [first.name]
+    # Another instruction set is another file, built with its own flags.
+    other = native_attention._build(compiler, "avx512")
+    assert first.name.startswith("native_attention-avx2-") and other.name.startswith("native_attention-avx512-")
+    assert marker.read_text().count("x") == 2
 
 
 def test_unavailable_without_a_compiler_falls_back_with_a_reason(kernel, monkeypatch):
@@ -264,7 +338,7 @@ def test_inputs_that_do_not_agree_are_a_clear_error(kernel):
 def test_a_cached_library_that_does_not_load_is_built_again(kernel, tmp_path, monkeypatch):
     monkeypatch.setenv(native_attention.CACHE_ENVIRONMENT, str(tmp_path / "cache"))
     compiler = native_attention._compiler()
-    path = native_attention._build(compiler)
+    path = native_attention._build(compiler, native_attention.instruction_set())
     assert oct(path.stat().st_mode & 0o777) == oct(0o755)
     path.write_bytes(b"not a library")
     native_attention._built_reason.cache_clear()
@@ -275,3 +349,67 @@ def test_a_cached_library_that_does_not_load_is_built_again(kernel, tmp_path, mo
         native_attention._built_reason.cache_clear()
         native_attention.unavailable_reason()
 
+
+
+def test_instruction_set_is_the_best_the_cpu_has(monkeypatch):
+    monkeypatch.delenv(native_attention.ISA_ENVIRONMENT, raising=False)
+    flags = native_attention._cpu_flags()
+    expected = "avx512" if {"avx512f", "fma"} <= flags else "avx2" if {"avx2", "fma"} <= flags else None
+    assert native_attention.instruction_set() == expected
+    for flags, expected in [
+        ({"avx512f", "avx2", "fma"}, "avx512"),
+        ({"avx2", "fma"}, "avx2"),
+        ({"avx2"}, None),
+        ({"sse4_2"}, None),
+    ]:
+        monkeypatch.setattr(native_attention, "_cpu_flags", lambda flags=flags: flags)
+        assert native_attention.instruction_set() == expected
+    assert "neither AVX-512" in native_attention._instruction_set_or_reason()[1]
+
+
+def test_the_instruction_set_can_be_asked_for_and_is_refused_where_the_cpu_lacks_it(monkeypatch):
+    monkeypatch.setattr(native_attention, "_cpu_flags", lambda: {"avx512f", "avx2", "fma"})
+    monkeypatch.setenv(native_attention.ISA_ENVIRONMENT, "avx2")
+    assert native_attention.instruction_set() == "avx2"
+    monkeypatch.setenv(native_attention.ISA_ENVIRONMENT, " AVX512 ")
+    assert native_attention.instruction_set() == "avx512"
+    monkeypatch.setenv(native_attention.ISA_ENVIRONMENT, "sse")
+    assert native_attention.instruction_set() is None
+    assert "is not one of avx512, avx2" in native_attention._instruction_set_or_reason()[1]
+    monkeypatch.setattr(native_attention, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setenv(native_attention.ISA_ENVIRONMENT, "avx512")
+    assert native_attention.instruction_set() is None
+    native_attention._built_reason.cache_clear()
+    try:
+        assert native_attention.unavailable_reason() == "MEDT_KERAS_NATIVE_ISA=avx512, but this CPU lacks avx512f"
+        assert not native_attention.usable((1, 2, 2, 64, 2), "float32")
+    finally:
+        monkeypatch.undo()
+        native_attention._built_reason.cache_clear()
+        native_attention.unavailable_reason()
+
+
+def test_the_avx2_build_asked_for_is_the_one_that_runs(kernel):
+    # In a fresh process: a process registers the kernel once, so on an
+    # AVX-512 machine this one already runs the AVX-512 build.
+    if not {"avx2", "fma"} <= native_attention._cpu_flags():
+        pytest.skip("this CPU has no AVX2 with FMA")
+    script = """
+import numpy as np, jax
+from medt_keras.kernels import blocked_attention, native_attention
+from tests.kernels.test_native_attention import _inputs
+assert native_attention.instruction_set() == "avx2"
+assert native_attention.unavailable_reason() is None, native_attention.unavailable_reason()
+assert "native_attention-avx2-" in native_attention._registered[0], native_attention._registered
+inputs = _inputs(np.random.default_rng(11), 1, 2, 2, 23, 3, 4, True)
+for a, b in zip(native_attention.attention(*inputs), blocked_attention.blocked_attention(*inputs)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+print("ok")
+"""
+    root = Path(__file__).resolve().parents[2]
+    environment = dict(os.environ, **{native_attention.ISA_ENVIRONMENT: "avx2"})
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
