@@ -135,8 +135,11 @@ def _compiler_version(compiler):
     return done.stdout.splitlines()[0] if done.stdout else ""
 
 
-def _build(compiler, isa, rebuild=False):
-    """The path of the library for instruction set ``isa``, building it if this machine has none (or ``rebuild``)."""
+def _build(compiler, isa, rebuild=False, announce=None):
+    """The path of the library for instruction set ``isa``, building it if this machine has none (or ``rebuild``).
+
+    ``announce(message)`` is called before a compilation, if given.
+    """
     import jaxlib
 
     include = jax.ffi.include_dir()
@@ -152,6 +155,8 @@ def _build(compiler, isa, rebuild=False):
     library = folder / f"native_attention-{isa}-{key}.so"
     if library.exists() and not rebuild:
         return library
+    if announce is not None:
+        announce(f"medt-keras: compiling the native attention kernel for this CPU ({isa}; once, a few seconds)")
     folder.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed into place: processes that
     # build at once (test workers) each finish with a whole file.
@@ -161,7 +166,7 @@ def _build(compiler, isa, rebuild=False):
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0:
-            raise _BuildError(f"{' '.join(command)} failed:\n{done.stderr.strip()[-2000:]}")
+            raise BuildError(f"{' '.join(command)} failed:\n{done.stderr.strip()[-2000:]}")
         # mkstemp made the file private; a shared cache folder needs it readable.
         os.chmod(temporary, 0o755)
         os.replace(temporary, library)
@@ -171,8 +176,36 @@ def _build(compiler, isa, rebuild=False):
     return library
 
 
-class _BuildError(RuntimeError):
-    pass
+class BuildError(RuntimeError):
+    """The C++ compiler failed on the kernel's source (the message has its command and errors)."""
+
+
+def _machine_reason():
+    """``(instruction set, compiler, None)``, or ``(None, None, why this machine gets no kernel)``."""
+    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, None, f"it is built for x86-64 Linux; this is {sys.platform} on {platform.machine()}"
+    isa, reason = _instruction_set_or_reason()
+    if reason is not None:
+        return None, None, reason
+    compiler = _compiler()
+    if compiler is None:
+        return None, None, "no C++ compiler found ($CXX, g++ or c++)"
+    return isa, compiler, None
+
+
+def build(rebuild=False, announce=print):
+    """Builds the kernel for this CPU into the cache, ahead of its first use: ``(path, None)`` or ``(None, why not)``.
+
+    What ``python -m medt_keras.kernels build`` and the commands
+    (``medt-train``, ``medt-predict``, ``medt-evaluate``) run first, so that
+    no model trace waits for a compiler. A library already in the cache is
+    only found (unless ``rebuild``); ``announce(message)`` is called before
+    a compilation. Raises ``BuildError`` where the compiler fails.
+    """
+    isa, compiler, reason = _machine_reason()
+    if reason is not None:
+        return None, reason
+    return _build(compiler, isa, rebuild=rebuild, announce=announce), None
 
 
 _turned_off = []
@@ -222,19 +255,24 @@ def unavailable_reason():
 _registered = []
 
 
+def _announce_fallback(message):
+    # Building while a model is traced is the fallback; said once (the
+    # function that builds is cached per process).
+    warnings.warn(
+        f"{message}, while a model is traced. `python -m medt_keras.kernels build` does this ahead of time.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 @functools.cache
 def _built_reason():
-    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"it is built for x86-64 Linux; this is {sys.platform} on {platform.machine()}"
-    isa, reason = _instruction_set_or_reason()
+    isa, compiler, reason = _machine_reason()
     if reason is not None:
         return reason
-    compiler = _compiler()
-    if compiler is None:
-        return "no C++ compiler found ($CXX, g++ or c++)"
     try:
         try:
-            library = ctypes.cdll.LoadLibrary(str(_build(compiler, isa)))
+            library = ctypes.cdll.LoadLibrary(str(_build(compiler, isa, announce=_announce_fallback)))
         except OSError:
             # A cached file that does not load (truncated, or another user's
             # unreadable one): build it again once.
@@ -246,7 +284,7 @@ def _built_reason():
             for target, symbol in (*_TARGETS.values(), *_BACKWARD_TARGETS.values()):
                 jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
             _registered.append(str(library._name))
-    except (_BuildError, OSError, subprocess.SubprocessError, AttributeError) as error:
+    except (BuildError, OSError, subprocess.SubprocessError, AttributeError) as error:
         warnings.warn(
             f"medt-keras: the native attention kernel could not be built or loaded, so the attention layers "
             f"use the slower JAX kernel on this CPU. {error}",

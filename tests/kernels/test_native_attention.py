@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from medt_keras.errors import KernelUnavailableError
 from medt_keras.kernels import blocked_attention, native_attention
 from medt_keras.layers import AxialAttention
 from medt_keras.layers._attention_ops import softmax_attention
@@ -204,15 +205,6 @@ def test_nan_key_gives_nan_for_its_line_only(kernel, length):
         assert np.isnan(g[0, 1]).all() and np.isfinite(g[0, 0]).all()
 
 
-def test_usable_only_for_float32_and_lines_of_at_most_512_positions_and_64_channels(kernel):
-    assert native_attention.usable((1, 2, 2, 64, 2), "float32")
-    assert native_attention.usable((1, 2, 2, 24, 2), "float32")
-    assert not native_attention.usable((1, 2, 2, 64, 2), "float64")
-    assert not native_attention.usable((1, 2, 2, 513, 2), "float32")
-    assert not native_attention.usable((1, 2, 2, 64, 65), "float32")
-    assert not native_attention.usable((1, 2, 2, 64, 32), "float32", value_channels=65)
-
-
 def _twins(x):
     # A gated positional layer with the native kernel ("auto") and its twin on the blocked kernel.
     return _twin_layers(x, "height", True, True, [{}, {"attention": "blocked"}], dtype="float32", batch_groups=1)
@@ -254,17 +246,17 @@ def test_layer_training_step_matches_the_blocked_kernel(kernel):
         np.testing.assert_allclose(g, e, rtol=1e-3, atol=1e-4 * max(1.0, np.abs(e).max()))
 
 
-def test_switch_turns_it_off(kernel, monkeypatch):
+def test_switch_turns_it_off_for_auto(kernel, monkeypatch):
     monkeypatch.setenv(native_attention.SWITCH, "0")
     try:
         assert "turned off" in native_attention.unavailable_reason()
-        assert not native_attention.usable((1, 2, 2, 64, 2), "float32")
+        assert native_attention.build_reason() is None  # attention="native" still runs it
     finally:
         monkeypatch.delenv(native_attention.SWITCH)
     assert native_attention.unavailable_reason() is None
     with native_attention.turned_off():
         assert "turned off" in native_attention.unavailable_reason()
-    assert native_attention.usable((1, 2, 2, 64, 2), "float32")
+    assert native_attention.unavailable_reason() is None
 
 
 def _fake_compiler(tmp_path, body):
@@ -277,7 +269,7 @@ def _fake_compiler(tmp_path, body):
 def test_a_failing_compiler_is_a_clear_error_and_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.setenv(native_attention.CACHE_ENVIRONMENT, str(tmp_path / "cache"))
     compiler = _fake_compiler(tmp_path, 'echo "native_attention.cc:1: error: no such header" >&2; exit 1')
-    with pytest.raises(native_attention._BuildError, match="no such header"):
+    with pytest.raises(native_attention.BuildError, match="no such header"):
         native_attention._build(compiler, "avx2")
     assert os.listdir(tmp_path / "cache" / "native") == []
 
@@ -303,6 +295,47 @@ def test_a_built_library_is_reused_without_compiling(tmp_path, monkeypatch):
     assert marker.read_text().count("x") == 2
 
 
+def test_build_ahead_of_use_then_the_first_trace_only_loads(tmp_path, monkeypatch):
+    # What `python -m medt_keras.kernels build` and the commands run first: one compilation,
+    # announced; a later build finds the cached file. Building at a trace instead says so once.
+    monkeypatch.setenv(native_attention.CACHE_ENVIRONMENT, str(tmp_path / "cache"))
+    compiler = _fake_compiler(
+        tmp_path,
+        'case "$1" in --version) echo fake 1.0; exit 0;; esac\n'
+        'while [ $# -gt 0 ]; do if [ "$1" = -o ]; then out=$2; fi; shift; done\n'
+        'echo built > "$out"',
+    )
+    monkeypatch.setattr(native_attention, "_compiler", lambda: compiler)
+    monkeypatch.setattr(native_attention, "_instruction_set_or_reason", lambda: ("avx2", None))
+    said = []
+    path, reason = native_attention.build(announce=said.append)
+    assert reason is None and path.read_text() == "built\n"
+    assert len(said) == 1 and "compiling the native attention kernel for this CPU (avx2" in said[0]
+    assert native_attention.build(announce=said.append) == (path, None) and len(said) == 1
+    monkeypatch.setattr(native_attention, "_instruction_set_or_reason", lambda: (None, "this CPU has neither"))
+    assert native_attention.build(announce=said.append) == (None, "this CPU has neither")
+    with pytest.warns(RuntimeWarning, match="while a model is traced. `python -m medt_keras.kernels build`"):
+        native_attention._announce_fallback("medt-keras: compiling the native attention kernel")
+
+
+def test_the_build_command_says_what_it_did(tmp_path, monkeypatch, capsys):
+    from medt_keras.kernels.__main__ import main
+
+    monkeypatch.setattr(native_attention, "build", lambda rebuild=False: (None, "this CPU has neither"))
+    assert main(["build"]) == 0
+    assert "no native attention kernel here (this CPU has neither)" in capsys.readouterr().out
+
+    def failing(rebuild=False):
+        raise native_attention.BuildError("g++ failed: no such header")
+
+    monkeypatch.setattr(native_attention, "build", failing)
+    assert main(["build", "--rebuild"]) == 1
+    assert "no such header" in capsys.readouterr().err
+    monkeypatch.setattr(native_attention, "build", lambda rebuild=False: (tmp_path / "k.so", None))
+    assert main(["build"]) == 0
+    assert f"ready: {tmp_path / 'k.so'}" in capsys.readouterr().out
+
+
 def test_unavailable_without_a_compiler_falls_back_with_a_reason(kernel, monkeypatch):
     calls = []
     original = native_attention._native_attention
@@ -315,7 +348,7 @@ def test_unavailable_without_a_compiler_falls_back_with_a_reason(kernel, monkeyp
         y = AxialAttention(8, num_heads=2)(x, training=False)
         assert np.isfinite(np.asarray(y)).all()
         assert calls == []
-        with pytest.raises(RuntimeError, match="not available: no C\\+\\+ compiler"):
+        with pytest.raises(KernelUnavailableError, match="not available: no C\\+\\+ compiler"):
             native_attention.attention(*_inputs(np.random.default_rng(7), 1, 1, 1, 16, 2, 3, False))
     finally:
         monkeypatch.undo()
@@ -382,7 +415,6 @@ def test_the_instruction_set_can_be_asked_for_and_is_refused_where_the_cpu_lacks
     native_attention._built_reason.cache_clear()
     try:
         assert native_attention.unavailable_reason() == "MEDT_KERAS_NATIVE_ISA=avx512, but this CPU lacks avx512f"
-        assert not native_attention.usable((1, 2, 2, 64, 2), "float32")
     finally:
         monkeypatch.undo()
         native_attention._built_reason.cache_clear()
@@ -396,6 +428,7 @@ def test_the_avx2_build_asked_for_is_the_one_that_runs(kernel):
         pytest.skip("this CPU has no AVX2 with FMA")
     script = """
 import numpy as np, jax
+from medt_keras.errors import KernelUnavailableError
 from medt_keras.kernels import blocked_attention, native_attention
 from tests.kernels.test_native_attention import _inputs
 assert native_attention.instruction_set() == "avx2"
