@@ -11,7 +11,8 @@ and a float64 reference.
 Why: on the CPU the blocked kernel runs in XLA as a chain of small
 operations, most of them on one thread; this kernel computes each line's
 logits, softmax and weighted sums in one pass and shares the lines between
-XLA's own threads (MedT's largest layer in inference about 50 -> 14 ms;
+XLA's own threads (MedT's largest layer in inference about 50 -> 14 ms
+with AVX-512, about 45 -> 22 ms with AVX2 on a 2-core AMD EPYC;
 docs/performance.md and benchmarks/RESULTS.md have the numbers).
 
 The kernel is compiled on first use, once per machine, with the C++
