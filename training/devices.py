@@ -45,3 +45,22 @@ def add_argument(parser):
         action="store_true",
         help="stop with an error if JAX finds no GPU or TPU (instead of running on the CPU)",
     )
+
+
+def prepare_native_kernel(program):
+    """Builds the native CPU attention kernel before anything is traced, so no trace waits for a compiler.
+
+    Nothing where the cache has it or this machine cannot run it; says so
+    in one line where it compiles, and warns (the JAX kernels then run)
+    where the compiler fails. Starts no JAX backend.
+    """
+    import sys
+
+    from medt_keras.kernels import native_attention
+
+    try:
+        native_attention.build(announce=lambda message: print(f"{program}: {message.removeprefix('medt-keras: ')}",
+                                                              flush=True))
+    except native_attention.BuildError as error:
+        print(f"{program}: warning: the native attention kernel could not be built, the JAX kernels run instead: "
+              f"{error}", file=sys.stderr)

@@ -213,6 +213,7 @@ def main(argv=None):
     devices.add_argument(parser)
     args = parser.parse_args(argv)
     started = time.time()
+    devices.prepare_native_kernel("medt-predict")
     try:
         devices.check("medt-predict", args.require_accelerator)
         model = load_model(args.checkpoint, dtype=args.dtype)

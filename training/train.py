@@ -612,6 +612,7 @@ def main(argv=None):
         for name in config_names():
             print(name)
         return 0
+    devices.prepare_native_kernel("medt-train")
     try:
         config = apply_overrides(load_config(args.config), args)
         if config.output_dir is None:
