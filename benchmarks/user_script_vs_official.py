@@ -94,10 +94,11 @@ def official_settings(args):
     return allocator, configs, source
 
 
-def run_user_script(args, env):
+def run_user_script(args, env, as_medt_train=False):
     command = [sys.executable, USER_SCRIPT, "--model", args.model, "--size", str(args.size),
                "--steps", str(args.steps), "--fit-steps", str(args.fit_steps)]
     command += ["--skip-fit"] if args.skip_fit else []
+    command += ["--as-medt-train"] if as_medt_train else []
     out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
@@ -113,6 +114,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=6, help="timed steps per workload and round, both sides")
     parser.add_argument("--fit-steps", type=int, default=8, help="steps of the user script's timed fit epoch")
     parser.add_argument("--skip-fit", action="store_true")
+    parser.add_argument("--with-medt-train", action="store_true",
+                        help="also time, each round, the training step compiled as medt-train compiles it")
     parser.add_argument("--allocator", choices=("glibc", "glibc-thp", "tcmalloc", "jemalloc", "jemalloc-default"),
                         help="both sides' allocator (default: the record's, else tcmalloc)")
     parser.add_argument("--official-threads", type=int, help="torch.set_num_threads (default: the record's, else 2)")
@@ -154,6 +157,13 @@ def main(argv=None):
                                        load_after=_machine_load()))
             print(f"round {index + 1} ours:     " + "  ".join(
                 f"{name} {ours[name]['median']:.3f} s" for name in WORKLOADS if name in ours), flush=True)
+            if args.with_medt_train:
+                before = _machine_load()
+                as_train = run_user_script(args, env, as_medt_train=True)
+                record["runs"].append(dict(side="medt-train", round=index, result=as_train, load_before=before,
+                                           load_after=_machine_load()))
+                print(f"round {index + 1} as medt-train: train_on_batch {as_train['train_on_batch']['median']:.3f} s",
+                      flush=True)
             for workload, config in configs.items():
                 before = _machine_load()
                 timed = workers[config["omp_wait_policy"]].request(
@@ -178,6 +188,11 @@ def main(argv=None):
                      "ours_round_seconds": [m["median"] for m in mine], "ours_fastest": min(m["fastest"] for m in mine),
                      "official_seconds": official_s, "official_round_seconds": [statistics.median(s) for s in theirs],
                      "official_fastest": min(min(s) for s in theirs), "ratio": official_s / ours_s})
+    as_train = [r["result"]["train_on_batch"]["median"] for r in record["runs"] if r["side"] == "medt-train"]
+    if as_train:
+        plain = next(row["ours_seconds"] for row in rows if row["workload"] == "train_on_batch")
+        record["medt_train_step"] = dict(seconds=statistics.median(as_train), round_seconds=as_train,
+                                         user_over_medt_train=plain / statistics.median(as_train))
     record.update(rows=rows, load_at_end=_machine_load(), uptime_at_end=_uptime(),
                   versions={"ours": {k: ours.get(k) for k in ("keras", "jax", "backend", "device")},
                             "official": next(iter(record["official_worker"].values()))["implementation"]})
@@ -188,6 +203,10 @@ def main(argv=None):
               f"{row['official_seconds']:>10.3f} {row['official_fastest']:>8.3f} {row['ratio']:>12.2f}x")
     print("(seconds per step: median over rounds of each round's median; fit is compared with the official "
           "training step)")
+    if as_train:
+        step = record["medt_train_step"]
+        print(f"training step compiled as medt-train: {step['seconds']:.3f} s; the user's / medt-train's: "
+              f"{step['user_over_medt_train']:.3f}")
     loads = [r["load_after"]["load_average"][0] for r in record["runs"] if r["load_after"]["load_average"]]
     steal = [record[k]["steal_seconds"] for k in ("load_at_start", "load_at_end")]
     print(f"machine load (1 min) {min(loads):.1f}-{max(loads):.1f} over the runs"

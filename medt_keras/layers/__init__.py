@@ -1,6 +1,5 @@
 """Keras layers of the Medical Transformer."""
 
-from medt_keras import _backend  # noqa: F401  (selects JAX before keras loads)
 from medt_keras.layers.axial_attention import AxialAttention
 from medt_keras.layers.axial_block import AxialBlock
 from medt_keras.layers.batch_norm import BatchNorm
