@@ -3,16 +3,18 @@
 The run state holds what resuming needs: every model variable (weights,
 BatchNorm statistics and counters), every optimiser variable (moments,
 step counts, which variables are frozen), and the run's bookkeeping (next
-epoch, best validation score, history). It is kept in one of two formats:
+epoch and batch, steps done, best validation score, history, and after a
+save inside an epoch the epoch's metric sums so far). It is kept in one of
+two formats:
 
 * ``npz``: ``run_state.npz``, written by one process through
   ``medt_keras.files`` (a temporary renamed over the old file);
 * ``orbax``: an Orbax checkpoint directory ``run_state/`` with one folder
-  per epoch (the latest two kept). Every process of a multi-process run
-  saves its own shards, in the background while training goes on, to a
+  per save, named by the optimizer steps done (the latest two kept). Every
+  process of a multi-process run saves its own shards, in the background while training goes on, to a
   local or remote (``gs://``) path; a folder counts only once Orbax has
   committed it (renamed from its temporary name, or marked committed on
-  object stores), so a kill leaves the previous epoch's. Loading reshards
+  object stores), so a kill leaves the previous save's. Loading reshards
   onto the devices of the resuming run, whatever their number.
 
 ``choose_format`` picks one for a new run (``orbax`` for multi-process runs
@@ -117,8 +119,8 @@ def choose_format(directory, preference="auto", process_count=1):
 class OrbaxRunState:
     """The run state as an Orbax checkpoint: ``save`` returns once the arrays are copied off the device.
 
-    Every process of the run must construct it and call ``save`` for the
-    same epochs (Orbax coordinates the processes); ``close`` waits for the
+    Every process of the run must construct it and call ``save`` after the
+    same steps (Orbax coordinates the processes); ``close`` waits for the
     last save to be committed.
     """
 
@@ -129,8 +131,10 @@ class OrbaxRunState:
         state, described = _state_and_description(model, optimizer)
         # Finish the previous save first: one save in flight at a time.
         self.checkpointer.wait()
+        # Named by the optimizer steps done: increasing through mid-epoch and epoch-end saves
+        # (a run saved by an older version, named by epochs, resumes into larger numbers).
         self.checkpointer.save_checkpointables_async(
-            int(meta["next_epoch"]), {"state": state, "meta": {"json": json.dumps({**meta, **described})}}
+            int(meta["step"]), {"state": state, "meta": {"json": json.dumps({**meta, **described})}}
         )
 
     def wait(self):

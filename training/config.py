@@ -89,6 +89,10 @@ class TrainConfig:
     # for multi-process runs and remote (URL) output directories, npz otherwise. A resumed run
     # keeps the format its state was saved in.
     checkpoint_format: str = "auto"
+    # Also save the run state every this many training steps, inside epochs (None or 0: at epoch
+    # ends only); --resume then continues at the exact batch. With steps_per_execution > 1 the
+    # saves fall on execution boundaries. docs/reliability.md, "Preemption".
+    save_every_steps: typing.Optional[int] = None
 
     def __post_init__(self):
         # Any registered name or alias; kept as the canonical name so resumed runs compare equal.
@@ -98,6 +102,8 @@ class TrainConfig:
         for name in ("batch_size", "epochs", "img_size", "checkpoint_every", "num_classes", "steps_per_execution"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.save_every_steps is not None and self.save_every_steps < 0:
+            raise ValueError(f"save_every_steps must be >= 0 (0 or none: at epoch ends only), got {self.save_every_steps}.")
         if self.checkpoint_format not in ("auto", "npz", "orbax"):
             raise ValueError(f"checkpoint_format: {self.checkpoint_format!r}; use auto, npz or orbax.")
         if self.loader not in ("threads", "grain"):

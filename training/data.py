@@ -100,3 +100,26 @@ class SegmentationBatches(BatchBuilder, keras.utils.PyDataset):
             stream.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+class EpochTail(keras.utils.PyDataset):
+    """The batches ``start, start + 1, ...`` of ``batches``' current epoch: what a run resumed mid-epoch trains on.
+
+    ``model.fit`` over it for the one resumed epoch continues that epoch at
+    the exact batch where the saved run stopped; item ``i`` is
+    ``batches[start + i]``, so it is built from the same (seed, epoch, index).
+    """
+
+    def __init__(self, batches, start):
+        super().__init__()
+        if not 0 < start < batches.num_batches:
+            raise ValueError(f"{batches.name}: cannot resume at batch {start} of {batches.num_batches}.")
+        self.batches, self.start = batches, start
+
+    def __len__(self):
+        return self.batches.num_batches - self.start
+
+    def __getitem__(self, index):
+        if index >= len(self):
+            raise IndexError(index)
+        return self.batches[self.start + index]

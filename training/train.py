@@ -7,8 +7,10 @@
 A run writes into its output directory (default ``runs/<config>``):
 ``log.csv`` (one row per epoch), ``run_state.npz`` or, for multi-process
 runs and remote output directories, the Orbax checkpoint ``run_state/``
-(everything resuming needs, saved after every epoch so that a kill leaves
-the previous epoch's; ``checkpoint_format``), ``best.weights.h5`` (best
+(everything resuming needs, saved after every epoch and every
+``save_every_steps`` steps, so that a kill leaves the previous save's;
+``checkpoint_format``; a SIGTERM saves at the next step and exits with
+status 75, ``training.preemption``), ``best.weights.h5`` (best
 validation F1), ``checkpoints/epoch_NNNN.weights.h5`` (every
 ``checkpoint_every`` epochs), and after training ``model.keras`` (the best
 weights), ``test_metrics.json`` and ``test_predictions.png``.
@@ -39,9 +41,9 @@ import keras
 
 from medt_keras.datasets import DatasetError, load
 from medt_keras.models.registry import get_spec
-from training import checkpoint, devices, distribution
+from training import checkpoint, devices, distribution, preemption
 from training.config import TrainConfig, apply_overrides, config_names, load_config, parser_with_overrides
-from training.data import SegmentationBatches
+from training.data import EpochTail, SegmentationBatches
 from medt_keras.metrics import ForegroundF1, ForegroundIoU, json_safe, official_protocol_scores, pooled_scores
 from medt_keras.optimizers import OfficialAdam
 from training.whole_image import WholeImageValidation, preview_arrays, resolve_protocol, whole_image_scores
@@ -105,26 +107,71 @@ class StepNaNCheck(keras.callbacks.Callback):
 
 
 class RunKeeper(keras.callbacks.Callback):
-    """After each completed epoch: best and periodic weights, the resumable state, the CSV log.
+    """Saves the run: after each completed epoch, every ``save_every_steps`` steps, and at a preemption.
 
-    A NaN or infinite loss stops training before the epoch's checkpoint, so
-    the last good state stays on disk. The check reads the epoch's mean
-    loss at its end (NaN or infinite if any step's was): no batch hook, so
+    After each epoch: best and periodic weights, the resumable state, the
+    CSV log. Inside an epoch (``save_every_steps``, or the step at which a
+    SIGTERM is answered: ``training.preemption``): the resumable state
+    alone, with the epoch's metric sums so far, so that a resumed run
+    continues at the next batch and logs the epoch an uninterrupted run
+    would have logged.
+
+    A NaN or infinite loss stops training before the next save, so the last
+    good state stays on disk. The check reads the epoch's mean loss (NaN or
+    infinite if any step's was) when saving: no reading every batch, so
     Keras dispatches steps without waiting for the device.
     """
 
-    def __init__(self, directory, optimizer, config, meta, test_scores=None, state_store=None):
+    def __init__(self, directory, optimizer, config, meta, test_scores=None, state_store=None, steps_per_epoch=1,
+                 watch=None):
         super().__init__()
         self.directory, self.optimizer, self.config, self.meta = directory, optimizer, config, meta
         self.state_store = state_store  # checkpoint.OrbaxRunState, or None for run_state.npz
         self.test_scores = test_scores  # model -> {"f1", "iou", ...}, or None
+        self.steps_per_epoch, self.watch = steps_per_epoch, watch
         self.diverged = None  # (epoch index, batch index or None, loss)
+        # A run resumed inside an epoch: that epoch's first batches were done before.
+        self._resumed_epoch = meta["next_epoch"] if meta["next_batch"] else None
+        self._offset = 0
+        self._step = self._last_saved = meta["step"]  # optimizer steps done, and at the last save
+        self._preempt_at_epoch_end = False
         self._epoch = 0
         self._started = time.time()
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._started = time.time()
+        self._offset = 0
+        if epoch == self._resumed_epoch:
+            self._offset = self.meta["next_batch"]
+            self._started -= self.meta.get("epoch_seconds", 0.0)
+            _restore_metrics(self.model, self.meta["epoch_metrics"])
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.watch is not None:
+            self.watch.training()  # from the first step done on: compilation is behind
+        done = self._offset + batch + 1  # steps of this epoch done (batch: the last of this call's steps)
+        step = self._epoch * self.steps_per_epoch + done
+        preempt = self.watch is not None and self.watch.should_save(self._step + 1, step)
+        self._step = step
+        every = self.config.save_every_steps
+        periodic = bool(every) and step // every > self._last_saved // every
+        if done >= self.steps_per_epoch:
+            # The epoch's end saves anyway, after validation; a preemption exits there.
+            self._preempt_at_epoch_end |= preempt
+            return
+        if not (preempt or periodic):
+            return
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            self.diverged = (self._epoch, None, loss)
+            self.model.stop_training = True
+            return
+        self.meta.update(next_batch=done, step=step, epoch_seconds=round(time.time() - self._started, 2),
+                         epoch_metrics=_metric_values(self.model))
+        self._save_state()
+        if preempt:
+            raise preemption.Preempted(step)
 
     def on_epoch_end(self, epoch, logs=None):
         loss = (logs or {}).get("loss")
@@ -145,7 +192,9 @@ class RunKeeper(keras.callbacks.Callback):
         improved = score is not None and math.isfinite(score) and score > self.meta["best_val_f1"]
         if improved:
             self.meta["best_val_f1"], self.meta["best_epoch"] = score, epoch + 1
-        self.meta["next_epoch"] = epoch + 1
+        self.meta.update(next_epoch=epoch + 1, next_batch=0, step=(epoch + 1) * self.steps_per_epoch)
+        self.meta.pop("epoch_metrics", None)
+        self.meta.pop("epoch_seconds", None)
         if improved:
             checkpoint.save_weights(self.model, os.path.join(self.directory, "best.weights.h5"))
         if (epoch + 1) % self.config.checkpoint_every == 0 or epoch + 1 == self.config.epochs:
@@ -153,14 +202,35 @@ class RunKeeper(keras.callbacks.Callback):
                 self.model, os.path.join(self.directory, "checkpoints", f"epoch_{epoch + 1:04d}.weights.h5")
             )
         # The run state is the commit point: a kill before it is committed
-        # leaves the previous epoch's (the files above are rewritten
+        # leaves the previous save's (the files above are rewritten
         # identically when the epoch is redone); log.csv is derived from it
         # and rewritten on resume, should a kill come between the two.
+        self._save_state()
+        checkpoint.atomic_write_csv(os.path.join(self.directory, "log.csv"), self.meta["history"])
+        if self._preempt_at_epoch_end or (self.watch is not None and self.watch.pending()):
+            raise preemption.Preempted(self.meta["step"])
+
+    def _save_state(self):
         if self.state_store is not None:
             self.state_store.save(self.model, self.optimizer, self.meta)  # every process, in the background
         else:
             checkpoint.save_run_state(self.directory, self.model, self.optimizer, self.meta)
-        checkpoint.atomic_write_csv(os.path.join(self.directory, "log.csv"), self.meta["history"])
+        self._last_saved = self.meta["step"]
+
+
+def _metric_values(model):
+    """The compiled metrics' running sums (loss mean, F1/IoU counts) as JSON: small, and exact through float repr."""
+    return dict(paths=[v.path for v in model.metrics_variables],
+                values=[np.asarray(v.numpy()).tolist() for v in model.metrics_variables])
+
+
+def _restore_metrics(model, saved):
+    variables = model.metrics_variables
+    if [v.path for v in variables] != saved["paths"]:
+        raise ValueError(f"the saved run's metric variables ({len(saved['paths'])}) differ from this run's "
+                         f"({len(variables)}); resume with the same config.")
+    for variable, value in zip(variables, saved["values"]):
+        variable.assign(np.asarray(value, dtype=variable.dtype))
 
 
 def build_model(config, in_channels, normalize="auto"):
@@ -247,11 +317,11 @@ def make_batches(config, sources, process_index=0, process_count=1, distributed=
 
 # Fields a resumed run may change: they do not change what is computed.
 RESUME_MAY_CHANGE = ("epochs", "output_dir", "rematerialize", "steps_per_execution", "loader", "loader_workers",
-                     "nan_check_each_step", "checkpoint_format")
+                     "nan_check_each_step", "checkpoint_format", "save_every_steps")
 
 
 def _resolve_resume(config, directory, resume):
-    """The config to run: on resume the saved one (only ``epochs`` and ``rematerialize`` may change)."""
+    """The config to run: on resume the saved one, but for the fields of ``RESUME_MAY_CHANGE``."""
     saved = checkpoint.read_run_state(directory)
     if saved is None:
         if resume:
@@ -284,14 +354,20 @@ def train(config, resume=False, verbose="auto", multi_process=None, require_acce
     for a multi-host run (``coordinator_address``, ``num_processes``,
     ``process_id``, ``cloud_tpu``). ``require_accelerator``: raise
     ``training.devices.AcceleratorError`` if JAX finds only CPUs.
+
+    A SIGTERM while it runs saves and raises ``training.preemption.Preempted``
+    or exits the process with ``preemption.PREEMPTED`` (the module says
+    which, when); the caller's SIGTERM handler is back when it returns.
     """
-    run = _set_up(config, resume, multi_process, require_accelerator)
-    try:
-        train_seconds = _fit(run, verbose)
-        return _finish(run, train_seconds)
-    finally:
-        for batches in run.batches:
-            batches.close()  # the loader's threads or worker processes
+    with preemption.SigtermWatch() as watch:
+        run = _set_up(config, resume, multi_process, require_accelerator, watch)
+        try:
+            train_seconds = _fit(run, verbose, watch)
+            watch.finishing()
+            return _finish(run, train_seconds)
+        finally:
+            for batches in run.batches:
+                batches.close()  # the loader's threads or worker processes
 
 
 @dataclasses.dataclass
@@ -315,7 +391,7 @@ class _Run:
     state_format: str  # "npz" or "orbax" (training.checkpoint)
 
 
-def _set_up(config, resume, multi_process, require_accelerator):
+def _set_up(config, resume, multi_process, require_accelerator, watch):
     """Devices, data, the compiled model and, on resume, the saved state."""
     directory = config.output_dir or os.path.join("runs", "run")
     config = dataclasses.replace(config, output_dir=directory)
@@ -324,6 +400,7 @@ def _set_up(config, resume, multi_process, require_accelerator):
     process_index, process_count, device_count = distribution.configure(
         config.distribution, config.batch_size, **(multi_process or {})
     )
+    watch.distributed(process_count)
     devices.check("medt-train", require_accelerator)
     config, saved = _resolve_resume(config, directory, resume)
     if config.dtype == "float64":
@@ -362,9 +439,17 @@ def _set_up(config, resume, multi_process, require_accelerator):
     if saved is not None:
         meta = checkpoint.restore_run_state(directory, model, optimizer)
         meta["config"] = dataclasses.asdict(config)
-        print(f"medt-train: resuming {directory} at epoch {meta['next_epoch'] + 1}.", flush=True)
+        where = f"epoch {meta['next_epoch'] + 1}" + (f", batch {meta['next_batch'] + 1}" if meta.get("next_batch") else "")
+        print(f"medt-train: resuming {directory} at {where}.", flush=True)
         if chief and meta["history"]:
             checkpoint.atomic_write_csv(os.path.join(directory, "log.csv"), meta["history"])
+    # Saved before mid-epoch saves existed: at an epoch's end, steps counted from the epochs.
+    meta.setdefault("next_batch", 0)
+    meta.setdefault("step", meta["next_epoch"] * train_batches.num_batches)
+    if config.save_every_steps and config.steps_per_execution > 1:
+        print(f"medt-train: --save-every-steps {config.save_every_steps} with --steps-per-execution "
+              f"{config.steps_per_execution}: the state is saved at execution boundaries, at the first one "
+              f"at or after every {config.save_every_steps} steps.", flush=True)
     gates.apply(meta["next_epoch"])
     return _Run(config, directory, write_dir, chief, process_count, device_count, started,
                 (train_batches, validation_batches, test_batches), in_channels, protocol, model, optimizer, gates, meta,
@@ -408,14 +493,15 @@ def _test_scores(run):
     return lambda model: model.evaluate(test_batches, verbose=0, return_dict=True)
 
 
-def _fit(run, verbose):
+def _fit(run, verbose, watch=None):
     """``model.fit`` over the remaining epochs with the run's callbacks; returns the seconds since start."""
     config, model, meta = run.config, run.model, run.meta
     train_batches, validation_batches, test_batches = run.batches
     test_scores = _test_scores(run) if config.test_each_epoch else None
     # An Orbax run state goes to the run's own folder from every process (each saves its shards).
     store = checkpoint.OrbaxRunState(run.directory) if run.state_format == "orbax" else None
-    keeper = RunKeeper(run.write_dir, run.optimizer, config, meta, test_scores, state_store=store)
+    keeper = RunKeeper(run.write_dir, run.optimizer, config, meta, test_scores, state_store=store,
+                       steps_per_epoch=train_batches.num_batches, watch=watch)
     callbacks = [EpochData(train_batches), run.gates, keeper]
     if config.nan_check_each_step:
         callbacks.append(StepNaNCheck(keeper))
@@ -435,7 +521,8 @@ def _fit(run, verbose):
         + f", evaluation {run.protocol}, "
         f"{config.img_size}x{config.img_size}x{run.in_channels}, "
         f"{sum(int(np.prod(v.shape)) for v in model.trainable_variables):,} parameters, "
-        f"epochs {meta['next_epoch'] + 1}..{config.epochs}, output {run.directory}"
+        f"epochs {meta['next_epoch'] + 1}..{config.epochs}"
+        + (f" (from batch {meta['next_batch'] + 1})" if meta["next_batch"] else "") + f", output {run.directory}"
         + (f", data-parallel over {run.device_count} devices in {run.process_count} process(es)"
            if config.distribution != "none" else ""),
         flush=True,
@@ -445,25 +532,26 @@ def _fit(run, verbose):
             # Keras may read a batch to build the model before the first epoch begins: that of the
             # first epoch run, so a resumed run's grain loader starts its stream there.
             train_batches.epoch = meta["next_epoch"]
-            model.fit(
-                train_batches,
-                validation_data=validation_data,
-                epochs=config.epochs,
-                initial_epoch=meta["next_epoch"],
-                callbacks=callbacks,
-                shuffle=False,
-                verbose=verbose,
-            )
+            common = dict(validation_data=validation_data, callbacks=callbacks, shuffle=False, verbose=verbose)
+            first = meta["next_epoch"]
+            if meta["next_batch"]:
+                # Resumed inside an epoch: its remaining batches first, then the epochs after it.
+                model.fit(EpochTail(train_batches, meta["next_batch"]), epochs=first + 1, initial_epoch=first,
+                          **common)
+                first += 1
+            if first < config.epochs and keeper.diverged is None:
+                model.fit(train_batches, epochs=config.epochs, initial_epoch=first, **common)
     finally:
         if store is not None:
-            store.close()  # waits until the last epoch's save is committed
+            store.close()  # waits until the last save is committed (also when preempted)
     if keeper.diverged is not None:
         epoch, batch, loss = keeper.diverged
         where = f"epoch {epoch + 1}" + (f", batch {batch + 1}" if batch is not None else
                                         " (--nan-check-each-step true names the batch)")
+        saved = f"after epoch {meta['next_epoch']}" + (f", batch {meta['next_batch']}" if meta["next_batch"] else "")
         raise TrainingDiverged(
             f"loss became {loss} in {where}; training stopped. The last good state "
-            f"(after epoch {meta['next_epoch']}) is in {run.directory}; lower --learning-rate and --resume."
+            f"({saved}) is in {run.directory}; lower --learning-rate and --resume."
         )
     return time.time() - run.started
 
@@ -622,6 +710,10 @@ def main(argv=None):
                              process_id=args.process_id, cloud_tpu=args.cloud_tpu)
         train(config, resume=args.resume, verbose=verbose, multi_process=multi_process,
               require_accelerator=args.require_accelerator)
+    except preemption.Preempted as stop:
+        print(f"medt-train: {stop}; exiting with status {preemption.PREEMPTED}: --resume continues at the "
+              "next batch.", file=sys.stderr, flush=True)
+        return preemption.PREEMPTED
     except (DatasetError, TrainingDiverged, devices.AcceleratorError, ValueError) as error:
         print(f"medt-train: error: {error}", file=sys.stderr)
         return 2

@@ -41,6 +41,8 @@ def _stop():
 
 
 def _install(spec):
+    import medt_keras  # noqa: F401  (before anything imports keras: it selects the JAX backend)
+
     kind, _, rest = spec.partition(":")
     if kind == "replace":
         name, _, when = rest.rpartition(":")
@@ -99,7 +101,8 @@ def _install(spec):
 
 
 if __name__ == "__main__":
-    _install(os.environ.get("MEDT_STOP_AT", ""))
+    for stop_point in os.environ.get("MEDT_STOP_AT", "").split(","):
+        _install(stop_point)
     from training.train import main
 
     sys.exit(main(sys.argv[1:]))
