@@ -102,7 +102,8 @@ class StepNaNCheck(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
-            self.keeper.diverged = (self.keeper._epoch, batch, float(loss))
+            # Counted from the epoch's start, also in an epoch resumed at a later batch.
+            self.keeper.diverged = (self.keeper._epoch, self.keeper._offset + batch, float(loss))
             self.model.stop_training = True
 
 
@@ -443,9 +444,7 @@ def _set_up(config, resume, multi_process, require_accelerator, watch):
         print(f"medt-train: resuming {directory} at {where}.", flush=True)
         if chief and meta["history"]:
             checkpoint.atomic_write_csv(os.path.join(directory, "log.csv"), meta["history"])
-    # Saved before mid-epoch saves existed: at an epoch's end, steps counted from the epochs.
-    meta.setdefault("next_batch", 0)
-    meta.setdefault("step", meta["next_epoch"] * train_batches.num_batches)
+    meta = upgrade_meta(meta, train_batches.num_batches)
     if config.save_every_steps and config.steps_per_execution > 1:
         print(f"medt-train: --save-every-steps {config.save_every_steps} with --steps-per-execution "
               f"{config.steps_per_execution}: the state is saved at execution boundaries, at the first one "
@@ -454,6 +453,17 @@ def _set_up(config, resume, multi_process, require_accelerator, watch):
     return _Run(config, directory, write_dir, chief, process_count, device_count, started,
                 (train_batches, validation_batches, test_batches), in_channels, protocol, model, optimizer, gates, meta,
                 state_format)
+
+
+def upgrade_meta(meta, steps_per_epoch):
+    """The bookkeeping of a run state saved before saves inside epochs existed, in today's form.
+
+    Such a state was saved at an epoch's end (``next_batch`` 0), after
+    ``next_epoch`` epochs of ``steps_per_epoch`` steps. An Orbax run state
+    of that time named its folders by epochs; new saves are named by steps,
+    never fewer than the epochs, so the latest folder stays the latest.
+    """
+    return {"next_batch": 0, "step": meta["next_epoch"] * steps_per_epoch, **meta}
 
 
 def _load_prepared_once(config, process_index, process_count):

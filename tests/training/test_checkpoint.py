@@ -42,7 +42,7 @@ def test_run_state_round_trip_and_mismatch_error(tmp_path, kind):
     model, optimizer = _model(), OfficialAdam(l2=1e-5)
     optimizer.build(model.trainable_variables)
     optimizer.apply([np.ones((3, 2), "float32"), np.ones(2, "float32")], model.trainable_variables)
-    _save(kind, tmp_path, model, optimizer, {"next_epoch": 4, "history": [{"val_f1": float("nan")}]})
+    _save(kind, tmp_path, model, optimizer, {"next_epoch": 4, "step": 40, "history": [{"val_f1": float("nan")}]})
     assert checkpoint.saved_format(tmp_path) == kind
     assert checkpoint.choose_format(tmp_path, "npz" if kind == "orbax" else "orbax") == kind  # a run keeps its format
     other, other_optimizer = _model(), OfficialAdam(l2=1e-5)
@@ -63,17 +63,17 @@ def test_run_state_round_trip_and_mismatch_error(tmp_path, kind):
         checkpoint.restore_run_state(tmp_path, wider, wider_optimizer)
 
 
-def test_orbax_keeps_the_latest_two_committed_epochs(tmp_path):
-    # Saves in flight one after another (each waits for the previous commit): three epochs
-    # leave the latest two folders, no temporaries, and restore reads the last one.
+def test_orbax_keeps_the_latest_two_committed_saves(tmp_path):
+    # Saves in flight one after another (each waits for the previous commit): three saves
+    # leave the latest two folders, named by steps done, no temporaries, and restore reads the last one.
     model, optimizer = _model(), OfficialAdam(l2=1e-5)
     optimizer.build(model.trainable_variables)
     store = checkpoint.OrbaxRunState(tmp_path)
     for epoch in (1, 2, 3):
         model.variables[0].assign(np.full((3, 2), float(epoch), "float32"))
-        store.save(model, optimizer, {"next_epoch": epoch})
+        store.save(model, optimizer, {"next_epoch": epoch, "step": 10 * epoch})
     store.close()
-    assert sorted(os.listdir(tmp_path / checkpoint.ORBAX_DIR)) == ["2", "3"]
+    assert sorted(os.listdir(tmp_path / checkpoint.ORBAX_DIR)) == ["20", "30"]
     other, other_optimizer = _model(), OfficialAdam(l2=1e-5)
     other_optimizer.build(other.trainable_variables)
     assert checkpoint.restore_run_state(tmp_path, other, other_optimizer)["next_epoch"] == 3
@@ -99,7 +99,7 @@ optimizer = OfficialAdam(l2=1e-5)
 optimizer.build(model.trainable_variables)
 optimizer.apply([np.full((3, 2), 0.5, "float32"), np.ones(2, "float32")], model.trainable_variables)
 store = checkpoint.OrbaxRunState({os.fspath(tmp_path)!r})
-store.save(model, optimizer, {{"next_epoch": 3}})
+store.save(model, optimizer, {{"next_epoch": 3, "step": 30}})
 store.close()
 print(json.dumps(dict(devices=len(model.variables[0].value.sharding.device_set),
                       values=[np.asarray(v.value).tolist() for v in model.variables + optimizer.variables])))

@@ -5,6 +5,7 @@ Both run in subprocesses: the device count is fixed when JAX starts.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from medt_keras import datasets
 from training import checkpoint
+from training.preemption import PREEMPTED
 from tests.synthetic_data import write_medt_folder
 from tests.training.kill_points import stopped
 
@@ -101,10 +103,12 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_two_processes_train_killed_and_resumed_through_orbax(tmp_path):
-    # Two processes of 2 devices each save the run state as an Orbax checkpoint. Both are
-    # SIGKILLed while epoch 1's save is being written in the background, resume in two
-    # processes, and end with the variables of the same run in one process on 4 devices.
+def test_two_processes_preempted_killed_and_resumed_through_orbax(tmp_path):
+    # Two processes of 2 devices each save the run state as an Orbax checkpoint. A SIGTERM
+    # to process 1 alone, inside epoch 1, makes both save after the same step and exit with
+    # the preempted status; resumed, both are SIGKILLed while epoch 1's save is being
+    # written in the background; resumed again in two processes, they end with the
+    # variables of the same run in one process on 4 devices.
     # (Resuming on another device count: tests/training/test_checkpoint.py.)
     manual = write_medt_folder(os.fspath(tmp_path / "manual"), {"train": 16, "validation": 6, "test": 6}, size=32)
     # Not prepared here: process 0 prepares the dataset while process 1 waits for it.
@@ -117,30 +121,44 @@ def test_two_processes_train_killed_and_resumed_through_orbax(tmp_path):
               "--dtype", "float64"]
     multi = os.fspath(tmp_path / "multi")
 
-    def two_processes(stop_at="", *extra):
+    def two_processes(stop_at=("", ""), *extra):
         address = f"127.0.0.1:{_free_port()}"
         return [
             subprocess.Popen(
                 [sys.executable, "-m", "tests.training.kill_points", *common, "--output-dir", multi, *extra,
                  "--coordinator-address", address, "--num-processes", "2", "--process-id", str(index)],
-                env=dict(_env(2), MEDT_STOP_AT=stop_at), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True,
+                env=dict(_env(2), MEDT_STOP_AT=stop_at[index]), cwd=ROOT, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True,
             )
             for index in range(2)
         ]
 
-    killed = two_processes("orbax_save:1:after")
+    # Process 1 stops while it fetches its 3rd training batch (Keras reads one to build the
+    # model first): step 2 is about to run, with 4 steps an epoch (8 examples per process).
+    preempted = two_processes(("", "batch:3"))
+    assert stopped(preempted[1], timeout=900), preempted[1].communicate()[1][-3000:]
+    preempted[1].send_signal(signal.SIGTERM)
+    preempted[1].send_signal(signal.SIGCONT)
+    outputs = [p.communicate(timeout=300) for p in preempted]
+    for process, (_, err) in zip(preempted, outputs):
+        assert process.returncode == PREEMPTED, err[-3000:]
+        assert "run state saved after step 2;" in err, err[-3000:]
+    meta = checkpoint.read_run_state(multi)
+    assert (meta["next_epoch"], meta["next_batch"], meta["step"]) == (0, 2, 2)
+    assert sorted(os.listdir(os.path.join(multi, checkpoint.ORBAX_DIR))) == ["2"]
+
+    killed = two_processes(("orbax_save:1:after",) * 2, "--resume")
     for process in killed:
         assert stopped(process, timeout=900), process.communicate()[1][-3000:]
     for process in killed:
         process.kill()
         process.communicate()
-    # Epoch 1's save may or may not have been committed; nothing else is there.
+    # Epoch 1's save (step 4) may or may not have been committed; nothing else is there.
     assert not os.path.exists(os.path.join(multi, checkpoint.STATE_FILE))
-    assert checkpoint.saved_format(multi) in ("orbax", None)
-    assert (checkpoint.read_run_state(multi) or {"next_epoch": 0})["next_epoch"] in (0, 1)
+    assert checkpoint.saved_format(multi) == "orbax"
+    assert checkpoint.read_run_state(multi)["step"] in (2, 4)
 
-    resumed = two_processes("", "--resume")
+    resumed = two_processes(("", ""), "--resume")
     outputs = [p.communicate(timeout=900) for p in resumed]
     for process, (out, err) in zip(resumed, outputs):
         assert process.returncode == 0, err[-3000:]
@@ -151,7 +169,8 @@ def test_two_processes_train_killed_and_resumed_through_orbax(tmp_path):
     assert datasets.load("medt_folder", data_dir=data_dir, manual_dir=manual)["train"][0]["image"].shape == (32, 32, 3)
     meta = checkpoint.read_run_state(multi)
     assert [row["epoch"] for row in meta["history"]] == [1, 2]
-    assert sorted(os.listdir(os.path.join(multi, checkpoint.ORBAX_DIR))) == ["1", "2"]  # no temporaries left
+    # Named by steps done (4 an epoch), the latest two kept, no temporaries left.
+    assert sorted(os.listdir(os.path.join(multi, checkpoint.ORBAX_DIR))) == ["4", "8"]
 
     # The same run in one process with 4 devices (run_state.npz) ends with the same variables.
     single = subprocess.run([sys.executable, "-m", "training.train", *common, "--output-dir",
@@ -165,5 +184,9 @@ def test_two_processes_train_killed_and_resumed_through_orbax(tmp_path):
         for key, value in states[0][prefix].items():
             assert np.isfinite(value).all(), key
             np.testing.assert_allclose(value, states[1][prefix][key], rtol=1e-6, atol=1e-6, err_msg=key)
+    histories = [checkpoint.read_run_state(d)["history"] for d in (multi, tmp_path / "single")]
+    for a, b in zip(*histories):
+        for key in ("loss", "f1", "val_loss", "val_f1"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-9, err_msg=f"epoch {a['epoch']} {key}")
     reports = [json.loads((tmp_path / d / "test_metrics.json").read_text()) for d in ("multi", "single")]
     assert abs(reports[0]["f1"] - reports[1]["f1"]) < 1e-6

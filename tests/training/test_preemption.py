@@ -76,6 +76,15 @@ def test_sigterm_policy_by_phase():
     assert result.returncode == 0 and result.stdout.split() == ["mine"], result.stderr
 
 
+def test_a_run_state_saved_before_saves_inside_epochs_resumes_at_its_epoch():
+    from training.train import upgrade_meta
+
+    old = {"next_epoch": 2, "best_val_f1": 0.5, "best_epoch": 1, "history": [{}, {}]}
+    assert upgrade_meta(old, 6) == {**old, "next_batch": 0, "step": 12}
+    new = {**old, "next_batch": 3, "step": 9}
+    assert upgrade_meta(new, 6) == new
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("preemption_data")
