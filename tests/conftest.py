@@ -5,6 +5,9 @@ import tempfile
 import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+# The suite runs on the CPU. The test install brings libtpu (the "aot" extra, for the TPU
+# compile tests), with which JAX would otherwise try to start a TPU in every process.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # The processes the tests launch (medt-train runs killed and resumed, the
 # multi-device and multi-process workers) compile the same programs again

@@ -1510,14 +1510,24 @@ def print_profile(result):
 def main(argv=None):
     chooser = argparse.ArgumentParser(add_help=False)
     chooser.add_argument("--suite", choices=("models", "accelerator"), default="models")
-    if chooser.parse_known_args(argv)[0].suite == "accelerator":  # budgeted, in one process: its own module
+    chooser.add_argument("--compile-for")
+    chosen, rest = chooser.parse_known_args(argv)
+    if chosen.compile_for:  # compiler figures for a TPU slice, without one: its own module
+        from training.compile_for import main as compile_for_main
+
+        return compile_for_main([chosen.compile_for, *rest])
+    if chosen.suite == "accelerator":  # budgeted, in one process: its own module
         from training.accelerator_suite import main as accelerator_main
 
-        return accelerator_main(chooser.parse_known_args(argv)[1])
+        return accelerator_main(rest)
     parser = argparse.ArgumentParser(prog="medt-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=("models", "accelerator"), default="models",
                         help="accelerator: parity, speed and memory on this device in one budgeted run "
                         "(medt-bench --suite accelerator --help)")
+    parser.add_argument("--compile-for", metavar="TARGET",
+                        help="compile medt-train's programs for a TPU slice without one, e.g. tpu:v5e:2x2, and "
+                        "report the compiler's memory, FLOPs, bytes and collectives (medt-bench --compile-for "
+                        "tpu:v5e:2x2 --help; needs medt-keras[aot] and JAX_PLATFORMS=cpu)")
     parser.add_argument("--models", nargs="+", default=["medt", "gated"], type=_model_name,
                         help="model names or aliases (medt, logo, gated, axialunet, ...)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[128])

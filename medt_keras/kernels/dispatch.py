@@ -9,7 +9,11 @@
   attention maps fill at least one block in training and more than one in
   inference (smaller maps gain little and pay for compiling the loops; in
   inference ``keras.ops``' one fused pass won at exactly one block); else
-  ``"keras_ops"`` (GPUs, TPUs, other Keras backends).
+  ``"keras_ops"`` (GPUs, TPUs, other Keras backends). A CPU kernel chosen
+  this way holds only for programs lowered for the CPU: a program that
+  this CPU host lowers for a TPU or a GPU (a compile for another target,
+  ``jax.export`` for serving) takes ``"keras_ops"`` there
+  (``by_lowering_platform``).
 * ``"keras_ops"``: whole-tensor ``keras.ops``, on any backend and platform.
 * ``"blocked"``: the pure-JAX kernel, on any JAX platform.
 * ``"native"``: the native CPU kernel.
@@ -104,3 +108,20 @@ def choose(attention, shape, dtype, value_channels=None, training=False):
     if jax.default_backend() == "cpu" and _blocked_pays(shape, bool(training)):
         return "blocked"
     return "keras_ops"
+
+
+def by_lowering_platform(cpu_function, other_function, *args):
+    """``cpu_function(*args)`` in a program lowered for the CPU, ``other_function(*args)`` for any other platform.
+
+    ``jax.lax.platform_dependent`` traces both and keeps the one for the
+    platform the program is lowered for, which need not be the process's
+    default: a CPU host compiling for a TPU topology or exporting for a GPU
+    gets ``other_function``, and the CPU-only native kernel (an XLA FFI
+    target registered for the CPU alone) never reaches a TPU or GPU
+    program. Lowered for the CPU, the branch is a ``case`` on a constant,
+    which XLA removes: the compiled CPU program is the one
+    ``cpu_function`` alone gives (tested).
+    """
+    import jax
+
+    return jax.lax.platform_dependent(*args, cpu=cpu_function, default=other_function)

@@ -334,18 +334,20 @@ class AxialAttention(keras.layers.Layer):
         ``attention`` argument chooses.
         """
         implementation = dispatch.choose(self.attention, q.shape, q.dtype, v.shape[-1], training=bool(training))
-        if implementation == "native":
-            from medt_keras.kernels import native_attention
-
-            return native_attention.attention(q, k, v, positional)
-        if implementation == "blocked":
-            from medt_keras.kernels import blocked_attention
-
-            return blocked_attention.blocked_attention(q, k, v, positional)
         # Inference writes the logits as broadcast sums (see
         # attention_ops.BROADCAST_CHANNELS); training keeps the einsums, whose
         # backward pass is the faster one.
-        return attention_ops.softmax_attention(q, k, v, positional, broadcast=not training)
+        keras_ops = functools.partial(attention_ops.softmax_attention, broadcast=not training)
+        if implementation == "keras_ops":
+            return keras_ops(q, k, v, positional)
+        if implementation == "native":
+            from medt_keras.kernels.native_attention import attention as kernel
+        else:
+            from medt_keras.kernels.blocked_attention import blocked_attention as kernel
+        if self.attention == "auto":
+            # A CPU kernel, for programs lowered for the CPU only (a TPU compile from this host takes keras_ops).
+            return dispatch.by_lowering_platform(kernel, keras_ops, q, k, v, positional)
+        return kernel(q, k, v, positional)
 
     def _term_gates(self, dtype):
         # The gates G_Q, G_K of the positional similarity terms (eq. 3).

@@ -103,3 +103,52 @@ def test_a_layer_named_native_raises_when_called_where_it_cannot_run(not_built):
     # The same layer with auto runs (and is finite).
     auto = AxialAttention(8, num_heads=2, span=8)
     assert np.all(np.isfinite(np.asarray(auto(x))))
+
+
+def _training_gradient(attention):
+    """A gated positional ``AxialAttention`` layer's training gradient, as a function of the input, and an input."""
+    layer = AxialAttention(16, num_heads=2, span=16, gated=True, gates_trainable=True, attention=attention)
+    x = np.random.default_rng(0).normal(size=(2, 16, 16, 8)).astype("float32")
+    layer.build(x.shape)
+    trainable = [v.value for v in layer.trainable_variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def gradient(inputs):
+        def loss(weights, inputs):
+            out, _ = layer.stateless_call(weights, non_trainable, inputs, training=True)
+            return (out ** 2).mean()
+
+        return jax.grad(loss, argnums=(0, 1))(trainable, inputs)
+
+    return jax.jit(gradient), x
+
+
+@pytest.mark.skipif(not ON_ONE_CPU, reason="auto takes a CPU kernel on one CPU device")
+def test_auto_chooses_by_the_platform_a_program_is_lowered_for():
+    # From this CPU host: lowered for a TPU or a GPU (a compile for another target,
+    # jax.export for serving) "auto" takes keras_ops; for the CPU, the CPU kernel, whose
+    # compiled program then holds no conditional.
+    from jax import export
+
+    native = native_attention.build_reason() is None
+    gradient, x = _training_gradient("auto")
+    for platform in ("tpu", "cuda"):
+        module = export.export(gradient, platforms=[platform])(x).mlir_module()
+        assert "medt_native_attention" not in module
+        assert "while" not in module or not native  # no blocked kernel's loops either (native: none at all)
+    lowered = gradient.lower(x)
+    if native:
+        assert "medt_native_attention" in lowered.as_text()
+    compiled = lowered.compile().as_text()
+    assert "conditional(" not in compiled
+    # The same compiled CPU program as the kernel named directly.
+    named, _ = _training_gradient("native" if native else "blocked")
+    expected = named.lower(x).compile().as_text()
+    count = lambda text, op: text.count(f" {op}(")  # noqa: E731
+    for op in ("custom-call", "fusion", "while", "dot", "convolution"):
+        assert count(compiled, op) == count(expected, op), op
+    # A named native kernel does not fall back: a TPU program cannot hold it.
+    if native:
+        named_native, _ = _training_gradient("native")
+        with pytest.raises(Exception, match="medt_native_attention|lowering|platform"):
+            export.export(named_native, platforms=["tpu"])(x)

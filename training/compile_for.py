@@ -1,0 +1,232 @@
+"""Compile ``medt-train``'s programs for a TPU slice on this machine, without the TPU, and report what the compiler says.
+
+    JAX_PLATFORMS=cpu medt-bench --compile-for tpu:v5e:2x2 --config medt_hela --batch-per-chip 8
+    JAX_PLATFORMS=cpu medt-bench --compile-for tpu:v5e:16x16 --config medt_hela --dtype mixed_bfloat16 --json out.json
+
+(``python -m training.compile_for TARGET ...`` is the same.)
+
+libtpu (``pip install "medt-keras[aot]"``) gives compile-only TPU devices
+for any slice shape (``jax.experimental.topologies``), as MaxText's
+``train_compile.py`` checks pod-scale programs on a CPU host. On them this
+module compiles what ``medt-train --distribution data_parallel`` runs: the
+config's model compiled with ``OfficialAdam``, the loss and the weighted
+metrics, Keras' own ``train_step`` (the function ``model.fit`` jits, its
+state donated as fit donates it) with the global batch split over every
+chip and the variables replicated, and the ``predict_step``. It reports,
+per chip: argument, output and temporary memory against the chip's HBM,
+FLOPs and HBM bytes by the compiler's cost analysis, the collectives by
+kind, the data's sharding, and the compile time. These are compiler
+figures, not timings.
+
+Run it with ``JAX_PLATFORMS=cpu``: with libtpu installed JAX would
+otherwise try to start a TPU. The same process compiles for its CPU too
+(``cpu_train_program``): ``attention="auto"`` takes the CPU kernels there
+and ``keras.ops`` in the TPU program (``medt_keras.kernels.dispatch``).
+"""
+
+import json
+import os
+import re
+import sys
+import time
+
+import medt_keras  # noqa: F401  (selects the JAX backend before keras is imported)
+import numpy as np
+
+import keras
+
+# HBM per chip, GiB (Cloud TPU documentation): what "fits" is measured against.
+HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+class CompileTargetError(ValueError):
+    """The target cannot be compiled for here (unknown name, libtpu missing, JAX started on a TPU)."""
+
+
+def tpu_devices(target):
+    """The compile-only devices of ``target`` (``"tpu:v5e:2x2"``, ``"tpu:v4:2x2x1"``, ...) and its chip generation."""
+    platform, _, topology = target.partition(":")
+    generation = topology.split(":")[0]
+    if platform != "tpu" or ":" not in topology:
+        raise CompileTargetError(f"compile target {target!r}: use tpu:GENERATION:SHAPE, e.g. tpu:v5e:2x2, "
+                                 f"tpu:v5e:16x16, tpu:v5p:2x2x1, tpu:v4:2x2x1 (generations: {', '.join(HBM_GIB)}).")
+    if generation not in HBM_GIB:
+        raise CompileTargetError(f"compile target {target!r}: unknown TPU generation {generation!r}; "
+                                 f"known: {', '.join(HBM_GIB)}.")
+    if os.environ.get("JAX_PLATFORMS") != "cpu":
+        raise CompileTargetError("compiling for a TPU without one needs JAX_PLATFORMS=cpu in the environment "
+                                 "(with libtpu installed, JAX would otherwise try to start a TPU).")
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise CompileTargetError('compiling for a TPU needs libtpu: pip install "medt-keras[aot]".')
+    from jax.experimental import topologies
+
+    try:
+        description = topologies.get_topology_desc(topology, "tpu")
+    except Exception as error:  # libtpu's own message names what it did not accept
+        raise CompileTargetError(f"compile target {target!r}: libtpu refused the topology ({error}).") from error
+    return list(description.devices), generation
+
+
+def build_compiled_model(config):
+    """The config's model, compiled as ``medt-train`` compiles it, its optimizer and metrics built.
+
+    The metrics are built by one eager call on one small example (Keras
+    builds compiled metrics on first use).
+    """
+    from medt_keras.optimizers import OfficialAdam
+    from training.train import build_model, compile_model
+
+    model = build_model(config, in_channels=3)
+    optimizer = OfficialAdam(learning_rate=config.learning_rate, l2=config.weight_decay)
+    compile_model(model, config.num_classes, optimizer)
+    optimizer.build(model.trainable_variables)
+    x = np.zeros((1, config.img_size, config.img_size, 3), "float32")
+    y = np.zeros((1, config.img_size, config.img_size), "int32")
+    y_pred = model(x, training=False)
+    model.compute_loss(x, y, y_pred)
+    model.compute_metrics(x, y, y_pred, sample_weight=None)
+    return model
+
+
+def _state(model):
+    return ([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+            [v.value for v in model.optimizer.variables], [v.value for v in model.metrics_variables])
+
+
+def _abstract(tree, sharding):
+    import jax
+
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=sharding), tree)
+
+
+def _batch(config, batch):
+    x = np.zeros((batch, config.img_size, config.img_size, 3), "float32")
+    y = np.zeros((batch, config.img_size, config.img_size), "int32")
+    return x, y
+
+
+def train_program(model, config, devices, batch_per_chip):
+    """Keras' ``train_step`` jitted (state donated) for ``devices``: the global batch split over them, the state replicated.
+
+    Returns the lowered program (``.compile()`` it).
+    """
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(devices), ("batch",))
+    replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
+    state = _abstract(_state(model), replicated)
+    data = _abstract(_batch(config, batch_per_chip * len(devices)), split)
+    return jax.jit(model.train_step, donate_argnums=0).lower(state, data)
+
+
+def predict_program(model, config, devices, batch_per_chip):
+    """Keras' ``predict_step`` for ``devices``, the batch split over them (lowered)."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(devices), ("batch",))
+    replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
+    state = _abstract(_state(model)[:2], replicated)
+    x = _abstract(_batch(config, batch_per_chip * len(devices))[0], split)
+    return jax.jit(model.predict_step).lower(state, (x,))
+
+
+def cpu_train_program(model, config, batch):
+    """The same ``train_step`` lowered for this process' CPU (one device)."""
+    import jax
+
+    return jax.jit(model.train_step, donate_argnums=0).lower(_state(model), _batch(config, batch))
+
+
+def collectives(hlo_text):
+    """``{kind: count}`` of the cross-device operations in an optimised HLO module's text."""
+    return {kind: len(re.findall(rf"\s{kind}(?:-start)?\(", hlo_text)) for kind in COLLECTIVES}
+
+
+def report(lowered, generation, seconds, data_argument):
+    """The compiler's figures for one compiled program, per chip."""
+    compiled_started = time.time()
+    compiled = lowered.compile()
+    seconds += time.time() - compiled_started
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, list):  # older JAX: one dict per program
+        cost = cost[0] if cost else {}
+    gib = 2.0 ** 30
+    used = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
+        - memory.alias_size_in_bytes
+    text = compiled.as_text()
+    sharding = compiled.input_shardings[0][data_argument]
+    return dict(
+        compile_seconds=round(seconds, 1),
+        argument_gib=memory.argument_size_in_bytes / gib,
+        output_gib=memory.output_size_in_bytes / gib,
+        temp_gib=memory.temp_size_in_bytes / gib,
+        alias_gib=memory.alias_size_in_bytes / gib,
+        used_gib=used / gib,
+        hbm_gib=HBM_GIB[generation],
+        fits=used / gib < HBM_GIB[generation],
+        flops=float(cost.get("flops", float("nan"))),
+        bytes_accessed=float(cost.get("bytes accessed", float("nan"))),
+        collectives=collectives(text),
+        # The images' partition, one entry per dimension: ["batch"] is split along the batch.
+        data_sharding=[None if axis is None else str(axis) for axis in _first(sharding).spec],
+        native_kernel="medt_native_attention" in text,
+    )
+
+
+def _first(tree):
+    while isinstance(tree, (list, tuple)):
+        tree = tree[0]
+    return tree
+
+
+def compile_for(target, config, batch_per_chip=8, predict=True):
+    """``{"train": report, "predict": report}`` of ``config``'s programs compiled for ``target``."""
+    import jax
+
+    devices, generation = tpu_devices(target)
+    model = build_compiled_model(config)
+    results = dict(target=target, chips=len(devices), batch_per_chip=batch_per_chip, model=config.model,
+                   img_size=config.img_size, dtype=config.dtype, jax=jax.__version__)
+    started = time.time()
+    lowered = train_program(model, config, devices, batch_per_chip)
+    # train_step(state, data): the data is the second argument, x its first entry.
+    results["train"] = report(lowered, generation, time.time() - started, data_argument=1)
+    if predict:
+        started = time.time()
+        lowered = predict_program(model, config, devices, batch_per_chip)
+        results["predict"] = report(lowered, generation, time.time() - started, data_argument=1)
+    return results
+
+
+def main(argv=None):
+    from training.config import apply_overrides, load_config, parser_with_overrides
+
+    parser = parser_with_overrides(prog="medt-bench --compile-for", description=__doc__.split("\n\n")[0])
+    parser.add_argument("target", help="tpu:GENERATION:SHAPE, e.g. tpu:v5e:2x2 or tpu:v5e:16x16 (256 chips)")
+    parser.add_argument("--config", default="medt_hela")
+    parser.add_argument("--batch-per-chip", type=int, default=8)
+    parser.add_argument("--no-predict", action="store_true", help="compile the training program only")
+    parser.add_argument("--json", help="write the report here")
+    args = parser.parse_args(argv)
+    try:
+        config = apply_overrides(load_config(args.config), args)
+        results = compile_for(args.target, config, args.batch_per_chip, predict=not args.no_predict)
+    except CompileTargetError as error:
+        print(f"compile_for: error: {error}", file=sys.stderr)
+        return 2
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as handle:
+            handle.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
