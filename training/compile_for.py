@@ -147,7 +147,7 @@ def collectives(hlo_text):
     return {kind: len(re.findall(rf"\s{kind}(?:-start)?\(", hlo_text)) for kind in COLLECTIVES}
 
 
-def report(lowered, generation, seconds, data_argument):
+def report(lowered, generation, seconds, data_argument, batch_per_chip):
     """The compiler's figures for one compiled program, per chip."""
     compiled_started = time.time()
     compiled = lowered.compile()
@@ -170,6 +170,8 @@ def report(lowered, generation, seconds, data_argument):
         used_gib=used / gib,
         hbm_gib=HBM_GIB[generation],
         fits=used / gib < HBM_GIB[generation],
+        # Memory taken as proportional to the batch (its fixed part counted per image too): a floor.
+        batch_per_chip_that_fits_at_least=int(batch_per_chip * HBM_GIB[generation] * gib // used) if used else None,
         flops=float(cost.get("flops", float("nan"))),
         bytes_accessed=float(cost.get("bytes accessed", float("nan"))),
         collectives=collectives(text),
@@ -196,11 +198,11 @@ def compile_for(target, config, batch_per_chip=8, predict=True):
     started = time.time()
     lowered = train_program(model, config, devices, batch_per_chip)
     # train_step(state, data): the data is the second argument, x its first entry.
-    results["train"] = report(lowered, generation, time.time() - started, data_argument=1)
+    results["train"] = report(lowered, generation, time.time() - started, 1, batch_per_chip)
     if predict:
         started = time.time()
         lowered = predict_program(model, config, devices, batch_per_chip)
-        results["predict"] = report(lowered, generation, time.time() - started, data_argument=1)
+        results["predict"] = report(lowered, generation, time.time() - started, 1, batch_per_chip)
     return results
 
 
