@@ -220,7 +220,7 @@ def main(argv=None):
         config = apply_overrides(load_config(args.config), args)
         results = compile_for(args.target, config, args.batch_per_chip, predict=not args.no_predict)
     except CompileTargetError as error:
-        print(f"compile_for: error: {error}", file=sys.stderr)
+        print(f"medt-bench --compile-for: error: {error}", file=sys.stderr)
         return 2
     text = json.dumps(results, indent=2)
     print(text)
