@@ -35,7 +35,8 @@ import numpy as np
 
 import keras
 
-# HBM per chip, GiB (Cloud TPU documentation): what "fits" is measured against.
+# HBM per chip, GiB (Cloud TPU documentation): what "fits" is measured against. A v4 chip's two
+# TensorCores are two devices of libtpu's compile-only topologies, each with half.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
@@ -45,7 +46,7 @@ class CompileTargetError(ValueError):
 
 
 def tpu_devices(target):
-    """The compile-only devices of ``target`` (``"tpu:v5e:2x2"``, ``"tpu:v4:2x2x1"``, ...) and its chip generation."""
+    """The compile-only devices of ``target`` (``"tpu:v5e:2x2"``, ``"tpu:v4:2x2x1"``, ...) and each one's HBM, GiB."""
     platform, _, topology = target.partition(":")
     generation = topology.split(":")[0]
     if platform != "tpu" or ":" not in topology:
@@ -66,8 +67,11 @@ def tpu_devices(target):
     try:
         description = topologies.get_topology_desc(topology, "tpu")
     except Exception as error:  # libtpu's own message names what it did not accept
-        raise CompileTargetError(f"compile target {target!r}: libtpu refused the topology ({error}).") from error
-    return list(description.devices), generation
+        raise CompileTargetError(f"compile target {target!r}: libtpu refused the topology ({error}); "
+                                 "one libtpu process at a time may hold its lock file.") from error
+    devices = list(description.devices)
+    cores_per_chip = len({getattr(device, "core_on_chip", 0) for device in devices})
+    return devices, HBM_GIB[generation] / cores_per_chip
 
 
 def build_compiled_model(config):
@@ -147,7 +151,7 @@ def collectives(hlo_text):
     return {kind: len(re.findall(rf"\s{kind}(?:-start)?\(", hlo_text)) for kind in COLLECTIVES}
 
 
-def report(lowered, generation, seconds, data_argument, batch_per_chip):
+def report(lowered, hbm_gib, seconds, data_argument, batch_per_chip):
     """The compiler's figures for one compiled program, per chip."""
     compiled_started = time.time()
     compiled = lowered.compile()
@@ -168,10 +172,10 @@ def report(lowered, generation, seconds, data_argument, batch_per_chip):
         temp_gib=memory.temp_size_in_bytes / gib,
         alias_gib=memory.alias_size_in_bytes / gib,
         used_gib=used / gib,
-        hbm_gib=HBM_GIB[generation],
-        fits=used / gib < HBM_GIB[generation],
+        hbm_gib=hbm_gib,
+        fits=used / gib < hbm_gib,
         # Memory taken as proportional to the batch (its fixed part counted per image too): a floor.
-        batch_per_chip_that_fits_at_least=int(batch_per_chip * HBM_GIB[generation] * gib // used) if used else None,
+        batch_per_chip_that_fits_at_least=int(batch_per_chip * hbm_gib * gib // used) if used else None,
         flops=float(cost.get("flops", float("nan"))),
         bytes_accessed=float(cost.get("bytes accessed", float("nan"))),
         collectives=collectives(text),
@@ -191,18 +195,19 @@ def compile_for(target, config, batch_per_chip=8, predict=True):
     """``{"train": report, "predict": report}`` of ``config``'s programs compiled for ``target``."""
     import jax
 
-    devices, generation = tpu_devices(target)
+    devices, hbm_gib = tpu_devices(target)
     model = build_compiled_model(config)
+    # "chips": the devices of the slice; a v4 chip is two (its TensorCores), each with half its HBM.
     results = dict(target=target, chips=len(devices), batch_per_chip=batch_per_chip, model=config.model,
                    img_size=config.img_size, dtype=config.dtype, jax=jax.__version__)
     started = time.time()
     lowered = train_program(model, config, devices, batch_per_chip)
     # train_step(state, data): the data is the second argument, x its first entry.
-    results["train"] = report(lowered, generation, time.time() - started, 1, batch_per_chip)
+    results["train"] = report(lowered, hbm_gib, time.time() - started, 1, batch_per_chip)
     if predict:
         started = time.time()
         lowered = predict_program(model, config, devices, batch_per_chip)
-        results["predict"] = report(lowered, generation, time.time() - started, 1, batch_per_chip)
+        results["predict"] = report(lowered, hbm_gib, time.time() - started, 1, batch_per_chip)
     return results
 
 
