@@ -33,8 +33,6 @@ import time
 import medt_keras  # noqa: F401  (selects the JAX backend before keras is imported)
 import numpy as np
 
-import keras
-
 # HBM per chip, GiB (Cloud TPU documentation): what "fits" is measured against. A v4 chip's two
 # TensorCores are two devices of libtpu's compile-only topologies, each with half.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
@@ -77,18 +75,13 @@ def tpu_devices(target):
 def build_compiled_model(config):
     """The config's model, compiled as ``medt-train`` compiles it, its optimizer and metrics built.
 
-    The metrics are built by one eager call on one small example (Keras
+    The loss and metrics are built by one eager call on one example (Keras
     builds compiled metrics on first use).
     """
-    from medt_keras.optimizers import OfficialAdam
-    from training.train import build_model, compile_model
+    from training.train import build_for_training
 
-    model = build_model(config, in_channels=3)
-    optimizer = OfficialAdam(learning_rate=config.learning_rate, l2=config.weight_decay)
-    compile_model(model, config.num_classes, optimizer)
-    optimizer.build(model.trainable_variables)
-    x = np.zeros((1, config.img_size, config.img_size, 3), "float32")
-    y = np.zeros((1, config.img_size, config.img_size), "int32")
+    model, _ = build_for_training(config, in_channels=3)
+    x, y = _batch(config, 1)
     y_pred = model(x, training=False)
     model.compute_loss(x, y, y_pred)
     model.compute_metrics(x, y, y_pred, sample_weight=None)
@@ -112,16 +105,22 @@ def _batch(config, batch):
     return x, y
 
 
+def _shardings(devices):
+    """``(replicated, split along the batch)`` over a one-axis mesh of ``devices``."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(devices), ("batch",))
+    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
+
+
 def train_program(model, config, devices, batch_per_chip):
     """Keras' ``train_step`` jitted (state donated) for ``devices``: the global batch split over them, the state replicated.
 
     Returns the lowered program (``.compile()`` it).
     """
     import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    mesh = Mesh(np.array(devices), ("batch",))
-    replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
+    replicated, split = _shardings(devices)
     state = _abstract(_state(model), replicated)
     data = _abstract(_batch(config, batch_per_chip * len(devices)), split)
     return jax.jit(model.train_step, donate_argnums=0).lower(state, data)
@@ -130,10 +129,8 @@ def train_program(model, config, devices, batch_per_chip):
 def predict_program(model, config, devices, batch_per_chip):
     """Keras' ``predict_step`` for ``devices``, the batch split over them (lowered)."""
     import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    mesh = Mesh(np.array(devices), ("batch",))
-    replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
+    replicated, split = _shardings(devices)
     state = _abstract(_state(model)[:2], replicated)
     x = _abstract(_batch(config, batch_per_chip * len(devices))[0], split)
     return jax.jit(model.predict_step).lower(state, (x,))

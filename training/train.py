@@ -248,6 +248,15 @@ def build_model(config, in_channels, normalize="auto"):
     )
 
 
+def build_for_training(config, in_channels, normalize="auto"):
+    """``(model, optimizer)``: the config's model compiled with ``OfficialAdam``, the optimizer built."""
+    model = build_model(config, in_channels, normalize)
+    optimizer = OfficialAdam(learning_rate=config.learning_rate, l2=config.weight_decay)
+    compile_model(model, config.num_classes, optimizer, steps_per_execution=config.steps_per_execution)
+    optimizer.build(model.trainable_variables)
+    return model, optimizer
+
+
 def segmentation_loss(model):
     """Sparse cross-entropy on logits, in float64 for a float64 model.
 
@@ -430,10 +439,7 @@ def _set_up(config, resume, multi_process, require_accelerator, watch):
         raise ValueError("eval_protocol tiled runs on one process without data parallelism; "
                          "use --eval-protocol resize with --distribution.")
 
-    model = build_model(config, in_channels, normalize)
-    optimizer = OfficialAdam(learning_rate=config.learning_rate, l2=config.weight_decay)
-    compile_model(model, config.num_classes, optimizer, steps_per_execution=config.steps_per_execution)
-    optimizer.build(model.trainable_variables)
+    model, optimizer = build_for_training(config, in_channels, normalize)
     gates = GateSchedule(optimizer, gate_variables(model), config.gate_unfreeze_epoch)
 
     meta = dict(config=dataclasses.asdict(config), next_epoch=0, best_val_f1=-1.0, best_epoch=0, history=[])
