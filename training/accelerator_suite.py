@@ -184,12 +184,12 @@ def parity_eval32_default(path):
     import numpy as np
 
     from weights_converter.convert import load_official_checkpoint
-    from weights_converter.parity import TOLERANCES, _jitted_forward, _nchw, _nhwc, _relative_max, reference_path
+    from weights_converter.parity import TOLERANCES, jitted_forward, to_nchw, to_nhwc, relative_max, reference_path
 
     ref = np.load(reference_path(path))
     model = load_official_checkpoint(path, dtype="float32")
-    y = _nchw(_jitted_forward(model, training=False)(_nhwc(ref["x"]).astype(np.float32)))
-    eval32 = _relative_max(y, ref["y_eval"])
+    y = to_nchw(jitted_forward(model, training=False)(to_nhwc(ref["x"]).astype(np.float32)))
+    eval32 = relative_max(y, ref["y_eval"])
     return {"architecture": type(model).__name__, "precision": "default", "eval32": eval32,
             "within_tolerance": eval32 <= TOLERANCES["eval32"]}
 
@@ -349,10 +349,10 @@ def _torch_cuda_unavailable():
 
 def _fixture_paths(explicit):
     """Fixtures to check: ``explicit`` paths/folders, or the shipped tiny ones, then full-size (MedT, gated first)."""
-    from weights_converter.parity import _expand, default_case_paths
+    from weights_converter.parity import expand_case_paths, default_case_paths
 
     if explicit:
-        return _expand(explicit)
+        return expand_case_paths(explicit)
     paths = default_case_paths()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     # Only the checkout travels to a device machine: full-size fixtures go in its own shared/.

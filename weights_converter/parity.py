@@ -9,9 +9,9 @@ and recomputes all of these with the Keras model, ``compare_case`` measures
 them against the official values, and ``measure_case`` does both.
 
 Run ``python -m weights_converter.parity [CASE.pth | DIR ...]`` (or
-``medt-parity``) for a report; with no argument it checks the fixtures
-shipped in ``tests/fixtures/official`` and the full-size ones in
-``../shared/fixtures/official/full`` when they exist.
+``medt-parity``) for a report; with no argument, run in a checkout's root,
+it checks the repository's fixtures in ``tests/fixtures/official`` and the
+full-size ones in ``../shared/fixtures/official/full`` when they exist.
 """
 
 import argparse
@@ -79,21 +79,21 @@ class CaseResult:
         return failed
 
 
-def _nhwc(a):
+def to_nhwc(a):
     return np.transpose(a, (0, 2, 3, 1))
 
 
-def _nchw(a):
+def to_nchw(a):
     return np.transpose(np.asarray(a), (0, 3, 1, 2))
 
 
-def _all_finite(*arrays):
+def all_finite(*arrays):
     return all(bool(np.all(np.isfinite(np.asarray(a, dtype=np.float64)))) for a in arrays)
 
 
-def _relative_max(ours, reference):
+def relative_max(ours, reference):
     """max |ours - reference| / max |reference|; NaN (a failure) if either holds a NaN or an Inf."""
-    if not _all_finite(ours, reference):
+    if not all_finite(ours, reference):
         return float("nan")
     return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
 
@@ -107,7 +107,7 @@ def worst_key(errors):
     return max(errors, key=lambda key: (math.isnan(errors[key]), errors[key]))
 
 
-def _jitted_forward(model, training):
+def jitted_forward(model, training):
     import jax
 
     trainable = [v.value for v in model.trainable_variables]
@@ -163,17 +163,17 @@ def compute_case(pth_path, npz_path=None):
     start = time.perf_counter()
     npz_path = npz_path or reference_path(pth_path)
     ref = np.load(npz_path)
-    x = _nhwc(ref["x"])
+    x = to_nhwc(ref["x"])
 
     model32 = load_official_checkpoint(pth_path, dtype="float32")
     architecture = type(model32).__name__
-    y_eval32 = _nchw(_jitted_forward(model32, training=False)(x.astype(np.float32)))
+    y_eval32 = to_nchw(jitted_forward(model32, training=False)(x.astype(np.float32)))
     del model32
 
     enable_float64()
     model = load_official_checkpoint(pth_path, dtype="float64")
     x64 = x.astype(np.float64)
-    y_eval64 = _nchw(_jitted_forward(model, training=False)(x64))
+    y_eval64 = to_nchw(jitted_forward(model, training=False)(x64))
 
     # Every official parameter gets a gradient, the frozen gates included.
     entries = official_entries(model)
@@ -208,7 +208,7 @@ def compute_case(pth_path, npz_path=None):
         architecture=architecture,
         y_eval32=y_eval32,
         y_eval64=y_eval64,
-        y_train64=_nchw(logits),
+        y_train64=to_nchw(logits),
         loss64=float(loss),
         grads=official_grads,
         stats=official_stats,
@@ -219,11 +219,11 @@ def compute_case(pth_path, npz_path=None):
 def compare_case(outputs, npz_path):
     """``outputs`` (``compute_case``) against the official values in ``npz_path``, as a ``CaseResult``."""
     ref = np.load(npz_path)
-    eval32 = _relative_max(outputs.y_eval32, ref["y_eval"])
-    eval64 = _relative_max(outputs.y_eval64, ref["y_eval64"])
-    train64 = _relative_max(outputs.y_train64, ref["y_train"])
+    eval32 = relative_max(outputs.y_eval32, ref["y_eval"])
+    eval64 = relative_max(outputs.y_eval64, ref["y_eval64"])
+    train64 = relative_max(outputs.y_train64, ref["y_train"])
     loss64 = float(abs(outputs.loss64 - float(ref["loss"])) / abs(float(ref["loss"])))
-    if not _all_finite(outputs.loss64, ref["loss"]):
+    if not all_finite(outputs.loss64, ref["loss"]):
         loss64 = float("nan")
 
     reference_grads = [k for k in ref.files if k.startswith("grad/")]
@@ -234,7 +234,7 @@ def compare_case(outputs, npz_path):
         if "grad/" + key not in ref.files:
             continue
         reference = ref["grad/" + key]
-        error = np.linalg.norm(ours - reference) if _all_finite(ours, reference) else float("nan")
+        error = np.linalg.norm(ours - reference) if all_finite(ours, reference) else float("nan")
         scale = max(np.linalg.norm(reference), ZERO_GRADIENT_FLOOR * reference_norm)
         grad_errors[key] = float(error / scale)
         raw_grad_errors[key] = float(error / max(np.linalg.norm(reference), 1e-300))
@@ -244,7 +244,7 @@ def compare_case(outputs, npz_path):
         if key.endswith("num_batches_tracked"):
             counters_equal &= int(ours) == int(ref["after/" + key])
         else:
-            stats_errors[key] = _relative_max(ours, ref["after/" + key])
+            stats_errors[key] = relative_max(ours, ref["after/" + key])
     if len(grad_errors) != len(reference_grads):
         raise AssertionError(
             f"{npz_path}: {len(reference_grads) - len(grad_errors)} reference gradients have no Keras variable"
@@ -278,18 +278,21 @@ def measure_case(pth_path, npz_path=None):
     return compare_case(compute_case(pth_path, npz_path), npz_path)
 
 
-def default_case_paths():
-    """The shipped tiny fixtures, plus the shared full-size ones where present."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    repo = os.path.dirname(here)
+def default_case_paths(root="."):
+    """The cases a checkout offers, found from ``root`` (the folder a command runs in).
+
+    The tiny fixtures in ``tests/fixtures/official`` and the full-size ones in
+    ``../shared/fixtures/official/full`` where they exist. Installed code never
+    looks beside itself: run from a checkout's root, or name the cases.
+    """
     folders = [
-        os.path.join(repo, "tests", "fixtures", "official"),
-        os.path.join(repo, "..", "shared", "fixtures", "official", "full"),
+        os.path.join(root, "tests", "fixtures", "official"),
+        os.path.join(root, "..", "shared", "fixtures", "official", "full"),
     ]
     return [p for folder in folders for p in sorted(glob.glob(os.path.join(folder, "*.pth")))]
 
 
-def _expand(paths):
+def expand_case_paths(paths):
     result = []
     for path in paths:
         if os.path.isdir(path):
@@ -309,9 +312,10 @@ def main(argv=None):
         "--worst", type=int, default=0, metavar="N", help="also list the N worst gradients and statistics"
     )
     args = parser.parse_args(argv)
-    paths = _expand(args.paths) if args.paths else default_case_paths()
+    paths = expand_case_paths(args.paths) if args.paths else default_case_paths()
     if not paths:
-        print("no cases found", file=sys.stderr)
+        print("medt-parity: no cases given and none found from here (./tests/fixtures/official, "
+              "../shared/fixtures/official/full): name CASE.pth files or folders of them", file=sys.stderr)
         return 2
     header = (
         f"{'case':<52} {'model':<15} {'eval f32':>9} {'eval f64':>9} {'train f64':>9} "

@@ -87,15 +87,15 @@ def test_worst_key_and_relative_error_see_nan_and_inf():
 
     import numpy as np
 
-    from weights_converter.parity import _relative_max, worst_key
+    from weights_converter.parity import relative_max, worst_key
 
     # max(errors, key=errors.get) returns "a" here: the NaN loses every comparison.
     errors = {"a": 1e-12, "b": float("nan"), "c": 1e-9}
     assert worst_key(errors) == "b"
     assert worst_key({"a": 1e-12, "c": 1e-9}) == "c"
-    assert math.isnan(_relative_max(np.array([1.0, np.nan]), np.array([1.0, 2.0])))
-    assert math.isnan(_relative_max(np.array([1.0, np.inf]), np.array([1.0, np.inf])))
-    assert math.isnan(_relative_max(np.array([1.0, 2.0]), np.array([np.inf, 2.0])))
+    assert math.isnan(relative_max(np.array([1.0, np.nan]), np.array([1.0, 2.0])))
+    assert math.isnan(relative_max(np.array([1.0, np.inf]), np.array([1.0, np.inf])))
+    assert math.isnan(relative_max(np.array([1.0, 2.0]), np.array([np.inf, 2.0])))
 
 
 def test_nan_in_one_gradient_and_inf_in_one_statistic_fail_the_check(tmp_path):
