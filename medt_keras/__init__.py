@@ -5,9 +5,9 @@ state names (the four models, their layers, ``OfficialAdam``, the
 foreground metrics), so ``keras.saving.load_model`` needs nothing else.
 """
 
-from medt_keras import _backend  # noqa: F401  (must run before keras is imported)
-from medt_keras import compiler, files, layers, metrics, optimizers
-from medt_keras._backend import enable_float64
+# First: importing _backend selects the JAX backend before keras is imported.
+from medt_keras._backend import enable_float64, highest_matmul_precision
+from medt_keras import compiler, layers, metrics, optimizers  # noqa: E402
 from medt_keras.errors import LoadError
 from medt_keras.loading import load
 from medt_keras.metrics import ForegroundF1, ForegroundIoU
@@ -29,8 +29,8 @@ __all__ = [
     "OfficialAdam",
     "compiler",
     "enable_float64",
-    "files",
     "get_spec",
+    "highest_matmul_precision",
     "layers",
     "load",
     "metrics",

@@ -11,6 +11,7 @@ what is wrong with it.
 
 import inspect
 import os
+import re
 
 from medt_keras.errors import LoadError
 from medt_keras.models.registry import MODELS, get_spec, spec_of
@@ -104,16 +105,48 @@ def _load_weights(path, architecture, config, dtype, hyperparameters):
     return model
 
 
-def _load_official(path, dtype, resample_positions, hyperparameters):
-    # Lazy: the converter is needed only for official files, and the library never needs it otherwise.
-    try:
-        from weights_converter.convert import load_official_checkpoint
-    except ImportError as error:
-        raise LoadError(f"{path}: an official checkpoint needs the weights_converter package ({error}).") from error
+# Readers of files the library does not parse itself, by kind. The official
+# PyTorch checkpoints are read by ``weights_converter``, a package above the
+# library: it announces its reader under this entry-point group (see
+# pyproject.toml), so the library finds it without importing it by name.
+LOADERS_GROUP = "medt_keras.loaders"
+_loaders = {}
 
-    return load_official_checkpoint(
-        path, dtype=dtype or "float32", resample_positions=resample_positions, **hyperparameters
-    )
+
+def register_loader(kind, function):
+    """Makes ``load`` read files of ``kind`` with ``function``.
+
+    ``kind`` "official" covers the official checkpoints (``.pth``, ``.pt``,
+    ``.bin``, ``.safetensors``); ``function(path, dtype=..., resample_positions=...,
+    **hyperparameters)`` returns the model. Installed medt-keras registers
+    ``weights_converter.load_official_checkpoint`` through the entry-point
+    group ``medt_keras.loaders``; this call replaces or stands in for it.
+    """
+    _loaders[kind] = function
+
+
+def _loader(kind, path):
+    if kind not in _loaders:
+        from importlib.metadata import entry_points
+
+        for entry in entry_points(group=LOADERS_GROUP, name=kind):
+            try:
+                _loaders[kind] = entry.load()
+            except ImportError as error:
+                raise LoadError(f"{path}: the reader of {kind} files ({entry.value}) does not import: {error}.") from error
+            break
+        else:
+            raise LoadError(
+                f"{path}: no reader of {kind} files is installed (entry point group {LOADERS_GROUP!r}); "
+                "install medt-keras with pip, which registers weights_converter's, or call "
+                "medt_keras.loading.register_loader."
+            )
+    return _loaders[kind]
+
+
+def _load_official(path, dtype, resample_positions, hyperparameters):
+    reader = _loader("official", path)
+    return reader(path, dtype=dtype or "float32", resample_positions=resample_positions, **hyperparameters)
 
 
 def load(
@@ -194,6 +227,13 @@ def load(
     raise LoadError(f"{text}: unknown kind of file (by its extension); expected one of {_ACCEPTED}.")
 
 
+def _snake_case(name):
+    # Keras' rule for the names under which a file keeps a layer's weights.
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
 def _pre_rename_weight_paths(model):
     """``{old: new}`` weight-file groups of the model's ``PatchProductConv2D`` layers.
 
@@ -202,10 +242,9 @@ def _pre_rename_weight_paths(model):
     ``layers/conv2d_1``, ...). Before its rename ``PatchProductConv2D`` was
     ``Conv2D``, so ``.weights.h5`` files saved then hold these layers under
     ``conv2d`` names, counted together with any ``keras.layers.Conv2D`` at the
-    same level. Replays Keras' numbering both ways (``saving_lib._get_unique_name``).
+    same level. Replays Keras' numbering both ways (``saving_lib._get_unique_name``)
+    and its snake-casing of class names (``PatchProductConv2D`` -> ``patch_product_conv2d``).
     """
-    from keras.src.utils import naming
-
     from medt_keras.layers import PatchProductConv2D
 
     def unique(name, used):
@@ -214,7 +253,7 @@ def _pre_rename_weight_paths(model):
 
     old_used, new_used, renames = {}, {}, {}
     for layer in model.layers:
-        new_name = naming.to_snake_case(type(layer).__name__)
+        new_name = _snake_case(type(layer).__name__)
         old_name = "conv2d" if isinstance(layer, PatchProductConv2D) else new_name
         old, new = unique(old_name, old_used), unique(new_name, new_used)
         if old != new:

@@ -1,4 +1,8 @@
-"""Running code in a fresh interpreter where ``training`` cannot be imported (the library on its own)."""
+"""Running code in a fresh interpreter where the packages above a layer cannot be imported.
+
+The packages are layered, each importing only those before it in ``LAYERS``:
+the library, the converter built on it, the commands built on both.
+"""
 
 import os
 import pathlib
@@ -7,27 +11,40 @@ import sys
 import textwrap
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-BLOCK_TRAINING = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class BlockTraining(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "training" or name.startswith("training."):
-                raise ImportError(f"{name} is blocked: the library must not need the application")
-            return None
-
-    sys.meta_path.insert(0, BlockTraining())
-    """
-)
+LAYERS = ("medt_keras", "weights_converter", "training")
 
 
-def run_without_training(code, timeout=600):
-    """Runs ``code`` (dedented) after blocking ``training``; returns the finished process (stdout, stderr)."""
+def above(package):
+    """The packages ``package`` must not import."""
+    return LAYERS[LAYERS.index(package) + 1:]
+
+
+def _blocker(blocked):
+    return textwrap.dedent(
+        f"""
+        import importlib.abc, sys
+
+        class Blocked(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {tuple(blocked)!r}:
+                    raise ImportError(f"{{name}} is blocked: a package must not need the ones above it")
+                return None
+
+        sys.meta_path.insert(0, Blocked())
+        """
+    )
+
+
+def run_with_blocked(code, blocked, timeout=600):
+    """Runs ``code`` (dedented) with the packages ``blocked`` unimportable; returns the finished process."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                KERAS_BACKEND="jax")
-    result = subprocess.run([sys.executable, "-c", BLOCK_TRAINING + textwrap.dedent(code)], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-c", _blocker(blocked) + textwrap.dedent(code)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def run_library_alone(code, timeout=600):
+    """Runs ``code`` where only the library (``medt_keras``) can be imported of the three packages."""
+    return run_with_blocked(code, above("medt_keras"), timeout=timeout)

@@ -1,6 +1,5 @@
-"""The model table and ``medt_keras.load``: every kind of input, every error; the library without ``training``."""
+"""The model table and ``medt_keras.load``: every kind of input, every error."""
 
-import ast
 import inspect
 import os
 import warnings
@@ -12,7 +11,7 @@ import medt_keras
 from medt_keras import LoadError, load
 from medt_keras.models.registry import MODELS, OFFICIAL_HYPERPARAMETERS, get_spec
 from tests.conftest import TINY_IMG_SIZE, TINY_MODEL
-from tests.library_only import ROOT, run_without_training
+from tests.library_only import ROOT
 from tests.weights_converter.torch_format import safetensors_bytes
 
 OFFICIAL_AXIALUNET = ROOT / "tests" / "fixtures" / "official" / "axialunet_img32_c1_k3_b2_s3_w0.03125_g2_l1-1-1-1.pth"
@@ -22,39 +21,6 @@ TINY = dict(img_size=TINY_IMG_SIZE, in_channels=1, num_classes=3, **TINY_MODEL)
 @pytest.fixture(scope="module")
 def tiny_model():
     return medt_keras.AxialUNet(**TINY)
-
-
-# --- the library stands alone ------------------------------------------------
-
-
-def test_no_library_module_imports_the_application():
-    # Also catches imports inside functions, which importing the modules does not run.
-    offenders = []
-    for path in sorted((ROOT / "medt_keras").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
-            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "training"]
-    assert offenders == []
-
-
-def test_every_library_module_imports_with_training_blocked():
-    out = run_without_training(
-        """
-        import importlib, pkgutil
-        import medt_keras
-        for module in pkgutil.walk_packages(medt_keras.__path__, "medt_keras."):
-            if not module.name.endswith("__main__"):
-                importlib.import_module(module.name)
-        import keras
-        for name in ("medt_keras>OfficialAdam", "medt_keras>ForegroundF1", "medt_keras>ForegroundIoU",
-                     "medt_keras>MedT", "medt_keras>LoGo", "medt_keras>GatedAxialUNet", "medt_keras>AxialUNet"):
-            assert keras.saving.get_registered_object(name) is not None, name
-        # The converter is imported only where an official file is asked for.
-        print(sorted(m for m in sys.modules if m.split(".")[0] in ("training", "weights_converter")))
-        """
-    )
-    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 # --- the table of models -----------------------------------------------------

@@ -28,7 +28,7 @@ import os
 import numpy as np
 
 # Re-exported: the loop and the command-line tools write through these.
-from medt_keras.files import (  # noqa: F401
+from training.files import (  # noqa: F401
     atomic_path,
     atomic_write_csv,
     atomic_write_text,
@@ -58,9 +58,8 @@ def _orbax():
         raise ValueError("the Orbax run state (multi-process runs, remote output folders, --checkpoint-format "
                          "orbax) needs the orbax-checkpoint package, Python 3.11 or later: "
                          "pip install orbax-checkpoint") from error
-    from keras.src.utils.module_utils import ocp  # orbax.checkpoint.v1, as Keras' OrbaxCheckpoint loads it
+    import orbax.checkpoint.v1 as ocp  # the API Keras' own OrbaxCheckpoint uses
 
-    ocp.initialize()
     absl_logger = logging.getLogger("absl")
     if not any(isinstance(f, _QuietOrbax) for f in absl_logger.filters):
         absl_logger.addFilter(_QuietOrbax())

@@ -31,7 +31,7 @@ import sys
 import numpy as np
 
 from medt_keras.datasets.images import DatasetError, percentile_normalize, read_image_native
-from medt_keras.files import atomic_write_csv, atomic_write_text
+from training.files import atomic_write_csv, atomic_write_text
 from medt_keras.metrics import json_safe, official_protocol_scores, pooled_scores
 
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")

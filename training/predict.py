@@ -31,7 +31,7 @@ import medt_keras  # noqa: F401  (selects the JAX backend before keras is import
 import numpy as np
 
 from medt_keras.datasets.images import DatasetError, encode_png, percentile_normalize, read_image_native
-from medt_keras.files import atomic_path
+from training.files import atomic_path
 from medt_keras.inference import BLENDS, sliding_window_probabilities
 from training import devices
 

@@ -33,7 +33,7 @@ import tempfile
 import time
 
 import medt_keras  # noqa: F401  (selects the JAX backend before keras is imported)
-from medt_keras import files
+from training import files
 
 import numpy as np
 

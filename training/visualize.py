@@ -71,7 +71,7 @@ def prediction_grid(images, masks, predictions, path, names=None, scale=None):
     if names:
         for row, name in enumerate(names[:n]):
             draw.text((2, header + row * (tile_h + gap) + 2), str(name), fill=(255, 255, 0))
-    from medt_keras.files import atomic_path
+    from training.files import atomic_path
 
     with atomic_path(path) as temporary:
         picture.save(temporary, format="PNG")

@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 
-from medt_keras._backend import enable_float64
+from medt_keras import enable_float64
 from medt_keras.models.axial_unet import DECODER_WIDTHS
 from medt_keras.models.registry import MODELS, get_spec
 from medt_keras.preprocessing import OFFICIAL_PREPROCESSING

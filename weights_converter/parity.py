@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from medt_keras._backend import enable_float64, highest_matmul_precision
+from medt_keras import enable_float64, highest_matmul_precision
 from weights_converter.convert import load_official_checkpoint
 from weights_converter.mapping import official_entries
 

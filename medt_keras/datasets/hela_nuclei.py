@@ -19,6 +19,7 @@ seen in training.
 """
 
 import importlib.util
+import io
 import os
 
 import numpy as np
@@ -121,6 +122,14 @@ class HelaNuclei(SegmentationBuilder):
                 }
 
 
+def _write_whole(path, data):
+    # A kill mid-export leaves the old file or the new one, never half of one.
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+    os.replace(temporary, path)
+
+
 def export_frames(directory, split="test", manual_dir=None):
     """Writes a split's whole frames: ``images/frameNN.tif`` (raw uint16) and ``masks/frameNN.png`` (0/255).
 
@@ -129,18 +138,16 @@ def export_frames(directory, split="test", manual_dir=None):
     """
     import tifffile
 
-    from medt_keras.files import atomic_path
-
     frames, labels = read_stacks(manual_dir)
     os.makedirs(os.path.join(directory, "images"), exist_ok=True)
     os.makedirs(os.path.join(directory, "masks"), exist_ok=True)
     written = []
     for index in SPLIT_FRAMES[split]:
-        with atomic_path(os.path.join(directory, "images", f"frame{index:02d}.tif")) as temporary:
-            tifffile.imwrite(temporary, frames[index])
-        with atomic_path(os.path.join(directory, "masks", f"frame{index:02d}.png")) as temporary:
-            with open(temporary, "wb") as handle:
-                handle.write(encode_png(((labels[index] > 0) * 255).astype(np.uint8)))
+        tiff = io.BytesIO()
+        tifffile.imwrite(tiff, frames[index])
+        _write_whole(os.path.join(directory, "images", f"frame{index:02d}.tif"), tiff.getvalue())
+        _write_whole(os.path.join(directory, "masks", f"frame{index:02d}.png"),
+                     encode_png(((labels[index] > 0) * 255).astype(np.uint8)))
         written.append(index)
     return written
 
@@ -155,8 +162,6 @@ def export_medt_folder(directory, manual_dir=None):
     <directory>`` then trains on whole frames. Returns ``{split: [frame
     indices]}``.
     """
-    from medt_keras.files import atomic_path
-
     frames, labels = read_stacks(manual_dir)
     written = {}
     for split, indices in SPLIT_FRAMES.items():
@@ -166,9 +171,7 @@ def export_medt_folder(directory, manual_dir=None):
             image = np.round(percentile_normalize(frames[index]) * 255.0).astype(np.uint8)
             mask = ((labels[index] > 0) * 255).astype(np.uint8)
             for folder, array in (("img", image), ("labelcol", mask)):
-                with atomic_path(os.path.join(directory, split, folder, f"frame{index:02d}.png")) as temporary:
-                    with open(temporary, "wb") as handle:
-                        handle.write(encode_png(array))
+                _write_whole(os.path.join(directory, split, folder, f"frame{index:02d}.png"), encode_png(array))
         written[split] = list(indices)
     return written
 

@@ -18,7 +18,7 @@ STAGE_WIDTHS = (128, 256, 512, 1024)
 DECODER_WIDTHS = (2048, 1024, 512, 256, 128)
 
 
-class _GraphBuilder:
+class GraphBuilder:
     """Creates the model's layers with one dtype policy and the naming scheme.
 
     Layer names are what ``weights_converter.mapping`` translates into the
@@ -248,7 +248,7 @@ class AxialUNet(OfficialModel):
         blocks = check_blocks(blocks)
         img_size = image_size(img_size)
         inputs = image_input(img_size, in_channels, dtype, 32)
-        builder = _GraphBuilder(dtype)
+        builder = GraphBuilder(dtype)
         block_config = dict(
             num_heads=groups,
             positional_encoding=True,

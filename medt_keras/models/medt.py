@@ -8,7 +8,7 @@ from medt_keras.models.axial_unet import (
     STAGE_WIDTHS,
     STEM_WIDTH,
     OfficialModel,
-    _GraphBuilder,
+    GraphBuilder,
     axial_unet_features,
     check_blocks,
     image_input,
@@ -75,7 +75,7 @@ class LoGo(OfficialModel):
         img_size = image_size(img_size)
         inputs = image_input(img_size, in_channels, dtype, 32 * int(patch_grid))
 
-        global_builder = _GraphBuilder(dtype)
+        global_builder = GraphBuilder(dtype)
         global_config = dict(
             num_heads=groups,
             positional_encoding=True,
@@ -91,7 +91,7 @@ class LoGo(OfficialModel):
         x = global_builder.decode(x, 5, int(DECODER_WIDTHS[4] * s))
 
         groups_of_patches = int(patch_grid) ** 2
-        local_builder = _GraphBuilder(dtype, prefix="local_", batch_groups=groups_of_patches)
+        local_builder = GraphBuilder(dtype, prefix="local_", batch_groups=groups_of_patches)
         local_config = dict(
             num_heads=groups,
             positional_encoding=self.local_positional,

@@ -46,7 +46,7 @@ def _install(spec):
     kind, _, rest = spec.partition(":")
     if kind == "replace":
         name, _, when = rest.rpartition(":")
-        from medt_keras import files
+        from training import files
 
         original = files.os.replace
 

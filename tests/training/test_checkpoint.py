@@ -132,7 +132,7 @@ def test_remote_files_are_uploaded_whole_and_read_back(tmp_path, monkeypatch):
     # A URL goes through etils.epath; here a scheme mapped onto a local folder stands in for gs://.
     from etils import epath
 
-    from medt_keras import files
+    from training import files
 
     bucket = tmp_path / "bucket"
     monkeypatch.setattr(files, "remote_path", lambda path: epath.Path(os.fspath(path).replace("fake://", f"{bucket}/")))

@@ -16,7 +16,7 @@ import medt_keras  # noqa: F401
 from training import checkpoint
 from training.config import TrainConfig
 from training.train import TrainingDiverged, _resolve_resume, build_model, compile_model, gate_variables, train
-from tests.library_only import run_without_training
+from tests.library_only import run_library_alone
 from tests.training.kill_points import stopped
 from tests.synthetic_data import write_medt_folder
 
@@ -146,7 +146,7 @@ def test_saved_model_loads_predicts_and_trains_with_the_library_alone(uninterrup
     # model.keras is the best epoch's state (best.weights.h5 carries the optimiser's variables too).
     meta = checkpoint.read_run_state(uninterrupted)
     best_steps = meta["best_epoch"] * int(next(iter(checkpoint.state_arrays(uninterrupted)["optimizer"].values()))) // meta["next_epoch"]
-    result = run_without_training(
+    result = run_library_alone(
         f"""
         import json
         import numpy as np
