@@ -31,18 +31,32 @@ def _dataset_error(message):
     return DatasetError(message)
 
 
-def to_model_input(image, channel_order="bgr"):
-    """``(h, w, c)`` stored image -> float32 in [0, 1], channels in the official order.
+def to_model_input(image, channel_order="bgr", normalize="dtype"):
+    """``(h, w, c)`` stored or read image -> float32 in [0, 1], channels in the model's order.
 
-    uint8 images are divided by 255 (torchvision's ``ToTensor``); float
-    images are stored normalised. The official loader reads colour images
-    with OpenCV, i.e. BGR, and converted official weights expect that.
+    The one place pixels become a model's input, for training batches and
+    ``medt-predict`` alike (``medt_keras.preprocessing`` describes the
+    options a model records). ``normalize``: ``"dtype"`` divides integers
+    by their type's maximum (uint8 / 255, torchvision's ``ToTensor``) and
+    takes floats as stored (normalised); ``"percentile"`` maps the image's
+    1st / 99.8th percentiles to 0 / 1 per channel (16-bit microscopy);
+    ``"auto"``: dtype for uint8, percentile otherwise. The official loader
+    reads colour images with OpenCV, i.e. BGR, and converted official
+    weights expect that.
     """
     image = np.asarray(image)
-    if image.dtype == np.uint8:
-        image = image.astype(np.float32) / 255.0
+    if normalize == "auto":
+        normalize = "dtype" if image.dtype == np.uint8 else "percentile"
+    if normalize == "dtype":
+        scale = float(np.iinfo(image.dtype).max) if image.dtype.kind in "ui" else 1.0
+        image = image.astype(np.float32) / scale if scale != 1.0 else image.astype(np.float32)
+    elif normalize == "percentile":
+        # Imported here: worker processes (dtype only) never load the library, and with it Keras.
+        from medt_keras.datasets.images import percentile_normalize
+
+        image = percentile_normalize(image, per_channel=True)
     else:
-        image = image.astype(np.float32)
+        raise ValueError(f"normalize: {normalize!r}; use auto, dtype or percentile.")
     if image.shape[-1] == 3 and channel_order == "bgr":
         image = image[..., ::-1]
     return image

@@ -10,6 +10,11 @@ own ``_overlay`` and ``_probabilities`` files are skipped). Binary masks
 value above 127, so masks whose maximum is 1 are read as 0/1); with more
 classes the values are class indices.
 
+``evaluate_test`` and ``evaluate_test_tiled`` score a trained model on its
+test split for ``medt-train``; both commands report the paper's per-image
+protocol through ``official_scores`` and draw their pictures through
+``write_preview``.
+
 Reported, per image and overall: foreground F1 (Dice) = 2TP / (2TP + FP +
 FN) and IoU = TP / (TP + FP + FN), mean over foreground classes; overall
 both pooled over all pixels and as the mean of the per-image scores. An
@@ -100,11 +105,11 @@ def evaluate_folders(predictions_dir, truth_dir, num_classes=2, threshold=127, o
             raise ValueError("--official-protocol is the binary protocol of the paper; use it with two classes.")
         masks = [read_classes(truths[r["name"]], 2, threshold) for r in rows]
         preds = [read_classes(predictions[r["name"]], 2, threshold) for r in rows]
-        scores = [official_protocol_scores([p], [m]) for p, m in zip(preds, masks)]
-        for row, (f1, iou) in zip(rows, scores):
-            row["official_f1"], row["official_iou"] = f1, iou
-        summary["official_mean_f1"] = float(np.mean([s[0] for s in scores]))
-        summary["official_mean_iou"] = float(np.mean([s[1] for s in scores]))
+        for row, prediction, mask in zip(rows, preds, masks):
+            scores = official_scores([prediction], [mask])
+            row["official_f1"], row["official_iou"] = scores["official_f1"], scores["official_iou"]
+        scores = official_scores(preds, masks)
+        summary["official_mean_f1"], summary["official_mean_iou"] = scores["official_f1"], scores["official_iou"]
     return rows, summary, predictions, truths
 
 
@@ -115,18 +120,43 @@ def _mean_defined(values):
     return float(values.mean()) if len(values) else float("nan")
 
 
-def write_report(rows, predictions, truths, num_classes, threshold, path, images_dir=None, count=3, width=1200):
-    """``report.png``: the ``count`` best and worst images by F1, as image | ground truth | overlay.
+def official_scores(predictions, masks):
+    """The paper's per-image protocol over binary ``predictions`` and ``masks`` (lists of (h, w) arrays).
 
-    Images wider than a third of ``width`` pixels are shown subsampled by an
-    integer factor, so a report of whole histology images stays small.
+    ``official_f1`` / ``official_iou``: the mean over images, an image with
+    no true positive scored 1 as the MATLAB scripts do; ``*_tp0_as_0``: such
+    an image scored 0 unless it is empty in both (``medt_keras.metrics``).
+    """
+    f1, iou = official_protocol_scores(predictions, masks)
+    strict_f1, strict_iou = official_protocol_scores(predictions, masks, tp_zero_scores_one=False)
+    return dict(official_f1=f1, official_iou=iou, official_f1_tp0_as_0=strict_f1, official_iou_tp0_as_0=strict_iou)
+
+
+def write_preview(images, masks, predictions, names, path, count=None, width=768, order=None):
+    """``path``: examples as image | ground truth | prediction, one row each.
+
+    Shown: those at the indices ``order`` in that order or else, in their
+    own order, the ``count`` with the most foreground. Examples of different
+    sizes are cut to the smallest common size (top-left) and subsampled by
+    an integer step so three panels fit in about ``width`` pixels; small
+    ones are drawn enlarged.
     """
     from training.visualize import prediction_grid
 
+    chosen = order if order is not None else np.sort(np.argsort([-(m > 0).sum() for m in masks], kind="stable")[:count])
+    height = min(masks[i].shape[0] for i in chosen)
+    side = min(masks[i].shape[1] for i in chosen)
+    step = max(1, -(-side * 3 // width))
+    shown = [np.stack([a[i][:height:step, :side:step] for i in chosen]) for a in (images, masks, predictions)]
+    scale = 1 if max(shown[1].shape[1:]) >= 256 else None
+    return prediction_grid(*shown, path, names=[names[i] for i in chosen], scale=scale)
+
+
+def write_report(rows, predictions, truths, num_classes, threshold, path, images_dir=None, count=3, width=1200):
+    """``report.png``: the ``count`` best and worst images by F1, as image | ground truth | overlay."""
     ordered = sorted(rows, key=lambda r: -1.0 if np.isnan(r["f1"]) else r["f1"])
     chosen = ordered[-count:][::-1] + [r for r in ordered[:count] if r not in ordered[-count:]]
     pictures, masks, preds, names = [], [], [], []
-    size = None
     for row in chosen:
         truth = read_classes(truths[row["name"]], num_classes, threshold)
         prediction = read_classes(predictions[row["name"]], num_classes, threshold)
@@ -135,21 +165,77 @@ def write_report(rows, predictions, truths, num_classes, threshold, path, images
             candidates = [os.path.join(images_dir, row["name"] + s) for s in (".png", ".tif", ".tiff", ".jpg", ".bmp")]
             found = [c for c in candidates if os.path.isfile(c)]
             if found:
-                raw = read_image_native(found[0]).astype(np.float32)
-                image = percentile_normalize(raw, per_channel=True)
-        size = size or truth.shape
-        if truth.shape != size:  # the grid needs one size: crop or pad to the first image's
-            pad = [(0, max(0, size[0] - truth.shape[0])), (0, max(0, size[1] - truth.shape[1]))]
-            truth, prediction = (np.pad(a, pad)[: size[0], : size[1]] for a in (truth, prediction))
-            image = np.pad(image, pad + [(0, 0)])[: size[0], : size[1]]
+                image = percentile_normalize(read_image_native(found[0]).astype(np.float32), per_channel=True)
         pictures.append(image)
         masks.append(truth)
         preds.append(prediction)
         names.append(f"{row['name']}  F1 {row['f1']:.3f}")
-    step = max(1, -(-size[1] * 3 // width))
-    pictures, masks, preds = (np.stack(a)[:, ::step, ::step] for a in (pictures, masks, preds))
-    scale = 1 if max(masks.shape[1:]) >= 256 else None
-    return prediction_grid(pictures, masks, preds, path, names=names, scale=scale)
+    return write_preview(pictures, masks, preds, names, path, width=width, order=range(len(masks)))
+
+
+def evaluate_test(model, batches, config, directory, full=True):
+    """``medt-train``'s test on model-size examples: pooled F1/IoU, the official protocol, the picture.
+
+    ``full=False`` (a multi-process run, where no process holds whole
+    predictions): the Keras metrics only.
+    """
+    results = model.evaluate(batches, verbose=0, return_dict=True)
+    if not full:
+        return dict(f1=float(results["f1"]), iou=float(results["iou"]), loss=float(results["loss"]),
+                    official_f1=float("nan"), official_iou=float("nan"))
+    predictions, masks, images, logit_threshold = [], [], [], []
+    for index in range(batches.num_batches):
+        x, y, *weights = batches[index]
+        # The whole padded batch: one predict program for every batch.
+        logits = np.asarray(model.predict_on_batch(x))
+        if weights:  # padded copies out
+            keep = weights[0].reshape(len(y), -1)[:, 0] > 0
+            x, y, logits = x[keep], y[keep], logits[keep]
+        predictions.append(np.argmax(logits, axis=-1))
+        logit_threshold.append(logits[..., -1] >= 0.5)
+        masks.append(y)
+        images.append(x)
+    predictions, masks, images = np.concatenate(predictions), np.concatenate(masks), np.concatenate(images)
+    f1, iou = pooled_scores(predictions, masks, config.num_classes)
+    report = dict(f1=float(results["f1"]), iou=float(results["iou"]), loss=float(results["loss"]),
+                  f1_numpy_check=f1, iou_numpy_check=iou, examples=int(len(masks)))
+    if config.num_classes == 2:
+        report.update(official_scores(predictions, masks))
+        threshold = official_scores(np.concatenate(logit_threshold), masks)
+        report["official_logit_threshold_f1"] = threshold["official_f1"]
+        report["official_logit_threshold_iou"] = threshold["official_iou"]
+    else:
+        report["official_f1"], report["official_iou"] = f1, iou
+    _test_preview(config, images, masks, predictions, batches, directory)
+    return report
+
+
+def evaluate_test_tiled(model, batches, config, directory):
+    """The ``tiled`` protocol on the test split: whole images, sliding windows, pooled and per-image scores.
+
+    ``f1``/``iou``: pooled over all pixels of the whole test images (NaN if
+    undefined); ``official_*``: the paper's per-image mean on the same whole
+    images (``official_scores``).
+    """
+    from training.whole_image import whole_image_scores
+
+    scores, kept = whole_image_scores(model, batches, config.num_classes, config.tile_overlap, keep=True)
+    images, masks, predictions = ([k[i] for k in kept] for i in range(3))
+    report = dict(f1=scores["f1"], iou=scores["iou"], loss=scores["loss"], examples=len(kept),
+                  pixels=scores["pixels"])
+    if config.num_classes == 2:
+        report.update(official_scores(predictions, masks))
+    else:
+        report["official_f1"], report["official_iou"] = scores["f1"], scores["iou"]
+    _test_preview(config, images, masks, predictions, batches, directory)
+    return report
+
+
+def _test_preview(config, images, masks, predictions, batches, directory):
+    count = min(config.preview_images, len(masks))
+    if count:
+        write_preview(images, masks, predictions, batches.names(), os.path.join(directory, "test_predictions.png"),
+                      count)
 
 
 def main(argv=None):

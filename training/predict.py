@@ -30,10 +30,11 @@ import medt_keras  # noqa: F401  (selects the JAX backend before keras is import
 
 import numpy as np
 
-from medt_keras.datasets.images import DatasetError, encode_png, percentile_normalize, read_image_native
-from training.files import atomic_path
+from medt_keras.datasets.images import DatasetError, encode_png, read_image_native
 from medt_keras.inference import BLENDS, sliding_window_probabilities
 from training import devices
+from training.batch_builder import to_model_input
+from training.files import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -85,21 +86,7 @@ def prepare_image(path, channels, channel_order="bgr", normalize="auto"):
             f"{path}: {array.shape[-1]} channel(s), but the model takes {channels}. "
             + ("Convert the image to grayscale." if channels == 1 else "Convert the image to RGB.")
         )
-    mode = normalize
-    if mode == "auto":
-        mode = "dtype" if array.dtype == np.uint8 else "percentile"
-    if mode == "dtype":
-        if array.dtype.kind in "ui":
-            image = array.astype(np.float32) / float(np.iinfo(array.dtype).max)
-        else:
-            image = array.astype(np.float32)
-    elif mode == "percentile":
-        image = percentile_normalize(array, per_channel=True)
-    else:
-        raise ValueError(f"normalize: {normalize!r}; use auto, dtype or percentile.")
-    if channels == 3 and channel_order == "bgr":
-        image = image[..., ::-1]
-    return np.ascontiguousarray(image)
+    return np.ascontiguousarray(to_model_input(array, channel_order, normalize))
 
 
 def resolve_preprocessing(model, channel_order=None, normalize=None):

@@ -44,10 +44,10 @@ from medt_keras.models.registry import get_spec
 from training import checkpoint, devices, distribution, preemption
 from training.config import TrainConfig, apply_overrides, config_names, load_config, parser_with_overrides
 from training.data import EpochTail, SegmentationBatches
-from medt_keras.metrics import ForegroundF1, ForegroundIoU, json_safe, official_protocol_scores, pooled_scores
+from medt_keras.metrics import ForegroundF1, ForegroundIoU, json_safe
 from medt_keras.optimizers import OfficialAdam
-from training.whole_image import WholeImageValidation, preview_arrays, resolve_protocol, whole_image_scores
-from training.visualize import prediction_grid
+from training.evaluate import evaluate_test, evaluate_test_tiled
+from training.whole_image import WholeImageValidation, resolve_protocol, whole_image_scores
 
 SPLITS = ("train", "validation", "test")
 
@@ -610,92 +610,6 @@ def _finish(run, train_seconds):
         f"{report['seconds_total']:.0f} s; files in {directory}",
         flush=True,
     )
-    return report
-
-
-def evaluate_test(model, batches, config, directory, full=True):
-    """Pooled F1/IoU (Keras metrics), the official per-image protocol, and the prediction picture.
-
-    ``full=False`` (a multi-process run, where no process holds whole
-    predictions): the Keras metrics only.
-    """
-    results = model.evaluate(batches, verbose=0, return_dict=True)
-    if not full:
-        return dict(f1=float(results["f1"]), iou=float(results["iou"]), loss=float(results["loss"]),
-                    official_f1=float("nan"), official_iou=float("nan"))
-    predictions, masks, images, logit_threshold = [], [], [], []
-    for index in range(batches.num_batches):
-        x, y, *weights = batches[index]
-        # The whole padded batch: one predict program for every batch.
-        logits = np.asarray(model.predict_on_batch(x))
-        if weights:  # padded copies out
-            keep = weights[0].reshape(len(y), -1)[:, 0] > 0
-            x, y, logits = x[keep], y[keep], logits[keep]
-        predictions.append(np.argmax(logits, axis=-1))
-        if config.num_classes == 2:
-            logit_threshold.append(logits[..., 1] >= 0.5)
-        masks.append(y)
-        images.append(x)  # kept for the picture: its examples are chosen after the loop
-    predictions, masks = np.concatenate(predictions), np.concatenate(masks)
-    f1, iou = pooled_scores(predictions, masks, config.num_classes)
-    report = dict(
-        f1=float(results["f1"]),
-        iou=float(results["iou"]),
-        loss=float(results["loss"]),
-        f1_numpy_check=f1,
-        iou_numpy_check=iou,
-        examples=int(len(masks)),
-    )
-    if config.num_classes == 2:
-        report["official_f1"], report["official_iou"] = official_protocol_scores(predictions, masks)
-        report["official_f1_tp0_as_0"], report["official_iou_tp0_as_0"] = official_protocol_scores(
-            predictions, masks, tp_zero_scores_one=False
-        )
-        threshold = np.concatenate(logit_threshold)
-        report["official_logit_threshold_f1"], report["official_logit_threshold_iou"] = official_protocol_scores(
-            threshold, masks
-        )
-    else:
-        report["official_f1"], report["official_iou"] = f1, iou
-    count = min(config.preview_images, len(masks))
-    if count:
-        # Show the test examples with the most foreground: the interesting ones.
-        chosen = np.sort(np.argsort([-(m > 0).sum() for m in masks])[:count])
-        shown = np.concatenate(images)
-        names = batches.names()
-        prediction_grid(
-            shown[chosen], masks[chosen], predictions[chosen], os.path.join(directory, "test_predictions.png"),
-            names=[names[i] for i in chosen],
-        )
-    return report
-
-
-def evaluate_test_tiled(model, batches, config, directory):
-    """The ``tiled`` protocol on the test split: whole images, sliding windows, pooled and per-image scores.
-
-    ``f1``/``iou``: pooled over all pixels of the whole test images (NaN if
-    undefined); ``official_*``: the paper's per-image mean on the same whole
-    images (TP = 0 scored 1, and under ``*_tp0_as_0`` scored 0 unless the
-    image is empty in both).
-    """
-    scores, kept = whole_image_scores(model, batches, config.num_classes, config.tile_overlap, keep=True)
-    report = dict(f1=scores["f1"], iou=scores["iou"], loss=scores["loss"], examples=len(kept),
-                  pixels=scores["pixels"])
-    predictions = [p for _, _, p in kept]
-    masks = [m for _, m, _ in kept]
-    if config.num_classes == 2:
-        report["official_f1"], report["official_iou"] = official_protocol_scores(predictions, masks)
-        report["official_f1_tp0_as_0"], report["official_iou_tp0_as_0"] = official_protocol_scores(
-            predictions, masks, tp_zero_scores_one=False
-        )
-    else:
-        report["official_f1"], report["official_iou"] = scores["f1"], scores["iou"]
-    count = min(config.preview_images, len(kept))
-    if count:
-        images, shown_masks, shown_predictions, chosen = preview_arrays(kept, count)
-        names = batches.names()
-        prediction_grid(images, shown_masks, shown_predictions, os.path.join(directory, "test_predictions.png"),
-                        names=[names[i] for i in chosen], scale=1)
     return report
 
 

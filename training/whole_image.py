@@ -99,18 +99,3 @@ class WholeImageValidation(keras.callbacks.Callback):
             return
         scores, _ = whole_image_scores(self.model, self.batches, self.num_classes, self.overlap)
         logs.update(val_loss=scores["loss"], val_f1=scores["f1"], val_iou=scores["iou"])
-
-
-def preview_arrays(kept, count, width=768):
-    """Up to ``count`` of the kept ``(image, mask, prediction)`` with the most foreground, for ``prediction_grid``.
-
-    Whole images of different sizes are cut to the smallest common size
-    (top-left) and subsampled by an integer step so three panels fit in
-    about ``width`` pixels. Returns ``(images, masks, predictions, indices)``.
-    """
-    chosen = np.sort(np.argsort([-(m > 0).sum() for _, m, _ in kept], kind="stable")[:count])
-    height = min(kept[i][1].shape[0] for i in chosen)
-    side = min(kept[i][1].shape[1] for i in chosen)
-    step = max(1, -(-side * 3 // width))
-    cut = [tuple(a[:height:step, :side:step] for a in kept[i]) for i in chosen]
-    return (np.stack([c[0] for c in cut]), np.stack([c[1] for c in cut]), np.stack([c[2] for c in cut]), chosen)
