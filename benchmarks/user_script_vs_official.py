@@ -5,12 +5,12 @@ Each round runs, one after the other (so the machine's drift falls on both):
     ``train_on_batch`` at batch 4, ``predict_on_batch`` at batch 8, ``fit`` on a
     PyDataset), exactly as a user would start it;
   * official: the same two workloads in the long-lived official worker that
-    ``medt-bench --official`` uses (``training.benchmark``), in a given PyTorch
+    ``medt-bench compare`` uses (``training.bench.worker``), in a given PyTorch
     configuration. The official side has no ``fit``: our fit step is compared
     with its bare training step (its own training loop would add a DataLoader).
 Both sides run under the same allocator (preloaded as ``medt-bench`` does).
 
-The official configuration defaults to the one ``medt-bench --official``
+The official configuration defaults to the one ``medt-bench compare``
 recorded as fastest for the model in ``benchmarks/cpu-2core-128-official-best-native-kernel.json``
 (allocator, then per workload threads / layout / OpenMP wait policy); each
 ``--allocator`` / ``--official-*`` option overrides it, for both workloads.
@@ -31,11 +31,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 
-from training.benchmark import (_machine_load, _official_builder, _official_environment, _uptime, _Worker,
-                                allocator_environment, describe_official, installed_allocators,
-                                resolve_allocators)
+from training.bench.allocators import ALLOCATORS, allocator_environment, installed_allocators, resolve_allocators
+from training.bench.official import describe_official, official_builder, official_environment
+from training.bench.timing import machine_load, uptime
+from training.bench.worker import Worker
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 USER_SCRIPT = os.path.join(HERE, "user_script.py")
@@ -47,7 +47,7 @@ WORKLOADS = {"train_on_batch": "train", "predict_on_batch": "infer", "fit": "tra
 
 
 def recorded_best(path, model, size, allocator=None):
-    """``(allocator, {"train": config, "infer": config}, size)`` that ``medt-bench --official`` found fastest, or None.
+    """``(allocator, {"train": config, "infer": config}, size)`` that ``medt-bench compare`` found fastest, or None.
 
     The allocator is the one of the record's headline (the official code at its
     fastest, training row) unless given; the configurations are the search's
@@ -105,7 +105,7 @@ def run_user_script(args, env, as_medt_train=False):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official", metavar="PATH", required=True, help="checkout of the official MedT code")
     parser.add_argument("--model", default="medt")
@@ -116,65 +116,56 @@ def main(argv=None):
     parser.add_argument("--skip-fit", action="store_true")
     parser.add_argument("--with-medt-train", action="store_true",
                         help="also time, each round, the training step compiled as medt-train compiles it")
-    parser.add_argument("--allocator", choices=("glibc", "glibc-thp", "tcmalloc", "jemalloc", "jemalloc-default"),
+    parser.add_argument("--allocator", choices=ALLOCATORS,
                         help="both sides' allocator (default: the record's, else tcmalloc)")
     parser.add_argument("--official-threads", type=int, help="torch.set_num_threads (default: the record's, else 2)")
     parser.add_argument("--official-layout", choices=("contiguous", "channels_last"),
                         help="the official model's memory format (default: the record's per workload, else contiguous)")
     parser.add_argument("--official-wait-policy", choices=("default", "passive"), help="OMP_WAIT_POLICY")
-    parser.add_argument("--record", default=RECORD, help="medt-bench --official JSON to take the defaults from")
+    parser.add_argument("--record", default=RECORD, help="medt-bench compare JSON to take the defaults from")
     parser.add_argument("--json", metavar="FILE", help="write every number here")
-    args = parser.parse_args(argv)
+    return parser
 
-    allocator, configs, source = official_settings(args)
-    found = installed_allocators()
-    resolve_allocators([allocator], found)  # raises if the allocator's library is not installed
-    env, allocator_setting = allocator_environment(allocator, found, os.environ)
-    record = {
-        "command": " ".join([os.path.relpath(__file__)] + sys.argv[1:]), "machine": platform.platform(),
-        "cpus": os.cpu_count(), "model": args.model, "size": args.size, "train_batch": TRAIN_BATCH,
-        "infer_batch": INFER_BATCH, "steps": args.steps, "fit_steps": args.fit_steps, "rounds": args.rounds,
-        "allocator": allocator_setting, "official_configs": configs, "official_configs_from": source,
-        "official_labels": {w: describe_official(c) for w, c in configs.items()},
-        "uptime_at_start": _uptime(), "load_at_start": _machine_load(), "runs": [],
-    }
-    print(f"{args.model} {args.size}: allocator {allocator_setting}; official (from {source}): "
-          + "; ".join(f"{w} {label}" for w, label in record["official_labels"].items()), flush=True)
 
-    spec = dict(kind="official", checkout=args.official, official_builder=_official_builder(args.model),
+def run_rounds(args, record, configs, env):
+    """``--rounds`` rounds of ours (a fresh user script), then the official worker; every run into ``record``."""
+    spec = dict(kind="official", checkout=args.official, official_builder=official_builder(args.model),
                 size=args.size, batch=TRAIN_BATCH, infer_batch=INFER_BATCH,
                 interop_threads=configs["train"]["interop_threads"])
     workers = {}  # OMP_WAIT_POLICY -> worker: OpenMP reads the policy once, when it starts
     try:
         for policy in dict.fromkeys(c["omp_wait_policy"] for c in configs.values()):
-            workers[policy] = _Worker(spec, _official_environment(env, policy))
+            workers[policy] = Worker(spec, official_environment(env, policy))
         record["official_worker"] = {str(p): w.info for p, w in workers.items()}
         for index in range(args.rounds):
             # Ours first, then the official code, in every round: each pair shares the machine's state.
-            before = _machine_load()
+            before = machine_load()
             ours = run_user_script(args, env)
             record["runs"].append(dict(side="ours", round=index, result=ours, load_before=before,
-                                       load_after=_machine_load()))
+                                       load_after=machine_load()))
             print(f"round {index + 1} ours:     " + "  ".join(
                 f"{name} {ours[name]['median']:.3f} s" for name in WORKLOADS if name in ours), flush=True)
             if args.with_medt_train:
-                before = _machine_load()
+                before = machine_load()
                 as_train = run_user_script(args, env, as_medt_train=True)
                 record["runs"].append(dict(side="medt-train", round=index, result=as_train, load_before=before,
-                                           load_after=_machine_load()))
+                                           load_after=machine_load()))
                 print(f"round {index + 1} as medt-train: train_on_batch {as_train['train_on_batch']['median']:.3f} s",
                       flush=True)
             for workload, config in configs.items():
-                before = _machine_load()
+                before = machine_load()
                 timed = workers[config["omp_wait_policy"]].request(
                     op="time", workload=workload, repeats=args.steps, warmup=OFFICIAL_WARMUP, config=config)
                 record["runs"].append(dict(side="official", round=index, workload=workload, result=timed,
-                                           load_before=before, load_after=_machine_load()))
+                                           load_before=before, load_after=machine_load()))
                 print(f"round {index + 1} official: {workload} {statistics.median(timed['seconds']):.3f} s", flush=True)
     finally:
         for worker in workers.values():
             worker.close()
 
+
+def summarize(record):
+    """Per workload, ours and the official code's median over rounds and their ratio (``record["rows"]``)."""
     rows = []
     for name, workload in WORKLOADS.items():
         mine = [r["result"][name] for r in record["runs"] if r["side"] == "ours" and name in r["result"]]
@@ -193,17 +184,20 @@ def main(argv=None):
         plain = next(row["ours_seconds"] for row in rows if row["workload"] == "train_on_batch")
         record["medt_train_step"] = dict(seconds=statistics.median(as_train), round_seconds=as_train,
                                          user_over_medt_train=plain / statistics.median(as_train))
-    record.update(rows=rows, load_at_end=_machine_load(), uptime_at_end=_uptime(),
+    ours = [r["result"] for r in record["runs"] if r["side"] == "ours"][-1]
+    record.update(rows=rows, load_at_end=machine_load(), uptime_at_end=uptime(),
                   versions={"ours": {k: ours.get(k) for k in ("keras", "jax", "backend", "device")},
                             "official": next(iter(record["official_worker"].values()))["implementation"]})
 
+
+def print_summary(record):
     print(f"\n{'workload':<17} {'ours s':>8} {'fastest':>8} {'official s':>10} {'fastest':>8} {'official/ours':>13}")
-    for row in rows:
+    for row in record["rows"]:
         print(f"{row['workload']:<17} {row['ours_seconds']:>8.3f} {row['ours_fastest']:>8.3f} "
               f"{row['official_seconds']:>10.3f} {row['official_fastest']:>8.3f} {row['ratio']:>12.2f}x")
     print("(seconds per step: median over rounds of each round's median; fit is compared with the official "
           "training step)")
-    if as_train:
+    if "medt_train_step" in record:
         step = record["medt_train_step"]
         print(f"training step compiled as medt-train: {step['seconds']:.3f} s; the user's / medt-train's: "
               f"{step['user_over_medt_train']:.3f}")
@@ -211,6 +205,27 @@ def main(argv=None):
     steal = [record[k]["steal_seconds"] for k in ("load_at_start", "load_at_end")]
     print(f"machine load (1 min) {min(loads):.1f}-{max(loads):.1f} over the runs"
           + (f", steal {steal[1] - steal[0]:.1f} s" if None not in steal else "") + f"; {record['uptime_at_end']}")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    allocator, configs, source = official_settings(args)
+    found = installed_allocators()
+    resolve_allocators([allocator], found)  # raises if the allocator's library is not installed
+    env, allocator_setting = allocator_environment(allocator, found, os.environ)
+    record = {
+        "command": " ".join([os.path.relpath(__file__)] + sys.argv[1:]), "machine": platform.platform(),
+        "cpus": os.cpu_count(), "model": args.model, "size": args.size, "train_batch": TRAIN_BATCH,
+        "infer_batch": INFER_BATCH, "steps": args.steps, "fit_steps": args.fit_steps, "rounds": args.rounds,
+        "allocator": allocator_setting, "official_configs": configs, "official_configs_from": source,
+        "official_labels": {w: describe_official(c) for w, c in configs.items()},
+        "uptime_at_start": uptime(), "load_at_start": machine_load(), "runs": [],
+    }
+    print(f"{args.model} {args.size}: allocator {allocator_setting}; official (from {source}): "
+          + "; ".join(f"{w} {label}" for w, label in record["official_labels"].items()), flush=True)
+    run_rounds(args, record, configs, env)
+    summarize(record)
+    print_summary(record)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)

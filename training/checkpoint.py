@@ -53,12 +53,12 @@ class _QuietOrbax(logging.Filter):
 
 def _orbax():
     try:
-        import orbax.checkpoint  # noqa: F401
+        import orbax.checkpoint
     except ImportError as error:
         raise ValueError("the Orbax run state (multi-process runs, remote output folders, --checkpoint-format "
                          "orbax) needs the orbax-checkpoint package, Python 3.11 or later: "
                          "pip install orbax-checkpoint") from error
-    import orbax.checkpoint.v1 as ocp  # the API Keras' own OrbaxCheckpoint uses
+    ocp = orbax.checkpoint.v1  # the API Keras' own OrbaxCheckpoint uses
 
     absl_logger = logging.getLogger("absl")
     if not any(isinstance(f, _QuietOrbax) for f in absl_logger.filters):

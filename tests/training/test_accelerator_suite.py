@@ -1,4 +1,4 @@
-"""``medt-bench --suite accelerator``: budgeted, error-tolerant, saved after every item."""
+"""``medt-bench suite accelerator``: budgeted, error-tolerant, saved after every item."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from training.accelerator_suite import Suite, _throughput_estimate
+from training.bench.accelerator_suite import Suite, fixture_paths, throughput_estimate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_GATED = os.path.join(REPO, "tests", "fixtures", "official", "gated_img32_c3_k2_b2_s3_w0.03125_g2_l1-1-1-1.pth")
@@ -43,12 +43,30 @@ def test_throughput_estimate_scales_the_measured_steps_with_batch_and_pixels():
     done = [dict(kind="throughput", status="ok", model="gated", size=32, batch=2, dtype="float32",
                  train_seconds=0.1, infer_seconds=0.05, compile_train_seconds=10.0, compile_infer_seconds=5.0,
                  seconds=16.0)]
-    same = _throughput_estimate(done, "gated", 32, 4, "float32", repeats=3)
+    same = throughput_estimate(done, "gated", 32, 4, "float32", repeats=3)
     assert same == pytest.approx(15 + 4 * 0.15 * 2 + 2)
-    larger = _throughput_estimate(done, "gated", 64, 2, "float32", repeats=3)
+    larger = throughput_estimate(done, "gated", 64, 2, "float32", repeats=3)
     assert larger == pytest.approx(15 * 2 + 4 * 0.15 * 4 + 2)
-    assert _throughput_estimate(done, "medt", 32, 2, "float32", repeats=3) == 16.0  # the slowest so far
-    assert _throughput_estimate([], "medt", 32, 2, "float32", repeats=3) is None
+    assert throughput_estimate(done, "medt", 32, 2, "float32", repeats=3) == 16.0  # the slowest so far
+    assert throughput_estimate([], "medt", 32, 2, "float32", repeats=3) is None
+
+
+def test_fixtures_are_found_from_the_given_root_tiny_first_then_full_size_medt_first(tmp_path):
+    root = tmp_path / "checkout"
+    for folder, names in ((root / "tests" / "fixtures" / "official", ["gated_img32.pth", "axialunet_img32.pth"]),
+                          (tmp_path / "shared" / "fixtures" / "official" / "full", ["gated_img128.pth"]),
+                          (root / "shared" / "fixtures" / "official" / "full",
+                           ["medt_img128.pth", "gated_img128.pth"])):
+        folder.mkdir(parents=True)
+        for name in names:
+            (folder / name).write_bytes(b"")
+    found = [os.path.relpath(p, tmp_path) for p in fixture_paths(None, str(root))]
+    tiny = os.path.join("checkout", "tests", "fixtures", "official")
+    assert found == [os.path.join(tiny, "axialunet_img32.pth"), os.path.join(tiny, "gated_img32.pth"),
+                     os.path.join("checkout", "shared", "fixtures", "official", "full", "medt_img128.pth"),
+                     os.path.join("shared", "fixtures", "official", "full", "gated_img128.pth")]
+    assert fixture_paths(None, str(tmp_path / "elsewhere")) == []
+    assert fixture_paths([str(root / "tests" / "fixtures" / "official")]) == fixture_paths(None, str(root))[:2]
 
 
 @pytest.mark.slow
@@ -61,7 +79,7 @@ def test_the_whole_suite_on_this_device_with_tiny_settings(tmp_path):
     out = tmp_path / "accelerator.json"
     env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=REPO)
     command = [
-        sys.executable, "-m", "training.benchmark", "--suite", "accelerator", "--budget-s", "600",
+        sys.executable, "-m", "training.bench", "suite", "accelerator", "--budget-s", "600",
         # Size 3 cannot be built (not divisible by 32): its items must fail and the suite go on.
         "--models", "gated", "--sizes", "3", "32", "--batches", "2", "65536", "--dtypes", "float32",
         "--repeats", "2", "--fixtures", TINY_GATED, "--json", str(out),

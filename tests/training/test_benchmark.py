@@ -1,14 +1,16 @@
 import numpy as np
 import pytest
 
-from training.benchmark import _RssSampler
+from training.bench import allocators, comparison, official, op_profile, ours, tables, worker
+from training.bench.cli import main
+from training.bench.timing import RssSampler, time_then_sample, timed_steps
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
 def test_step_memory_sampler_sees_memory_held_inside_the_block():
-    with _RssSampler() as idle:
+    with RssSampler() as idle:
         pass
-    with _RssSampler() as busy:
+    with RssSampler() as busy:
         block = np.ones(64 * 2**20 // 8 * 4)  # 256 MiB, touched
         block.sum()
         __import__("time").sleep(0.05)
@@ -19,11 +21,9 @@ def test_step_memory_sampler_sees_memory_held_inside_the_block():
 def test_steps_are_timed_without_the_memory_sampler_running():
     import threading
 
-    from training.benchmark import _time_then_sample
-
     base = threading.active_count()
     seen = []
-    seconds, memory = _time_then_sample(lambda: seen.append(threading.active_count()), repeats=3)
+    seconds, memory = time_then_sample(lambda: seen.append(threading.active_count()), repeats=3)
     # Three timed steps alone, then two with the sampler's thread beside them.
     assert seen == [base] * 3 + [base + 1] * 2
     assert seconds >= 0 and memory.peak_gib > 0
@@ -31,8 +31,6 @@ def test_steps_are_timed_without_the_memory_sampler_running():
 
 def test_sliding_window_mode_prints_the_ratio_and_writes_json(tmp_path, monkeypatch, capsys):
     import json
-
-    from training import benchmark
 
     workload = dict(workload="synthetic 256x256", images=1, image_shape=[256, 256], tiles=36, batches=5,
                     megapixels=0.065536, bare_seconds=2.0, sliding_window_seconds=2.2, bare_tiles_per_second=18.0,
@@ -46,8 +44,8 @@ def test_sliding_window_mode_prints_the_ratio_and_writes_json(tmp_path, monkeypa
         return dict(implementation="medt-keras", model="gated", tile=64, batch=8, overlap=0.25, compile_seconds=1.0,
                     workloads=[workload], peak_rss_gib=0.9, device="cpu")
 
-    monkeypatch.setattr(benchmark, "_run_child", child)
-    assert benchmark.main(["--sliding-window", "--synthetic", "256", "--json", str(tmp_path / "s.json")]) == 0
+    monkeypatch.setattr(worker, "run_child", child)
+    assert main(["--sliding-window", "--synthetic", "256", "--json", str(tmp_path / "s.json")]) == 0
     assert specs == [dict(kind="sliding", model_name="gated", tile=64, batch=8, overlap=0.25, synthetic=256,
                           repeats=5)]
     assert "synthetic 256x256" in capsys.readouterr().out
@@ -66,105 +64,96 @@ LDCONFIG = """4 libs found in cache `/etc/ld.so.cache'
 
 
 def test_allocators_are_found_in_ldconfig_and_set_in_the_childs_environment():
-    from training import benchmark
-
-    found = benchmark.find_allocator_libraries(LDCONFIG)
+    found = allocators.find_allocator_libraries(LDCONFIG)
     # The 64-bit library, not the debug variant nor the 32-bit one.
     assert found == {"tcmalloc": "/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
                      "jemalloc": "/lib/x86_64-linux-gnu/libjemalloc.so.2"}
-    assert benchmark.find_allocator_libraries("") == {}
-    assert benchmark.resolve_allocators(["auto"], found) == ["glibc", "tcmalloc", "jemalloc"]
-    assert benchmark.resolve_allocators(["auto"], {}) == ["glibc"]
-    assert benchmark.resolve_allocators(["glibc", "jemalloc-default", "glibc"], found) == ["glibc", "jemalloc-default"]
+    assert allocators.find_allocator_libraries("") == {}
+    assert allocators.resolve_allocators(["auto"], found) == ["glibc", "tcmalloc", "jemalloc"]
+    assert allocators.resolve_allocators(["auto"], {}) == ["glibc"]
+    assert allocators.resolve_allocators(["glibc", "jemalloc-default", "glibc"], found) == ["glibc", "jemalloc-default"]
     with pytest.raises(ValueError, match="no libtcmalloc"):
-        benchmark.resolve_allocators(["tcmalloc"], {})
+        allocators.resolve_allocators(["tcmalloc"], {})
     with pytest.raises(ValueError, match="unknown allocator"):
-        benchmark.resolve_allocators(["mimalloc"], found)
+        allocators.resolve_allocators(["mimalloc"], found)
 
     base = {"PATH": "/bin", "LD_PRELOAD": "/x.so", "MALLOC_CONF": "y", "GLIBC_TUNABLES": "z"}
-    env, described = benchmark.allocator_environment("glibc", found, base)
+    env, described = allocators.allocator_environment("glibc", found, base)
     assert env == {"PATH": "/bin"} and described == "glibc"
-    env, described = benchmark.allocator_environment("tcmalloc", found, base)
+    env, described = allocators.allocator_environment("tcmalloc", found, base)
     assert env == {"PATH": "/bin", "LD_PRELOAD": found["tcmalloc"]}
     assert described == f"tcmalloc (LD_PRELOAD={found['tcmalloc']})"
-    env, _ = benchmark.allocator_environment("jemalloc", found, base)
-    assert env["LD_PRELOAD"] == found["jemalloc"] and env["MALLOC_CONF"] == benchmark.JEMALLOC_CONF
-    env, _ = benchmark.allocator_environment("jemalloc-default", found, base)
+    env, _ = allocators.allocator_environment("jemalloc", found, base)
+    assert env["LD_PRELOAD"] == found["jemalloc"] and env["MALLOC_CONF"] == allocators.JEMALLOC_CONF
+    env, _ = allocators.allocator_environment("jemalloc-default", found, base)
     assert "MALLOC_CONF" not in env
-    env, _ = benchmark.allocator_environment("glibc-thp", found, base)
+    env, _ = allocators.allocator_environment("glibc-thp", found, base)
     assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 def test_official_configurations_are_every_thread_count_by_layout_and_described():
-    from training.benchmark import describe_official, official_configs
-
-    configs = official_configs([1, 2, 2], [False, True])
+    configs = official.official_configs([1, 2, 2], [False, True])
     assert configs == [
         {"threads": 1, "interop_threads": 1, "channels_last": False, "omp_wait_policy": None},
         {"threads": 1, "interop_threads": 1, "channels_last": True, "omp_wait_policy": None},
         {"threads": 2, "interop_threads": 1, "channels_last": False, "omp_wait_policy": None},
         {"threads": 2, "interop_threads": 1, "channels_last": True, "omp_wait_policy": None},
     ]
-    assert describe_official(configs[1]) == "PyTorch 1 thread, interop 1, channels_last"
-    assert describe_official(configs[2]) == "PyTorch 2 threads, interop 1, NCHW (contiguous)"
-    assert official_configs([2], [True], interop_threads=2) == [
+    assert official.describe_official(configs[1]) == "PyTorch 1 thread, interop 1, channels_last"
+    assert official.describe_official(configs[2]) == "PyTorch 2 threads, interop 1, NCHW (contiguous)"
+    assert official.official_configs([2], [True], interop_threads=2) == [
         {"threads": 2, "interop_threads": 2, "channels_last": True, "omp_wait_policy": None}]
     # A wait policy matters only where threads wait for each other: not with one thread.
-    configs = official_configs([1, 2], [False], wait_policies=[None, "PASSIVE"])
+    configs = official.official_configs([1, 2], [False], wait_policies=[None, "PASSIVE"])
     assert [(c["threads"], c["omp_wait_policy"]) for c in configs] == [(1, None), (2, None), (2, "PASSIVE")]
-    assert describe_official(configs[2]) == "PyTorch 2 threads, interop 1, NCHW (contiguous), OMP_WAIT_POLICY=PASSIVE"
+    assert official.describe_official(configs[2]) == (
+        "PyTorch 2 threads, interop 1, NCHW (contiguous), OMP_WAIT_POLICY=PASSIVE")
 
 
 def test_timed_steps_give_up_after_their_time_limit():
-    from training.benchmark import _timed_steps
-
     calls = []
 
     def step():
         calls.append(1)
         __import__("time").sleep(0.02)
 
-    result = _timed_steps(step, repeats=5, warmup=1, give_up_after=0.001)
+    result = timed_steps(step, repeats=5, warmup=1, give_up_after=0.001)
     assert len(calls) == 2 and len(result["seconds"]) == 1 and result["gave_up"] is True
-    result = _timed_steps(step, repeats=2, warmup=0)
+    result = timed_steps(step, repeats=2, warmup=0)
     assert len(result["seconds"]) == 2 and "gave_up" not in result
 
 
 def test_runs_interleave_and_the_table_names_both_configurations():
-    from training import benchmark
-
-    assert benchmark.interleaved_order(("ours", "official"), 3) == [
+    assert comparison.interleaved_order(("ours", "official"), 3) == [
         ("ours", 0), ("official", 0), ("ours", 1), ("official", 1), ("ours", 2), ("official", 2)]
     search = [{"config": "a", "train": {"median_seconds": 3.0}, "infer": {"median_seconds": 1.0}},
               {"config": "b", "train": {"median_seconds": 2.0}, "infer": {"median_seconds": 1.5}}]
-    assert benchmark.fastest_config(search, "train")["config"] == "b"
-    assert benchmark.fastest_config(search, "infer")["config"] == "a"
+    assert comparison.fastest_config(search, "train")["config"] == "b"
+    assert comparison.fastest_config(search, "infer")["config"] == "a"
     with pytest.raises(ValueError):
-        benchmark.fastest_config([], "train")
+        comparison.fastest_config([], "train")
     abandoned = {"config": "c", "train": {"median_seconds": 1.0, "gave_up": True}}
-    assert benchmark.fastest_config(search + [abandoned], "train")["config"] == "b"
+    assert comparison.fastest_config(search + [abandoned], "train")["config"] == "b"
 
-    ours = benchmark.summarize_runs([{"seconds": [1.0, 1.2, 5.0], "cpu_seconds": [2.0, 2.0, 2.0]},
+    ours = comparison.summarize_runs([{"seconds": [1.0, 1.2, 5.0], "cpu_seconds": [2.0, 2.0, 2.0]},
                                      {"seconds": [1.1], "cpu_seconds": [2.2]},
                                      {"seconds": [0.9, 1.0], "cpu_seconds": [1.8, 1.8]}])
     assert ours["run_seconds"] == [1.2, 1.1, 0.95] and ours["median_seconds"] == 1.1
     assert ours["median_cpu_seconds"] == 2.0
-    official = benchmark.summarize_runs([{"seconds": [3.3], "cpu_seconds": [3.0]}] * 3)
-    row = benchmark.comparison_row("medt", 128, "train", "tcmalloc (LD_PRELOAD=/t.so)", ours, official,
+    official = comparison.summarize_runs([{"seconds": [3.3], "cpu_seconds": [3.0]}] * 3)
+    row = comparison.comparison_row("medt", 128, "train", "tcmalloc (LD_PRELOAD=/t.so)", ours, official,
                                    "medt-keras float32", "PyTorch 1 thread, interop 1, channels_last", 4)
     assert row["ratio"] == pytest.approx(3.0) and row["cpu_time_ratio"] == pytest.approx(1.5)
     assert row["ours_images_per_second"] == pytest.approx(4 / 1.1)
-    lines = benchmark.format_comparison_table([row])
+    lines = tables.format_comparison_table([row])
     assert "3.00x" in lines[1] and "1.50x" in lines[1] and "tcmalloc" in lines[1]
     assert "medt-keras float32 | PyTorch 1 thread, interop 1, channels_last" in lines[1]
     slower = dict(row, allocator="glibc", official_seconds=5.0)
-    assert benchmark.headline_rows([slower, row]) == [row]
+    assert comparison.headline_rows([slower, row]) == [row]
 
 
 def test_the_comparison_alternates_sides_and_times_the_official_in_its_fastest_configuration(monkeypatch):
     import argparse
-
-    from training import benchmark
 
     requests = []
     started = []
@@ -192,13 +181,13 @@ def test_the_comparison_alternates_sides_and_times_the_official_in_its_fastest_c
             return False
 
     limits = []
-    monkeypatch.setattr(benchmark, "_Worker", FakeWorker)
-    monkeypatch.setattr(benchmark, "_official_builder", lambda model: "MedT")
+    monkeypatch.setattr(worker, "Worker", FakeWorker)
+    monkeypatch.setattr(comparison, "official_builder", lambda model: "MedT")
     args = argparse.Namespace(official_threads=[1, 2], official_channels_last=[False, True], official_interop_threads=1,
                               official_wait_policies=[None, "PASSIVE"],
                               rematerialize="off", dtype="float32", batch=4, infer_batch=8, official="/o",
                               search_repeats=2, rounds=3, repeats=2, step_memory=False)
-    record = benchmark.compare_with_official("medt", 128, args, "glibc", {"OMP_WAIT_POLICY": "ACTIVE"}, "glibc",
+    record = comparison.compare_with_official("medt", 128, args, "glibc", {"OMP_WAIT_POLICY": "ACTIVE"}, "glibc",
                                              log=lambda *a, **k: None)
     # 1 thread x 2 layouts, 2 threads x 2 wait policies x 2 layouts; one official worker per wait policy.
     search, timed = requests[:12], requests[12:]
@@ -224,8 +213,6 @@ def test_a_worker_answers_requests_until_quit(monkeypatch, capsys):
     import io
     import json
 
-    from training import benchmark
-
     class FakeTimer:
         def __init__(self, **spec):
             self.info = {"spec": spec}
@@ -234,12 +221,12 @@ def test_a_worker_answers_requests_until_quit(monkeypatch, capsys):
         def train(self, config):
             pass
 
-    monkeypatch.setattr(benchmark, "_KerasTimer", FakeTimer)
+    monkeypatch.setitem(worker.TIMERS, "keras", FakeTimer)
     monkeypatch.setattr("sys.stdin", io.StringIO(
         json.dumps({"op": "time", "workload": "train", "repeats": 3, "warmup": 0}) + "\n" + '{"op": "quit"}\n'))
-    assert benchmark.serve_worker({"kind": "keras", "size": 8}) == 0
-    replies = [json.loads(line[len(benchmark._REPLY):]) for line in capsys.readouterr().out.splitlines()
-               if line.startswith(benchmark._REPLY)]
+    assert worker.serve_worker({"kind": "keras", "size": 8}) == 0
+    replies = [json.loads(line[len(worker.REPLY):]) for line in capsys.readouterr().out.splitlines()
+               if line.startswith(worker.REPLY)]
     assert replies[0] == {"spec": {"size": 8}, "ready": True}
     assert len(replies[1]["seconds"]) == 3 and len(replies[1]["cpu_seconds"]) == 3
     assert replies[2]["peak_rss_gib"] > 0
@@ -261,14 +248,12 @@ ENTRY %main (a: f32[4,4]) -> f32[4] {
 
 
 def test_profile_sums_exclusive_op_time_per_op_and_source():
-    from training import benchmark
-
-    instructions = benchmark.hlo_instructions(HLO)
+    instructions = op_profile.hlo_instructions(HLO)
     assert instructions["dot.1"] == ("dot", "jit(f)/jvp(stem_conv1)/dot_general")
     assert instructions["while.2"][0] == "while" and instructions["fusion.3"][0] == "fusion"
     assert instructions["copy.4"] == ("copy", "")
-    assert benchmark._source_of(instructions["while.2"][1]) == "b0/attn (backward)"
-    assert benchmark._source_of(instructions["dot.1"][1]) == "stem_conv1"
+    assert op_profile.source_of(instructions["while.2"][1]) == "b0/attn (backward)"
+    assert op_profile.source_of(instructions["dot.1"][1]) == "stem_conv1"
 
     meta = [{"ph": "M", "name": "thread_name", "tid": 1, "args": {"name": "tf_XLAEigen/1"}},
             {"ph": "M", "name": "thread_name", "tid": 2, "args": {"name": "python"}}]
@@ -282,7 +267,7 @@ def test_profile_sums_exclusive_op_time_per_op_and_source():
         {"ph": "X", "tid": 1, "ts": 95, "dur": 3, "name": "copy.4"},
         {"ph": "X", "tid": 2, "ts": 0, "dur": 1000, "name": "dot.1"},  # not an XLA thread
     ]
-    profile = benchmark.profile_ops(events, instructions, top=2)
+    profile = op_profile.profile_ops(events, instructions, top=2)
     assert profile["op_ms"] == pytest.approx(0.085)  # 32 + 10 + 40 + 3 us
     assert [op["op"] for op in profile["top_ops"]] == ["fusion.3", "dot.1"]
     assert profile["top_ops"][0]["ms"] == pytest.approx(0.040) and profile["top_ops"][0]["events"] == 2
@@ -299,13 +284,11 @@ def test_profile_sums_exclusive_op_time_per_op_and_source():
 def test_official_mode_prints_every_ratio_and_writes_json(tmp_path, monkeypatch, capsys):
     import json
 
-    from training import benchmark
-
     def row(allocator, workload, official_seconds):
         ours = {"median_seconds": 1.0, "median_cpu_seconds": 1.5, "run_seconds": [1.0] * 3,
                 "run_cpu_seconds": [1.5] * 3}
         official = dict(ours, median_seconds=official_seconds, run_seconds=[official_seconds] * 3)
-        return benchmark.comparison_row("gated", 64, workload, allocator, ours, official, "ours-config",
+        return comparison.comparison_row("gated", 64, workload, allocator, ours, official, "ours-config",
                                         "official-config", 2)
 
     compared = []
@@ -329,11 +312,11 @@ def test_official_mode_prints_every_ratio_and_writes_json(tmp_path, monkeypatch,
                 "fraction_of_peak": 0.2, "profile": {"steps": 2, "op_ms": 900.0, "wall_ms": 1000.0,
                                                      "top_ops": [], "by_source": []}}
 
-    monkeypatch.setattr(benchmark, "compare_with_official", compare)
-    monkeypatch.setattr(benchmark, "_run_child", child)
-    monkeypatch.setattr(benchmark, "installed_allocators", lambda: {"tcmalloc": "/t.so"})
+    monkeypatch.setattr(comparison, "compare_with_official", compare)
+    monkeypatch.setattr(worker, "run_child", child)
+    monkeypatch.setattr(comparison, "installed_allocators", lambda: {"tcmalloc": "/t.so"})
     out = tmp_path / "o.json"
-    assert benchmark.main(["--models", "gated", "--sizes", "64", "--official", "/o", "--profile-models", "gated",
+    assert main(["--models", "gated", "--sizes", "64", "--official", "/o", "--profile-models", "gated",
                            "--json", str(out)]) == 0
     assert compared == [("gated", 64, "glibc", None), ("gated", 64, "tcmalloc", "/t.so")]
     # The profile runs under the allocator where our training was fastest (a tie: the first, glibc).
@@ -349,8 +332,6 @@ def test_official_mode_prints_every_ratio_and_writes_json(tmp_path, monkeypatch,
 
 
 def test_separate_keeps_the_fresh_process_comparison(monkeypatch, capsys):
-    from training import benchmark
-
     kinds = []
 
     def child(spec, env=None):
@@ -371,24 +352,24 @@ def test_separate_keeps_the_fresh_process_comparison(monkeypatch, capsys):
         return dict(implementation="medt-keras", compile_seconds=1.0, peak_rss_gib=0.7, infer_seconds=0.25,
                     infer_images_per_second=32.0, infer_flops_per_image=1e9, xla_flags={"infer": "import flags"})
 
-    monkeypatch.setattr(benchmark, "_run_child", child)
-    monkeypatch.setattr(benchmark, "compare_with_official", lambda *a, **k: pytest.fail("not the interleaved mode"))
-    assert benchmark.main(["--models", "gated", "--official", "/o", "--separate"]) == 0
+    monkeypatch.setattr(worker, "run_child", child)
+    monkeypatch.setattr(comparison, "compare_with_official", lambda *a, **k: pytest.fail("not the interleaved mode"))
+    assert main(["--models", "gated", "--official", "/o", "--separate"]) == 0
     assert kinds == [("platform", None), ("peak", None), ("keras", "train"), ("keras", "infer"), ("official", None)]
     out = capsys.readouterr().out
     assert "2.00x" in out and "4.00x" in out  # training 2.0 / 1.0 s, inference 1.0 / 0.25 s
-    merged = benchmark._measure_keras_per_workload(child, dict(kind="keras"))
+    merged = ours.measure_keras_per_workload(child, dict(kind="keras"))
     assert merged["compile_seconds"] == 4.0 and merged["peak_rss_gib"] == 1.5
     assert merged["xla_flags"] == {"train": "training flags", "infer": "import flags"}
     assert merged["train_seconds"] == 1.0 and merged["infer_seconds"] == 0.25
-    # Interleaved runs time one variant of ours: --rematerialize both needs --separate.
-    assert benchmark.main(["--models", "gated", "--official", "/o", "--rematerialize", "both"]) == 2
+    # Interleaved runs time one variant of ours: --rematerialize both needs --separate (models).
+    with pytest.raises(SystemExit) as refused:
+        main(["--models", "gated", "--official", "/o", "--rematerialize", "both"])
+    assert refused.value.code == 2
 
 
 def test_loader_mode_times_each_loader_and_compares_with_the_training_rate(tmp_path, monkeypatch, capsys):
     import json
-
-    from training import benchmark
 
     training = tmp_path / "train.json"
     training.write_text(json.dumps({"results": [
@@ -405,8 +386,8 @@ def test_loader_mode_times_each_loader_and_compares_with_the_training_rate(tmp_p
         return dict(loader=spec["loader"], workers=spec["workers"], startup_seconds=0.5, images_per_second=400.0,
                     worker_peak_rss_gib=None)
 
-    monkeypatch.setattr(benchmark, "_run_child", child)
-    assert benchmark.main(["--loader", "--loader-workers", "0", "2", "--training-json", str(training),
+    monkeypatch.setattr(worker, "run_child", child)
+    assert main(["--loader", "--loader-workers", "0", "2", "--training-json", str(training),
                            "--json", str(tmp_path / "l.json")]) == 0
     assert [(s["loader"], s["workers"]) for s in specs] == [("threads", 0), ("threads", 2), ("grain", 0), ("grain", 2)]
     assert specs[0]["config_name"] == "medt_hela" and specs[0]["batch"] == 4
@@ -414,3 +395,106 @@ def test_loader_mode_times_each_loader_and_compares_with_the_training_rate(tmp_p
     written = json.loads((tmp_path / "l.json").read_text())
     assert written["training_rates"]["images_per_second"] == {"medt": 4.0}
     assert [r["times_training_rate"] for r in written["results"]] == [{"medt": 100.0}] * 4
+
+
+def test_loader_mode_refuses_a_missing_training_json_by_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(worker, "run_child", lambda spec: pytest.fail("nothing is measured"))
+    missing = tmp_path / "none.json"
+    assert main(["loader", "--training-json", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_flops_are_counted_with_the_native_kernel_turned_off():
+    import keras
+    from medt_keras.kernels import native_attention
+
+    seen = []
+
+    class Probe(keras.layers.Layer):
+        def call(self, x):
+            seen.append(native_attention.turned_off_reason())  # while the step is traced
+            return x
+
+    model = keras.Sequential([keras.Input((4, 4, 3)), Probe(), keras.layers.Dense(2)])
+    seen.clear()  # the model's build traced it too
+    x, y, x_infer = ours.random_inputs(4, 2, 3)
+    assert x.shape == (2, 4, 4, 3) and y.shape == (2, 4, 4) and x_infer.shape == (3, 4, 4, 3)
+    assert ours.xla_flops(ours.lower_step(model, x, y, "train")) > 0
+    assert ours.xla_flops(ours.lower_step(model, x_infer, None, "infer")) > 0
+    assert len(seen) == 2 and None not in seen
+    assert "turned_off()" not in str(native_attention.turned_off_reason())  # only while counting
+
+
+# --- the command line: subcommands, and the old flag forms mapped onto them (parsed only, nothing measured) ---
+
+@pytest.mark.parametrize("old,subcommand,values", [
+    ([], "models", {"models": ["medt", "gated"]}),
+    (["--models", "medt", "gated", "--sizes", "128", "--rematerialize", "both"], "models",
+     {"models": ["medt", "gated"], "rematerialize": "both"}),
+    (["--suite", "models", "--models", "logo"], "models", {"models": ["logo"]}),
+    (["--models", "medt", "--official", "PATH", "--separate", "--json", "o.json"], "models",
+     {"official": "PATH", "json": "o.json"}),
+    (["--models", "medt", "gated", "--sizes", "128", "--repeats", "2", "--rounds", "3", "--search-repeats", "1",
+      "--official", "PATH", "--json", "o.json"], "compare",
+     {"official": "PATH", "rounds": 3, "search_repeats": 1, "repeats": 2}),
+    (["--official=PATH", "--allocators", "glibc", "--profile-models", "gated"], "compare",
+     {"official": "PATH", "allocators": ["glibc"], "profile_models": ["gated"]}),
+    (["--sliding-window", "--repeats", "3", "--json", "s.json", "--sliding-model", "medt", "--infer-batch", "4"],
+     "sliding-window", {"repeats": 3, "json": "s.json", "model": "medt", "batch": 4}),
+    (["--loader", "--loader-workers", "0", "2", "--loader-config", "gated_hela", "--loader-epochs", "2",
+      "--loader-img-size", "64", "--training-json", "t.json"], "loader",
+     {"workers": [0, 2], "config": "gated_hela", "epochs": 2, "img_size": 64, "training_json": "t.json"}),
+    (["--suite", "accelerator", "--budget-s", "600", "--models", "gated"], "suite accelerator",
+     {"budget_s": 600.0, "models": ["gated"]}),
+    (["--require-accelerator"], "models", {"require_accelerator": True}),
+])
+def test_old_flag_forms_reach_their_subcommand(old, subcommand, values):
+    from training.bench import accelerator_suite, cli, loader, model_table, sliding_window
+
+    modules = {"models": model_table, "compare": comparison, "sliding-window": sliding_window, "loader": loader,
+               "suite accelerator": accelerator_suite}
+    translated = cli.translate_legacy(old)
+    assert translated[:len(subcommand.split())] == subcommand.split()
+    args = cli.build_parser().parse_args(translated)
+    assert args.run is modules[subcommand].run
+    assert {key: getattr(args, key) for key in values} == values
+    # The new form is left as it is.
+    assert cli.translate_legacy(translated) == translated
+
+
+def test_old_compile_for_and_internal_forms_reach_their_commands(monkeypatch):
+    from training import compile_for
+
+    called = []
+    monkeypatch.setattr(compile_for, "main", lambda argv: called.append(("compile-for", argv)) or 0)
+    monkeypatch.setattr(worker, "main", lambda argv: called.append(("worker", argv)) or 0)
+    assert main(["--compile-for", "tpu:v5e:2x2", "--config", "medt_hela", "--batch-per-chip", "8"]) == 0
+    assert main(["compile-for", "tpu:v5e:2x2", "--json", "o.json"]) == 0
+    assert main(["--child", '{"kind": "peak"}']) == 0 and main(["--worker", '{"kind": "keras"}']) == 0
+    assert called == [("compile-for", ["tpu:v5e:2x2", "--config", "medt_hela", "--batch-per-chip", "8"]),
+                      ("compile-for", ["tpu:v5e:2x2", "--json", "o.json"]),
+                      ("worker", ["child", '{"kind": "peak"}']), ("worker", ["serve", '{"kind": "keras"}'])]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["models", "--help"], ["compare", "--help"], ["profile", "--help"],
+                                  ["sliding-window", "--help"], ["loader", "--help"], ["suite", "--help"],
+                                  ["suite", "accelerator", "--help"], ["--suite", "accelerator", "--help"],
+                                  ["compile-for", "--help"]])
+def test_help_of_medt_bench_and_each_subcommand(argv, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: medt-bench")
+    if argv == ["--help"]:
+        for name in ("models", "compare", "profile", "sliding-window", "loader", "suite", "compile-for"):
+            assert name in out
+
+
+def test_python_m_runs_the_command_under_both_module_names():
+    import subprocess
+    import sys
+
+    for module in ("training.bench", "training.benchmark"):
+        run = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0 and "sliding-window" in run.stdout, run.stderr[-2000:]

@@ -1,11 +1,12 @@
-r"""``medt-bench --suite accelerator``: everything worth knowing about one device, in one budgeted run.
+r"""``medt-bench suite accelerator``: everything worth knowing about one device, in one budgeted run.
 
-Written for a session lent one accelerator for a few minutes: it runs in
-one process (JAX starts once), measures the most valuable numbers first,
-writes the JSON after every item (a run killed at its time limit keeps
-what it measured), records a failing item as an error and goes on, and
-skips any item whose estimated cost (from the compile and step times
-measured so far) would overrun ``--budget-s``.
+Written for a machine lent for a few minutes: it runs in one process (JAX
+starts once), measures the most valuable numbers first, writes the JSON after
+every item (a run killed at its time limit keeps what it measured), records a
+failing item as an error and goes on, and skips any item whose estimated cost
+(from the compile and step times measured so far) would overrun
+``--budget-s``. How to run it on a remote device session:
+``docs/accelerators.md`` ("The accelerator suite").
 
 Order of work (each line one or more items):
 
@@ -19,11 +20,11 @@ Order of work (each line one or more items):
    budget: at highest matmul precision the whole contract
    (``weights_converter.parity.measure_case``: float32 eval, float64 eval,
    train, loss, gradients, BatchNorm statistics), at default precision the
-   float32 eval only (what TF32 does to it). First the shipped tiny fixtures
-   (``tests/fixtures/official``, every architecture) at highest; then each
-   full-size one where present (``../shared/fixtures/official/full`` or
-   ``shared/fixtures/official/full`` inside the checkout; MedT, gated first)
-   at default, then highest; the tiny ones at default last;
+   float32 eval only (what TF32 does to it). First the tiny fixtures found
+   from ``--fixtures-root`` (``tests/fixtures/official``, every architecture)
+   at highest; then each full-size one found there
+   (``../shared/fixtures/official/full`` or ``shared/fixtures/official/full``;
+   MedT, gated first) at default, then highest; the tiny ones at default last;
 4. throughput of our models through ``train_on_batch`` / ``predict_on_batch``
    (images/s, compile seconds, device memory): the first model at the first
    size, float32 then mixed_bfloat16, the first two batch sizes; the other
@@ -33,27 +34,6 @@ Order of work (each line one or more items):
    jeya-maria-jose/Medical-Transformer) on the same device, when ``import
    torch`` works and ``torch.cuda.is_available()``; else one item "skipped"
    with the reason.
-
-Command for a device session (one H200, 15 minutes of device time, the
-machine's start included): prepare here, in the checkout's root, once::
-
-    printf '/.whl/\n/.official/\n/shared/\n' >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl keras==3.15.1 namex optree
-    mkdir -p shared/fixtures/official/full .official   # only the checkout travels, 64 MiB at most
-    cp ../shared/fixtures/official/full/{medt,gated}_img128_* shared/fixtures/official/full/   # ~35 MB
-    # lib/ of github:jeya-maria-jose/Medical-Transformer (the fetch tool's mirror) into .official:
-    git --git-dir=MIRROR archive HEAD lib | tar -x -C .official
-
-then run once (``run`` with ``carry=[".whl", ".official"]``, ``timeout_s=600``)::
-
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
-    PYTHONPATH=/tmp/site:$PWD KERAS_BACKEND=jax PYTHONUNBUFFERED=1 timeout 570 python3 -m training.benchmark \
-        --suite accelerator --budget-s 420 --official .official --json $OUT/accelerator.json 2>&1 | tee $OUT/log
-
-The device image has jax/jaxlib 0.11 (CUDA 13) and torch but no keras
-(nor its needs namex and optree). The JSON is complete after every item,
-so a run killed at its limit keeps all it measured.
 
 JSON (``--json FILE``, rewritten after every item)::
 
@@ -78,22 +58,28 @@ process's peak so far (JAX offers no reset): items run in rising batch size,
 so an increase is the item's own.
 """
 
-import argparse
 import gc
 import glob
 import json
 import os
+import pathlib
 import platform
 import sys
 import time
 import traceback
+
+from training.bench import ours
+from training.bench.official import measure_official_cuda, torch_cuda_unavailable
+from training.bench.records import write_json
+from training.bench.tables import fmt
+from training.bench.timing import matmul_gflops, median_seconds
 
 DEFAULT_BUDGET_S = 420.0
 DEFAULT_PARITY_BUDGET_S = 150.0
 UNMEASURED_ESTIMATE_S = 30.0  # an item's assumed cost when nothing like it has been measured
 
 
-def _device_memory():
+def device_memory():
     """``{"bytes_in_use", "peak_bytes_in_use", "bytes_limit"}`` of device 0; ``None`` where JAX has none (CPU)."""
     import jax
 
@@ -146,24 +132,6 @@ def platform_info():
     return info
 
 
-def measure_matmul_gflops(dtype="float32", precision=None, n=2048, repeats=5):
-    """GFLOP/s of an ``(n, n) @ (n, n)`` product of ``dtype`` under ``jax.default_matmul_precision(precision)``."""
-    import contextlib
-
-    import jax
-    import jax.numpy as jnp
-
-    from training.benchmark import _median_seconds
-
-    scope = jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
-    with scope:
-        a = jnp.ones((n, n), dtype)
-        matmul = jax.jit(lambda a: a @ a)
-        matmul(a).block_until_ready()
-        seconds = _median_seconds(lambda: matmul(a).block_until_ready(), repeats)
-    return {"dtype": dtype, "precision": precision or "default", "n": n, "gflops": 2 * n**3 / seconds / 1e9}
-
-
 def parity_highest(path):
     """The whole parity contract of one fixture at highest matmul precision; errors relative, see parity.TOLERANCES."""
     import jax
@@ -184,7 +152,7 @@ def parity_eval32_default(path):
     import numpy as np
 
     from weights_converter.convert import load_official_checkpoint
-    from weights_converter.parity import TOLERANCES, jitted_forward, to_nchw, to_nhwc, relative_max, reference_path
+    from weights_converter.parity import TOLERANCES, jitted_forward, reference_path, relative_max, to_nchw, to_nhwc
 
     ref = np.load(reference_path(path))
     model = load_official_checkpoint(path, dtype="float32")
@@ -197,24 +165,6 @@ def parity_eval32_default(path):
 _flops_cache = {}
 
 
-def _train_flops_per_image(model, x, y):
-    """XLA's FLOPs of forward + backward for one image (lowered, not compiled: costs tracing only)."""
-    import jax
-    import keras
-
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-
-    def loss_fn(t, n, x, y):
-        logits, n = model.stateless_call(t, n, x, training=True)
-        return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)), n
-
-    analysis = jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(trainable, non_trainable, x, y).cost_analysis()
-    if isinstance(analysis, list):
-        analysis = analysis[0]
-    return float(analysis["flops"]) / x.shape[0] if analysis and "flops" in analysis else None
-
-
 def measure_throughput(model_name, size, batch, dtype="float32", repeats=5, model_kwargs=None):
     """Training (``train_on_batch``: forward, backward, Adam) and inference (``predict_on_batch``) speed.
 
@@ -222,30 +172,21 @@ def measure_throughput(model_name, size, batch, dtype="float32", repeats=5, mode
     int32 labels; the same batch size for both. Built fresh with
     ``model_kwargs`` replacing the official hyperparameters (for tiny test models).
     """
+    import medt_keras  # noqa: F401  (the JAX backend, before Keras loads)
     import keras
     import numpy as np
 
-    from medt_keras.models.registry import get_spec
-    from training.benchmark import _median_seconds
-
     keras.backend.clear_session()
-    model = get_spec(model_name).build(img_size=size, dtype=dtype, **(model_kwargs or {}))
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    rng = np.random.default_rng(0)
-    x = rng.random((batch, size, size, 3), dtype=np.float32)
-    y = rng.integers(0, 2, (batch, size, size)).astype("int32")
-
+    model = ours.compiled_model(model_name, size, dtype=dtype, **(model_kwargs or {}))
+    x, y, _ = ours.random_inputs(size, batch)
     start = time.perf_counter()
     model.train_on_batch(x, y)  # returns host floats: synchronised
     first_train = time.perf_counter() - start
-    train = _median_seconds(lambda: model.train_on_batch(x, y), repeats)
+    train = median_seconds(lambda: model.train_on_batch(x, y), repeats)
     start = time.perf_counter()
     np.asarray(model.predict_on_batch(x))
     first_infer = time.perf_counter() - start
-    infer = _median_seconds(lambda: np.asarray(model.predict_on_batch(x)), repeats)
+    infer = median_seconds(lambda: np.asarray(model.predict_on_batch(x)), repeats)
 
     result = {
         "model": model_name, "size": size, "batch": batch, "dtype": dtype, "repeats": repeats,
@@ -258,7 +199,9 @@ def measure_throughput(model_name, size, batch, dtype="float32", repeats=5, mode
     key = (model_name, size, json.dumps(model_kwargs or {}, sort_keys=True))
     if key not in _flops_cache:
         try:
-            _flops_cache[key] = _train_flops_per_image(model, x, y)
+            # Lowered, not compiled: costs tracing only.
+            flops = ours.xla_flops(ours.lower_step(model, x, y, "train")) / batch
+            _flops_cache[key] = None if flops != flops else flops
         except Exception as error:  # noqa: BLE001  (FLOPs are a bonus; the timing stands)
             _flops_cache[key] = None
             result["flops_error"] = f"{type(error).__name__}: {error}"[:300]
@@ -271,99 +214,33 @@ def measure_throughput(model_name, size, batch, dtype="float32", repeats=5, mode
     return result
 
 
-def _official_axialnet(checkout):
-    """The official ``lib.models.axialnet`` module from a checkout (as ``training.benchmark.measure_official``)."""
-    import types
-
-    for name in ("matplotlib", "matplotlib.pyplot"):
-        sys.modules.setdefault(name, types.ModuleType(name))  # imported, never used
-    lib = types.ModuleType("lib")  # skip lib/__init__, which imports torchvision
-    lib.__path__ = [os.path.join(checkout, "lib")]
-    sys.modules["lib"] = lib
-    from lib.models import axialnet
-
-    return axialnet
+def _is_tiny(path):
+    """A shipped tiny fixture (under a ``tests`` folder), not a full-size one."""
+    return "tests" in pathlib.Path(os.path.abspath(path)).parts
 
 
-def measure_official_cuda(checkout, official_builder, size, batch, repeats=5):
-    """The official PyTorch model's train step (cross-entropy, Adam) and inference on the CUDA device."""
-    import numpy as np
-    import torch
+def fixture_paths(explicit, root="."):
+    """Fixtures to check: ``explicit`` paths/folders, else those found from ``root``: tiny, then full-size.
 
-    device = torch.device("cuda")
-    model = getattr(_official_axialnet(checkout), official_builder)(img_size=size, imgchan=3).to(device)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
-    rng = np.random.default_rng(0)
-    x = torch.from_numpy(rng.random((batch, 3, size, size), dtype=np.float32)).to(device)
-    y = torch.from_numpy(rng.integers(0, 2, (batch, size, size))).to(device)
+    Full-size: MedT, then gated, then the others.
 
-    def step():
-        model.train()
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        torch.cuda.synchronize()
-
-    def infer():
-        model.eval()
-        with torch.no_grad():
-            model(x)
-        torch.cuda.synchronize()
-
-    from training.benchmark import _median_seconds
-
-    torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    step()
-    first_train = time.perf_counter() - start
-    train = _median_seconds(step, repeats)
-    infer()
-    inference = _median_seconds(infer, repeats)
-    result = {
-        "implementation": "official PyTorch " + torch.__version__,
-        "size": size, "batch": batch, "repeats": repeats,
-        "train_seconds": train, "infer_seconds": inference,
-        "train_images_per_second": batch / train, "infer_images_per_second": batch / inference,
-        "first_train_step_seconds": first_train,
-        "torch_peak_bytes_allocated": int(torch.cuda.max_memory_allocated()),
-        "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-    }
-    del model, optimizer
-    torch.cuda.empty_cache()
-    return result
-
-
-def _torch_cuda_unavailable():
-    """Why the official code cannot run on a CUDA device here, or ``None`` if it can."""
-    try:
-        import torch
-    except Exception as error:  # noqa: BLE001
-        return f"import torch failed: {type(error).__name__}: {error}"
-    if not torch.cuda.is_available():
-        return f"torch {torch.__version__} sees no CUDA device"
-    return None
-
-
-def _fixture_paths(explicit):
-    """Fixtures to check: ``explicit`` paths/folders, or the shipped tiny ones, then full-size (MedT, gated first)."""
-    from weights_converter.parity import expand_case_paths, default_case_paths
+    From ``root``: ``weights_converter.parity.default_case_paths(root)`` and,
+    for a device machine where only the checkout travels, its own
+    ``shared/fixtures/official/full``.
+    """
+    from weights_converter.parity import default_case_paths, expand_case_paths
 
     if explicit:
         return expand_case_paths(explicit)
-    paths = default_case_paths()
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # Only the checkout travels to a device machine: full-size fixtures go in its own shared/.
-    paths += sorted(glob.glob(os.path.join(repo, "shared", "fixtures", "official", "full", "*.pth")))
+    paths = default_case_paths(root)
+    paths += sorted(glob.glob(os.path.join(root, "shared", "fixtures", "official", "full", "*.pth")))
     seen, unique = set(), []
     for path in paths:
         if os.path.basename(path) not in seen:
             seen.add(os.path.basename(path))
             unique.append(path)
     rank = {"medt": 0, "gated": 1, "logo": 2, "axialunet": 3}
-    tiny = [p for p in unique if os.sep + "tests" + os.sep in p]
+    tiny = [p for p in unique if _is_tiny(p)]
     full = sorted((p for p in unique if p not in tiny), key=lambda p: rank.get(os.path.basename(p).split("_")[0], 9))
     return tiny + full
 
@@ -396,10 +273,7 @@ class Suite:
         for item in self.report["items"]:
             counts[item["status"]] += 1
         self.report["counts"] = counts
-        if self.json_path:
-            from medt_keras.files import atomic_write_text
-
-            atomic_write_text(self.json_path, json.dumps(self.report, indent=2, default=str))
+        write_json(self.json_path, self.report, default=str)
 
     def skip(self, kind, name, reason, **meta):
         item = dict(kind=kind, name=name, status="skipped", reason=reason, seconds=0.0, **meta)
@@ -430,7 +304,7 @@ class Suite:
             item["traceback"] = traceback.format_exc()[-3000:]
         item["seconds"] = time.perf_counter() - start
         try:
-            item["device_memory"] = _device_memory()
+            item["device_memory"] = device_memory()
         except Exception:  # noqa: BLE001
             item["device_memory"] = None
         self._record(item)
@@ -440,17 +314,13 @@ class Suite:
         self.report["items"].append(item)
         self.save()
         try:
-            line = _summary(item)
+            line = summary(item)
         except (KeyError, TypeError, ValueError):  # an item without the usual numbers still gets its line
             line = f"{item['status']} ({item['seconds']:.1f} s)"
         print(f"[{self.elapsed():7.1f} s] {item['kind']:<10} {item['name']:<58} {line}", flush=True)
 
 
-def _fmt(value, spec):
-    return "-" if value is None else format(value, spec)
-
-
-def _summary(item):
+def summary(item):
     """One line for the console."""
     if item["status"] == "skipped":
         return "skipped: " + item["reason"]
@@ -470,11 +340,11 @@ def _summary(item):
         compile_s = item.get("compile_train_seconds", 0) + item.get("compile_infer_seconds", 0)
         return (f"train {item['train_images_per_second']:.1f} img/s, "
                 f"infer {item['infer_images_per_second']:.1f} img/s, "
-                f"compile {compile_s:.1f} s, peak {_fmt(memory and memory / 2**30, '.2f')} GiB {took}")
+                f"compile {compile_s:.1f} s, peak {fmt(memory and memory / 2**30, '.2f', missing='-')} GiB {took}")
     return took
 
 
-def _throughput_estimate(done, model, size, batch, dtype, repeats):
+def throughput_estimate(done, model, size, batch, dtype, repeats):
     """Seconds a throughput item should take, from the finished ones; ``None`` when nothing is known yet.
 
     Prefers the same model, size and dtype (compile as measured, step time
@@ -498,10 +368,7 @@ def _throughput_estimate(done, model, size, batch, dtype, repeats):
     return max((i["seconds"] for i in ok), default=None)
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="medt-bench --suite accelerator", description="Parity, speed and memory on the present device, budgeted."
-    )
+def add_arguments(parser):
     parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                         help="start no item expected to end after this many seconds from the start")
     parser.add_argument("--parity-budget-s", type=float, default=DEFAULT_PARITY_BUDGET_S,
@@ -514,49 +381,39 @@ def build_parser():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "mixed_bfloat16"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fixtures", nargs="*", default=None,
-                        help="parity fixtures (.pth or folders); default: shipped tiny then full-size; none: skip")
+                        help="parity fixtures (.pth or folders); default: those found from --fixtures-root, tiny "
+                             "then full-size; none given: skip parity")
+    parser.add_argument("--fixtures-root", default=".", metavar="DIR",
+                        help="where the default fixtures are looked for: DIR/tests/fixtures/official, "
+                             "DIR/../shared/fixtures/official/full, DIR/shared/fixtures/official/full "
+                             "(default: the working folder, a checkout's root)")
     parser.add_argument("--official", metavar="PATH", help="checkout of the official MedT repository (lib/ is enough)")
     parser.add_argument("--official-batches", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--model-kwargs", type=json.loads, default=None, metavar="JSON",
                         help='hyperparameters replacing the official ones, e.g. \'{"width_scale": 0.03125}\' (tests)')
     parser.add_argument("--no-peak", action="store_true", help="skip the matrix-product peaks")
-    return parser
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    import medt_keras  # noqa: F401  (selects JAX)
+def _peaks(suite, accelerator):
+    """What fraction of the device the models reach needs a ceiling.
+
+    ``medt-bench models``' 2048^3 is dispatch-bound on a large GPU (tens of
+    microseconds), so accelerators get 8192^3; bfloat16 is slow on CPUs.
+    """
+    n32, n16 = (8192, 8192) if accelerator else (2048, 512)
+    for dtype, precision, n in (("float32", None, n32), ("float32", "highest", n32), ("bfloat16", None, n16)):
+        suite.run("peak", f"{dtype} {n}^3 {precision or 'default'} precision",
+                  lambda d=dtype, p=precision, n=n: matmul_gflops(d, p, n), estimate_s=30)
+
+
+def _parity(suite, args):
+    """The contract at highest precision on the tiny fixtures (every architecture, cheap); then each full-size one
+    at default precision (cheap: one float32 forward, shows what TF32 does at full width) and at highest; the tiny
+    ones at default precision last."""
     import jax
 
-    from medt_keras.models.registry import get_spec
-
-    suite = Suite(args.budget_s, args.json, "medt-bench --suite accelerator " + " ".join(argv))
-    try:
-        suite.report["platform"] = platform_info()
-    except Exception as error:  # noqa: BLE001
-        suite.report["platform"] = {"error": f"{type(error).__name__}: {error}"}
-    platform_line = suite.report["platform"]
-    print(f"platform: {platform_line.get('backend')} {[d['device_kind'] for d in platform_line.get('devices', [])]} "
-          f"jax {platform_line.get('jax')} jaxlib {platform_line.get('jaxlib')}", flush=True)
-    suite.save()
-    accelerator = jax.default_backend() != "cpu"
-
-    # 2. Peaks: what fraction of the device the models reach needs a ceiling.
-    # medt-bench's 2048^3 is dispatch-bound on a large GPU (tens of
-    # microseconds), so accelerators get 8192^3; bfloat16 is slow on CPUs.
-    if not args.no_peak:
-        n32, n16 = (8192, 8192) if accelerator else (2048, 512)
-        for dtype, precision, n in (("float32", None, n32), ("float32", "highest", n32), ("bfloat16", None, n16)):
-            suite.run("peak", f"{dtype} {n}^3 {precision or 'default'} precision",
-                      lambda d=dtype, p=precision, n=n: measure_matmul_gflops(d, p, n), estimate_s=30)
-
-    # 3. Parity. The contract at highest precision on the tiny fixtures (every
-    # architecture, cheap); then each full-size one at default precision
-    # (cheap: one float32 forward, shows what TF32 does at full width) and at
-    # highest; the tiny ones at default precision last.
-    fixtures = _fixture_paths(args.fixtures) if args.fixtures != [] else []
-    is_full = {path: os.sep + "tests" + os.sep not in path for path in fixtures}
+    fixtures = fixture_paths(args.fixtures, args.fixtures_root) if args.fixtures != [] else []
+    is_full = {path: not _is_tiny(path) for path in fixtures}
     order = [(p, "highest") for p in fixtures if not is_full[p]]
     order += [(p, precision) for p in fixtures if is_full[p] for precision in ("default", "highest")]
     order += [(p, "default") for p in fixtures if not is_full[p]]
@@ -581,8 +438,9 @@ def main(argv=None):
         # measure_case turned on x64; throughput is of the float32/bfloat16 models as users run them.
         jax.config.update("jax_enable_x64", False)
 
-    # 4. Throughput, most valuable first.
-    models = [get_spec(m).name for m in args.models]
+
+def _throughput(suite, args, models):
+    """Most valuable first: every model at the first size and the first two batches, then larger ones, then sizes."""
     first, others = args.sizes[0], args.sizes[1:]
     small, large = args.batches[:2], args.batches[2:]
     plan = []
@@ -591,7 +449,7 @@ def main(argv=None):
     plan += [(model, first, dtype, b) for b in large for model in models for dtype in args.dtypes]
     plan += [(model, size, dtype, b) for size in others for model in models for dtype in args.dtypes for b in small]
     for model, size, dtype, batch in plan:
-        estimate = _throughput_estimate(suite.report["items"], model, size, batch, dtype, args.repeats)
+        estimate = throughput_estimate(suite.report["items"], model, size, batch, dtype, args.repeats)
         # Nothing measured yet: a full model's first compile takes tens of seconds; start none in less.
         estimate = UNMEASURED_ESTIMATE_S if estimate is None else estimate
         suite.run(
@@ -600,27 +458,52 @@ def main(argv=None):
             estimate_s=estimate, model=model, size=size, batch=batch, dtype=dtype,
         )
 
-    # 5. The official PyTorch code on the same device.
+
+def _official(suite, args, models):
+    """The official PyTorch code on the same device, at the first size."""
+    from medt_keras.models.registry import get_spec
+
+    first = args.sizes[0]
     reason = None if args.official else "no --official checkout given"
-    reason = reason or _torch_cuda_unavailable()
+    reason = reason or torch_cuda_unavailable()
     if reason:
         suite.skip("official", "official PyTorch", reason)
-    else:
-        for model in models:
-            for batch in args.official_batches:
-                builder = get_spec(model).official_builder
-                suite.run(
-                    "official", f"official {model} {first}x{first} batch {batch}",
-                    lambda b=builder, n=batch: measure_official_cuda(args.official, b, first, n, args.repeats),
-                    estimate_s=UNMEASURED_ESTIMATE_S, model=model, size=first, batch=batch, dtype="float32",
-                )
+        return
+    for model in models:
+        for batch in args.official_batches:
+            builder = get_spec(model).official_builder
+            suite.run(
+                "official", f"official {model} {first}x{first} batch {batch}",
+                lambda b=builder, n=batch: measure_official_cuda(args.official, b, first, n, args.repeats),
+                estimate_s=UNMEASURED_ESTIMATE_S, model=model, size=first, batch=batch, dtype="float32",
+            )
+
+
+def run(args):
+    """The whole suite, items in the order of the module's docstring."""
+    import medt_keras  # noqa: F401  (selects JAX)
+    import jax
+
+    from medt_keras.models.registry import get_spec
+
+    suite = Suite(args.budget_s, args.json, args.command)
+    try:
+        suite.report["platform"] = platform_info()
+    except Exception as error:  # noqa: BLE001
+        suite.report["platform"] = {"error": f"{type(error).__name__}: {error}"}
+    platform_line = suite.report["platform"]
+    print(f"platform: {platform_line.get('backend')} {[d['device_kind'] for d in platform_line.get('devices', [])]} "
+          f"jax {platform_line.get('jax')} jaxlib {platform_line.get('jaxlib')}", flush=True)
+    suite.save()
+    if not args.no_peak:
+        _peaks(suite, accelerator=jax.default_backend() != "cpu")
+    _parity(suite, args)
+    models = [get_spec(m).name for m in args.models]
+    _throughput(suite, args, models)
+    _official(suite, args, models)
     suite.report["finished"] = True
     suite.save()
     counts = suite.report["counts"]
     print(f"done in {suite.elapsed():.0f} s: {counts['ok']} ok, {counts['error']} errors, "
           f"{counts['skipped']} skipped" + (f"; wrote {args.json}" if args.json else ""), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
