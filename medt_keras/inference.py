@@ -205,13 +205,25 @@ def sliding_window_probabilities(
     total = state["total"]
     if len(corners) == 1:
         return np.array(total[:height, :width], np.float32)
-    # The windows' sum is separable (tiles on a grid): per-axis sums, multiplied a band of rows at a time.
-    sum_h, sum_w = np.zeros(full_h), np.zeros(full_w)
-    for y in rows:
-        sum_h[y : y + tile_h] += axis_h
-    for x in columns:
-        sum_w[x : x + tile_w] += axis_w
+    _divide_by_window_sums(total, (rows, axis_h), (columns, axis_w), height)
+    return np.ascontiguousarray(total[:height, :width]) if (pad_h or pad_w) else total
+
+
+def _divide_by_window_sums(total, vertical, horizontal, height):
+    """``total`` (full_h, full_w, classes) divided in place by the sum of the tiles' windows over each pixel.
+
+    ``vertical`` / ``horizontal``: the tiles' starts and their window along
+    that axis. The windows' sum is separable (tiles on a grid): per-axis
+    sums, multiplied a band of rows at a time, so no full-size window sum
+    is ever held.
+    """
+    sums = []
+    for (starts, axis), length in zip((vertical, horizontal), total.shape[:2]):
+        summed = np.zeros(length)
+        for start in starts:
+            summed[start : start + len(axis)] += axis
+        sums.append(summed)
+    sum_h, sum_w = sums
     for top in range(0, height, 256):
         bottom = min(height, top + 256)
         total[top:bottom] /= (sum_h[top:bottom, None] * sum_w[None, :]).astype(np.float32)[..., None]
-    return np.ascontiguousarray(total[:height, :width]) if (pad_h or pad_w) else total

@@ -372,6 +372,56 @@ def _materialise(records, path, load_storage):
     return tensors
 
 
+class _ZipEntries:
+    """The entries of a zip ``.pth`` archive, each read whole and checked against its declared size."""
+
+    def __init__(self, path, archive):
+        self.path, self.archive = path, archive
+
+    def size(self, name, what, limit):
+        """The declared uncompressed size of ``name``; an error if it is missing or over ``limit``."""
+        try:
+            size = self.archive.getinfo(name).file_size
+        except KeyError:
+            raise CheckpointError(f"{self.path}: {what}: {name} is missing from the archive.") from None
+        if size > limit:
+            raise CheckpointError(
+                f"{self.path}: {what}: {name} claims {size} bytes uncompressed, more than the "
+                f"{limit} this reader accepts for it."
+            )
+        return size
+
+    def read(self, name, size, what):
+        """Exactly ``size`` bytes of entry ``name``, never decompressing more than one byte past them."""
+        path = self.path
+        try:
+            info = self.archive.getinfo(name)
+        except KeyError:
+            raise CheckpointError(f"{path}: {what}: {name} is missing from the archive.") from None
+        if info.file_size != size:
+            raise CheckpointError(f"{path}: {what}: {name} holds {info.file_size} bytes, {size} expected.")
+        try:
+            with self.archive.open(info) as handle:
+                raw = handle.read(size + 1)
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as error:
+            raise CheckpointError(f"{path}: {what}: {name} is damaged ({error}).") from None
+        if len(raw) != size:
+            raise CheckpointError(
+                f"{path}: {what}: {name} decompresses to {'more' if len(raw) > size else len(raw)} "
+                f"bytes, {size} expected."
+            )
+        return raw
+
+    def byteorder(self, prefix):
+        name = prefix + "byteorder"
+        if name not in self.archive.namelist():
+            return "little"
+        byteorder = self.read(name, self.size(name, "byte order", 16), "byte order").decode("ascii", "replace").strip()
+        if byteorder not in ("little", "big"):
+            raise CheckpointError(f"{self.path}: byte order {byteorder!r} is neither 'little' nor 'big'.")
+        return byteorder
+
+
 def _read_zip_pth(path):
     file_size = os.path.getsize(path)
     try:
@@ -382,58 +432,14 @@ def _read_zip_pth(path):
             f"truncated ({error})."
         ) from None
     with archive:
-        names = archive.namelist()
-        pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+        entries = _ZipEntries(path, archive)
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(set(pickles)) != 1:
             raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}.")
         prefix = pickles[0][: -len("data.pkl")]
-
-        def read_entry(name, size, what):
-            """Exactly ``size`` bytes of entry ``name``, never decompressing more than one byte past them."""
-            try:
-                info = archive.getinfo(name)
-            except KeyError:
-                raise CheckpointError(f"{path}: {what}: {name} is missing from the archive.") from None
-            if info.file_size != size:
-                raise CheckpointError(
-                    f"{path}: {what}: {name} holds {info.file_size} bytes, {size} expected."
-                )
-            try:
-                with archive.open(info) as handle:
-                    raw = handle.read(size + 1)
-            except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as error:
-                raise CheckpointError(f"{path}: {what}: {name} is damaged ({error}).") from None
-            if len(raw) != size:
-                raise CheckpointError(
-                    f"{path}: {what}: {name} decompresses to {'more' if len(raw) > size else len(raw)} "
-                    f"bytes, {size} expected."
-                )
-            return raw
-
-        def entry_size(name, what, limit):
-            try:
-                size = archive.getinfo(name).file_size
-            except KeyError:
-                raise CheckpointError(f"{path}: {what}: {name} is missing from the archive.") from None
-            if size > limit:
-                raise CheckpointError(
-                    f"{path}: {what}: {name} claims {size} bytes uncompressed, more than the "
-                    f"{limit} this reader accepts for it."
-                )
-            return size
-
-        byteorder = "little"
-        if prefix + "byteorder" in names:
-            name = prefix + "byteorder"
-            raw = read_entry(name, entry_size(name, "byte order", 16), "byte order")
-            byteorder = raw.decode("ascii", "replace").strip()
-            if byteorder not in ("little", "big"):
-                raise CheckpointError(f"{path}: byte order {byteorder!r} is neither 'little' nor 'big'.")
-
-        pickle_size = entry_size(pickles[0], "the pickle", file_size)
-        data = read_entry(pickles[0], pickle_size, "the pickle")
-        declarations = _Declarations()
-        obj = _unpickle(io.BytesIO(data), path, declarations)
+        byteorder = entries.byteorder(prefix)
+        data = entries.read(pickles[0], entries.size(pickles[0], "the pickle", file_size), "the pickle")
+        obj = _unpickle(io.BytesIO(data), path, _Declarations())
         del data
         records = _find_state_dict(obj, path)
 
@@ -449,7 +455,7 @@ def _read_zip_pth(path):
                         f"larger than the file ({file_size} bytes)"
                     )
                 budget[0] -= nbytes
-                raw = read_entry(f"{prefix}data/{ref.key}", nbytes, f"storage {ref.key}")
+                raw = entries.read(f"{prefix}data/{ref.key}", nbytes, f"storage {ref.key}")
                 dt = ref.dtype.newbyteorder("<" if byteorder == "little" else ">")
                 storages[ref.key] = np.frombuffer(raw, dtype=dt).astype(ref.dtype)
             return storages[ref.key]
