@@ -29,6 +29,23 @@ import medt_keras  # noqa: E402,F401  (JAX backend before keras loads)
 from medt_keras._backend import highest_matmul_precision  # noqa: E402
 
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_SESSION_CACHE]
+
+
+def fast_first(values, count=1):
+    """``values`` for ``parametrize``, all but the first ``count`` marked ``slow``.
+
+    The fast tier (``-m "not slow"``) samples a parametrized test; the full
+    suite runs every value. ``pytest.param`` values keep their ids and marks.
+    """
+    params = []
+    for index, value in enumerate(values):
+        if index < count:
+            params.append(value)
+        elif isinstance(value, type(pytest.param(None))):
+            params.append(pytest.param(*value.values, id=value.id, marks=[*value.marks, pytest.mark.slow]))
+        else:
+            params.append(pytest.param(value, marks=pytest.mark.slow))
+    return params
 # Every program, however fast to compile: the tiny models' many small ones add up.
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 

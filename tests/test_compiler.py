@@ -75,6 +75,7 @@ print(json.dumps([line for line in text.splitlines() if not re.match(r"(\\d+ |Fi
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the options are the CPU compiler's")
+@pytest.mark.slow
 def test_an_unrelated_program_compiles_the_same_with_and_without_medt_keras():
     plain = _run_fresh(_UNRELATED_PROGRAM)
     used = _run_fresh(_UNRELATED_PROGRAM, "with medt_keras")
@@ -142,6 +143,7 @@ def _recording_jit(monkeypatch):
     return seen, trainer, recording
 
 
+@pytest.mark.slow
 def test_fit_evaluate_and_predict_compile_with_their_workloads_options(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     monkeypatch.delenv(compiler.KEEP_DEFAULTS_VARIABLE, raising=False)

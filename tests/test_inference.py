@@ -28,6 +28,7 @@ def test_blend_windows_peak_at_the_centre():
         blend_window(4, 4, "cosine")
 
 
+@pytest.mark.slow
 def test_model_size_image_gives_exactly_the_model(model):
     image = np.random.default_rng(1).random((128, 128, 1)).astype(np.float32)
     batch = np.zeros((8, 128, 128, 1), np.float32)
@@ -44,6 +45,7 @@ def test_model_size_image_gives_exactly_the_model(model):
     np.testing.assert_array_equal(np.asarray(predictor(batch))[0], program)
 
 
+@pytest.mark.slow
 def test_large_image_interior_equals_the_model_on_each_tile(model):
     image = np.random.default_rng(2).random((1000, 1000, 1)).astype(np.float32)
     probabilities = sliding_window_probabilities(model, image, overlap=0.0, batch_size=16)

@@ -83,6 +83,7 @@ def test_keras_file(tiny_model, tmp_path):
         load(path, img_size=64)
 
 
+@pytest.mark.slow
 def test_keras_file_in_another_dtype_policy(tiny_model, tmp_path):
     path = tmp_path / "tiny.keras"
     tiny_model.save(path)

@@ -1,7 +1,7 @@
 """Compile ``medt-train``'s programs for a TPU slice on this machine, without the TPU, and report what the compiler says.
 
-    JAX_PLATFORMS=cpu medt-bench --compile-for tpu:v5e:2x2 --config medt_hela --batch-per-chip 8
-    JAX_PLATFORMS=cpu medt-bench --compile-for tpu:v5e:16x16 --config medt_hela --dtype mixed_bfloat16 --json out.json
+    JAX_PLATFORMS=cpu medt-bench compile-for tpu:v5e:2x2 --config medt_hela --batch-per-chip 8
+    JAX_PLATFORMS=cpu medt-bench compile-for tpu:v5e:16x16 --config medt_hela --dtype mixed_bfloat16 --json out.json
 
 (``python -m training.compile_for TARGET ...`` is the same.)
 
@@ -211,7 +211,7 @@ def compile_for(target, config, batch_per_chip=8, predict=True):
 def main(argv=None):
     from training.config import apply_overrides, load_config, parser_with_overrides
 
-    parser = parser_with_overrides(prog="medt-bench --compile-for", description=__doc__.split("\n\n")[0])
+    parser = parser_with_overrides(prog="medt-bench compile-for", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", help="tpu:GENERATION:SHAPE, e.g. tpu:v5e:2x2 or tpu:v5e:16x16 (256 chips)")
     parser.add_argument("--config", default="medt_hela")
     parser.add_argument("--batch-per-chip", type=int, default=8)
@@ -222,7 +222,7 @@ def main(argv=None):
         config = apply_overrides(load_config(args.config), args)
         results = compile_for(args.target, config, args.batch_per_chip, predict=not args.no_predict)
     except CompileTargetError as error:
-        print(f"medt-bench --compile-for: error: {error}", file=sys.stderr)
+        print(f"medt-bench compile-for: error: {error}", file=sys.stderr)
         return 2
     text = json.dumps(results, indent=2)
     print(text)

@@ -314,8 +314,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     paths = expand_case_paths(args.paths) if args.paths else default_case_paths()
     if not paths:
-        print("medt-parity: no cases given and none found from here (./tests/fixtures/official, "
-              "../shared/fixtures/official/full): name CASE.pth files or folders of them", file=sys.stderr)
+        print("medt-parity: no cases given, and none found from this folder (tests/fixtures/official of a "
+              "checkout): name CASE.pth files or folders of them", file=sys.stderr)
         return 2
     header = (
         f"{'case':<52} {'model':<15} {'eval f32':>9} {'eval f64':>9} {'train f64':>9} "

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from medt_keras.errors import KernelUnavailableError
+from tests.conftest import fast_first
 from medt_keras.kernels import blocked_attention, native_attention
 from medt_keras.layers import AxialAttention
 from medt_keras.layers._attention_ops import softmax_attention
@@ -78,7 +79,7 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", fast_first(SHAPES, 2))
 @pytest.mark.parametrize("positional", [False, True])
 def test_matches_float64_reference_and_blocked_kernel(kernel, shape, positional):
     inputs = _inputs(np.random.default_rng(sum(shape)), *shape, positional)
@@ -109,7 +110,7 @@ def test_large_logits_do_not_overflow(kernel):
         np.testing.assert_allclose(np.asarray(a), r, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("length", [9, 17])
+@pytest.mark.parametrize("length", fast_first([9, 17]))
 @pytest.mark.parametrize("with_position", [False, True])
 def test_very_negative_logits_keep_their_gradients(kernel, length, with_position):
     # Every logit below -100, so exp(-log_sum_exp) overflows: the backward's
@@ -154,7 +155,8 @@ def test_nan_query_gives_nan_for_that_query_only(kernel, length):
 
 # No line of one position: its weight is 1 whatever the logits, so most gradients are 0.
 @pytest.mark.parametrize(
-    "shape", [(1, 3, 2, 16, 2, 3), (2, 4, 8, 64, 2, 4), (1, 2, 3, 21, 5, 7), (2, 3, 2, 8, 1, 2), *ODD_SHAPES]
+    "shape", fast_first([(1, 3, 2, 16, 2, 3), (2, 3, 2, 8, 1, 2), (2, 4, 8, 64, 2, 4), (1, 2, 3, 21, 5, 7), *ODD_SHAPES],
+                        2)
 )
 @pytest.mark.parametrize("positional", [False, True])
 def test_gradients_match_the_blocked_kernels(kernel, shape, positional):
@@ -368,6 +370,7 @@ def test_inputs_that_do_not_agree_are_a_clear_error(kernel):
         kernel(q[0], k, v, None)
 
 
+@pytest.mark.slow
 def test_a_cached_library_that_does_not_load_is_built_again(kernel, tmp_path, monkeypatch):
     monkeypatch.setenv(native_attention.CACHE_ENVIRONMENT, str(tmp_path / "cache"))
     compiler = native_attention._compiler()

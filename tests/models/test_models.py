@@ -4,7 +4,7 @@ import pytest
 import keras
 
 import medt_keras
-from tests.conftest import TINY_IMG_SIZE
+from tests.conftest import TINY_IMG_SIZE, fast_first
 from tests.conftest import TINY_MODEL as TINY
 from weights_converter.__main__ import count_official_parameters
 
@@ -54,6 +54,7 @@ def test_gates_trainable_option():
     assert sum("gate" in v.path for v in model.trainable_variables) == 4 * 2 * 4
 
 
+@pytest.mark.slow
 def test_local_branch_runs_one_graph_for_all_patches():
     # Each local BatchNorm counts 16 updates per train-mode forward, one
     # per patch, from a single call.
@@ -93,6 +94,7 @@ def test_medt_needs_image_divisible_by_patch_grid_times_32():
         medt_keras.MedT(img_size=96, **TINY)
 
 
+@pytest.mark.slow
 def test_save_and_load_round_trip(tmp_path):
     model = medt_keras.MedT(in_channels=1, num_classes=3, **TINY)
     x = np.random.default_rng(1).normal(size=(1, 128, 128, 1)).astype("float32")
@@ -110,7 +112,8 @@ def test_backend_defaults_to_jax():
 
 @pytest.mark.parametrize(
     "cls,size",
-    [(medt_keras.GatedAxialUNet, (64, 96)), (medt_keras.MedT, (128, 256)), (medt_keras.LoGo, (256, 128))],
+    fast_first([pytest.param(medt_keras.MedT, (128, 256)), pytest.param(medt_keras.GatedAxialUNet, (64, 96)),
+                pytest.param(medt_keras.LoGo, (256, 128))]),
 )
 def test_non_square_inputs(cls, size):
     model = cls(img_size=size, **TINY)

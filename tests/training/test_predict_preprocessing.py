@@ -27,6 +27,7 @@ def _predict(model_path, image_dir, output, *flags):
     return np.load(output / "x_probabilities.npy")
 
 
+@pytest.mark.slow
 def test_predict_needs_no_preprocessing_flags(rgb_model, tmp_path, capsys):
     images = tmp_path / "images"
     images.mkdir()

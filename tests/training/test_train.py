@@ -68,6 +68,7 @@ def uninterrupted(data, tmp_path_factory):
     return output
 
 
+@pytest.mark.slow
 def test_outputs_and_gate_schedule(uninterrupted):
     for name in ("best.weights.h5", "model.keras", "test_metrics.json", "test_predictions.png", "log.csv"):
         assert (uninterrupted / name).is_file(), name
@@ -119,6 +120,7 @@ def test_dataset_smaller_than_one_batch_is_a_clear_error(data, tmp_path):
     assert "medt_folder train: 3 example(s), fewer than one batch of 4" in result.stderr
 
 
+@pytest.mark.slow
 def test_resume_may_switch_rematerialization(uninterrupted):
     # Rematerialising changes memory, not results (tests/layers: equal outputs, gradients and
     # statistics in float64), so a resumed run may switch it; the model is then built with it.
@@ -354,6 +356,7 @@ def test_compiled_metrics_leave_zero_weight_examples_out():
     assert (got["f1"], got["iou"]) == pytest.approx(real, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_float64_model_trains_on_a_float64_loss():
     """A float64 model's loss is computed in float64 (Keras' default float32 would round every pixel's term)."""
     import keras
@@ -380,6 +383,7 @@ def test_float64_model_trains_on_a_float64_loss():
     assert keras.backend.standardize_dtype(float32_model.loss.dtype) == "float32"
 
 
+@pytest.mark.slow
 def test_padded_evaluation_equals_the_exact_examples():
     """6 examples in batches of 4 (2 zero-weight copies): loss, F1 and IoU of the 6 examples alone."""
     import keras

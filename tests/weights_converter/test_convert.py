@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import medt_keras
-from tests.conftest import OFFICIAL_TINY, TINY_IMG_SIZE, TINY_MODEL
+from tests.conftest import OFFICIAL_TINY, TINY_IMG_SIZE, TINY_MODEL, fast_first
 from tests.weights_converter.torch_format import torch_zip_bytes
 from weights_converter import (
     CheckpointError,
@@ -131,7 +131,7 @@ def test_fine_tuned_weights_export(converted):
         variable.assign(before)
 
 
-@pytest.mark.parametrize("suffix", [".keras", ".weights.h5"])
+@pytest.mark.parametrize("suffix", fast_first([".weights.h5", ".keras"]))
 def test_cli_converts(tmp_path, capsys, suffix):
     destination = tmp_path / f"out{suffix}"
     assert convert_main([GATED, str(destination)]) == 0

@@ -1,7 +1,7 @@
 """Parity with the official PyTorch code, case by case (see weights_converter.parity).
 
-The tiny cases ship with the repo; the full-size ones are read from
-../shared/fixtures/official/full when present. ``-m full`` runs all of
+The tiny cases ship with the repo (the fast tier runs one of them); the
+full-size ones are read from the shared fixtures folder when present. ``-m full`` runs all of
 these and nothing else. Every run checks two of them, MedT and the axial
 U-Net: between them they hold every attention form and block at the
 official widths (gated, without positions, with positions ungated); the
@@ -33,7 +33,11 @@ def _full_marks(path):
     return marks
 
 
-CASES = [pytest.param(p, id=os.path.basename(p)[:-4]) for p in TINY]
+# The fast tier checks the gated U-Net's tiny case (gated attention, positions, the LoGo-free
+# decoder); the other tiny cases cost 25-40 s each and run in the full suite.
+FAST_TINY = "gated_img32"
+CASES = [pytest.param(p, id=os.path.basename(p)[:-4],
+                      marks=[] if os.path.basename(p).startswith(FAST_TINY) else [pytest.mark.slow]) for p in TINY]
 if FULL:
     CASES += [pytest.param(p, id=os.path.basename(p)[:-4], marks=_full_marks(p)) for p in FULL]
 else:
