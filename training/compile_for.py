@@ -33,6 +33,8 @@ import time
 import medt_keras  # noqa: F401  (selects the JAX backend before keras is imported)
 import numpy as np
 
+from training import hlo_traffic
+
 # HBM per chip, GiB (Cloud TPU documentation): what "fits" is measured against. A v4 chip's two
 # TensorCores are two devices of libtpu's compile-only topologies, each with half.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5litepod": 16, "v5p": 95, "v6e": 32}
@@ -148,8 +150,13 @@ def collectives(hlo_text):
     return {kind: len(re.findall(rf"\s{kind}(?:-start)?\(", hlo_text)) for kind in COLLECTIVES}
 
 
-def report(lowered, hbm_gib, seconds, data_argument, batch_per_chip):
-    """The compiler's figures for one compiled program, per chip."""
+def report(lowered, hbm_gib, seconds, data_argument, batch_per_chip, breakdown=0, hlo_path=None):
+    """The compiler's figures for one compiled program, per chip.
+
+    ``breakdown``: also where the bytes go, the ``breakdown`` largest of each
+    grouping (``training.hlo_traffic``: an estimate from the optimised HLO,
+    with the tiled layouts' padding).
+    """
     compiled_started = time.time()
     compiled = lowered.compile()
     seconds += time.time() - compiled_started
@@ -161,6 +168,9 @@ def report(lowered, hbm_gib, seconds, data_argument, batch_per_chip):
     used = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes \
         - memory.alias_size_in_bytes
     text = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as handle:
+            handle.write(text)
     sharding = compiled.input_shardings[0][data_argument]
     return dict(
         compile_seconds=round(seconds, 1),
@@ -179,6 +189,7 @@ def report(lowered, hbm_gib, seconds, data_argument, batch_per_chip):
         # The images' partition, one entry per dimension: ["batch"] is split along the batch.
         data_sharding=[None if axis is None else str(axis) for axis in _first(sharding).spec],
         native_kernel="medt_native_attention" in text,
+        **({"traffic": hlo_traffic.breakdown(text, top=breakdown)} if breakdown else {}),
     )
 
 
@@ -188,7 +199,7 @@ def _first(tree):
     return tree
 
 
-def compile_for(target, config, batch_per_chip=8, predict=True):
+def compile_for(target, config, batch_per_chip=8, predict=True, breakdown=0, hlo_path=None):
     """``{"train": report, "predict": report}`` of ``config``'s programs compiled for ``target``."""
     import jax
 
@@ -200,11 +211,11 @@ def compile_for(target, config, batch_per_chip=8, predict=True):
     started = time.time()
     lowered = train_program(model, config, devices, batch_per_chip)
     # train_step(state, data): the data is the second argument, x its first entry.
-    results["train"] = report(lowered, hbm_gib, time.time() - started, 1, batch_per_chip)
+    results["train"] = report(lowered, hbm_gib, time.time() - started, 1, batch_per_chip, breakdown, hlo_path)
     if predict:
         started = time.time()
         lowered = predict_program(model, config, devices, batch_per_chip)
-        results["predict"] = report(lowered, hbm_gib, time.time() - started, 1, batch_per_chip)
+        results["predict"] = report(lowered, hbm_gib, time.time() - started, 1, batch_per_chip, breakdown)
     return results
 
 
@@ -217,10 +228,15 @@ def main(argv=None):
     parser.add_argument("--batch-per-chip", type=int, default=8)
     parser.add_argument("--no-predict", action="store_true", help="compile the training program only")
     parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--breakdown", type=int, default=0, metavar="N",
+                        help="also where the memory traffic goes: the N largest instructions, operations and "
+                             "sources (an estimate from the optimised HLO, tiled layouts' padding included)")
+    parser.add_argument("--hlo", help="write the optimised training program's HLO text here")
     args = parser.parse_args(argv)
     try:
         config = apply_overrides(load_config(args.config), args)
-        results = compile_for(args.target, config, args.batch_per_chip, predict=not args.no_predict)
+        results = compile_for(args.target, config, args.batch_per_chip, predict=not args.no_predict,
+                              breakdown=args.breakdown, hlo_path=args.hlo)
     except CompileTargetError as error:
         print(f"medt-bench compile-for: error: {error}", file=sys.stderr)
         return 2

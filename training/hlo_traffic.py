@@ -1,0 +1,145 @@
+"""Where a compiled program's memory traffic goes, read from its optimised HLO text.
+
+XLA's cost analysis gives one number for a program's bytes accessed. This
+module splits an estimate of it by instruction: every instruction that
+runs between memory (a fusion, a convolution, a copy, a collective; not the
+instructions inside a fusion, which stay on chip) reads its operands and
+writes its result, each counted at its size in memory. On TPUs that size
+includes the padding of the array's tiled layout: ``f32[8,64,64,16]{...:T(8,128)}``
+is stored in tiles of 8 x 128 over its two most minor dimensions, so a
+minor dimension of 16 takes 128 lanes (8 times its bytes). The breakdown
+reports both sizes, so padding shows as the gap between them.
+
+It is an estimate: loops are counted once (as XLA's cost analysis counts
+them), an in-place update is counted as a whole read and write, and
+operands a fusion reads only in part are counted whole. Its total is shown
+beside the compiler's own.
+"""
+
+import re
+
+ITEM_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+              "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+              "f8e4m3fn": 1, "f8e5m2": 1}
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(ITEM_BYTES, key=len, reverse=True)) + r")\[([\d,]*)\](\{[^}]*\})?")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+) = (?P<shape>.*?) (?P<op>[a-z][\w\-]*)\((?P<rest>.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
+# Instructions that move no data of their own (views, bookkeeping) or whose bodies are counted instead.
+_NO_TRAFFIC = {"parameter", "tuple", "get-tuple-element", "constant", "bitcast", "after-all", "partition-id",
+               "replica-id", "while", "conditional", "call", "add-dependency", "opt-barrier", "domain",
+               "copy-done", "all-reduce-done", "all-gather-done", "collective-permute-done", "async-done",
+               "send-done", "recv-done", "custom-call-done"}
+
+
+def array_bytes(dtype, dims, layout=None, padded=True):
+    """Bytes of one array; with ``padded``, as stored in its layout's first tile (``T(8,128)``)."""
+    sizes = [int(d) for d in dims.split(",") if d] if isinstance(dims, str) else list(dims)
+    if padded and layout:
+        minor_to_major = re.match(r"\{([\d,]*)", layout)
+        tile = re.search(r"T\(([\d,]+)\)", layout)
+        if minor_to_major and tile and minor_to_major.group(1):
+            order = [int(d) for d in minor_to_major.group(1).split(",")]
+            tile_sizes = [int(t) for t in tile.group(1).split(",")]
+            # The tile covers the most minor dimensions: its last entry the most minor one.
+            for dimension, step in zip(order, reversed(tile_sizes)):
+                sizes[dimension] = -(-sizes[dimension] // step) * step
+    count = 1
+    for size in sizes:
+        count *= size
+    return count * ITEM_BYTES[dtype]
+
+
+def _arrays(text, padded):
+    return sum(array_bytes(dtype, dims, layout, padded) for dtype, dims, layout in _ARRAY.findall(text))
+
+
+def _operands(rest):
+    """The operand list of an instruction's text after its opening parenthesis."""
+    depth = 1
+    for index, character in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(character, 0)
+        if depth == 0:
+            return rest[:index], rest[index + 1:]
+    return rest, ""
+
+
+def _on_chip_computations(lines):
+    """Names of computations whose instructions never touch memory on their own: fusion bodies, reducers."""
+    called = set()
+    for line in lines:
+        for key in ("calls", "to_apply"):
+            for match in re.finditer(rf"\b{key}=%?([\w.\-]+)", line):
+                if key == "to_apply" or " fusion(" in line:
+                    called.add(match.group(1))
+    return called
+
+
+def _source(attributes):
+    """The instruction's ``op_name``, shortened to what names the model's code (layers and primitive)."""
+    match = re.search(r'op_name="([^"]*)"', attributes)
+    if not match:
+        return ""
+    parts = [p for p in match.group(1).split("/") if p and not p.startswith(("jit(", "jvp(", "pjit"))]
+    return "/".join(parts[-4:])
+
+
+def _operand_bytes(operands, shapes, padded):
+    # Newer XLA prints only the operands' names; older prints their shapes too.
+    if _ARRAY.search(operands):
+        return _arrays(operands, padded)
+    return sum(_arrays(shapes.get(name, ""), padded) for name in re.findall(r"%([\w.\-]+)", operands))
+
+
+def instructions(hlo_text):
+    """One dict per instruction that moves data: name, op, kind, bytes (padded), unpadded_bytes, shape, source."""
+    lines = hlo_text.splitlines()
+    on_chip = _on_chip_computations(lines)
+    shapes = {}
+    for line in lines:
+        match = _INSTRUCTION.match(line)
+        if match:
+            shapes[match.group("name")] = match.group("shape")
+    rows, computation = [], None
+    for line in lines:
+        header = _COMPUTATION.match(line)
+        if header and " = " not in line.split("{")[0]:
+            computation = header.group("name")
+            continue
+        if computation in on_chip:
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match or match.group("op") in _NO_TRAFFIC:
+            continue
+        operands, attributes = _operands(match.group("rest"))
+        kind = re.search(r"kind=(\w+)", attributes)
+        rows.append(dict(
+            name=match.group("name"), op=match.group("op"), kind=kind.group(1) if kind else "",
+            bytes=_arrays(match.group("shape"), True) + _operand_bytes(operands, shapes, True),
+            unpadded_bytes=_arrays(match.group("shape"), False) + _operand_bytes(operands, shapes, False),
+            shape=match.group("shape"), source=_source(attributes),
+        ))
+    return rows
+
+
+def breakdown(hlo_text, top=20):
+    """The traffic estimate of a program: totals, by operation and by source, and the ``top`` instructions."""
+    rows = instructions(hlo_text)
+    total = sum(r["bytes"] for r in rows)
+
+    def grouped(key):
+        groups = {}
+        for row in rows:
+            group = groups.setdefault(key(row), dict(bytes=0, unpadded_bytes=0, count=0))
+            group["bytes"] += row["bytes"]
+            group["unpadded_bytes"] += row["unpadded_bytes"]
+            group["count"] += 1
+        return dict(sorted(groups.items(), key=lambda item: -item[1]["bytes"])[:top])
+
+    return dict(
+        bytes=total,
+        unpadded_bytes=sum(r["unpadded_bytes"] for r in rows),
+        instructions=len(rows),
+        by_op=grouped(lambda r: f"{r['op']}:{r['kind']}" if r["kind"] else r["op"]),
+        by_source=grouped(lambda r: r["source"].rsplit("/", 1)[-1] if r["source"] else "(none)"),
+        top=sorted(rows, key=lambda r: -r["bytes"])[:top],
+    )
