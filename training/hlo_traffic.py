@@ -26,9 +26,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+) = (?P<shape>.*?
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
 # Instructions that move no data of their own (views, bookkeeping) or whose bodies are counted instead.
 _NO_TRAFFIC = {"parameter", "tuple", "get-tuple-element", "constant", "bitcast", "after-all", "partition-id",
-               "replica-id", "while", "conditional", "call", "add-dependency", "opt-barrier", "domain",
-               "copy-done", "all-reduce-done", "all-gather-done", "collective-permute-done", "async-done",
-               "send-done", "recv-done", "custom-call-done"}
+               "replica-id", "while", "conditional", "call", "add-dependency", "opt-barrier", "domain"}
 
 
 def array_bytes(dtype, dims, layout=None, padded=True):
@@ -49,8 +47,32 @@ def array_bytes(dtype, dims, layout=None, padded=True):
     return count * ITEM_BYTES[dtype]
 
 
-def _arrays(text, padded):
-    return sum(array_bytes(dtype, dims, layout, padded) for dtype, dims, layout in _ARRAY.findall(text))
+def _in_hbm(layout):
+    # A layout's memory space S(n), n >= 1, is on chip (a TPU's VMEM, SMEM, ...); none is device memory.
+    space = re.search(r"S\((\d+)\)", layout or "")
+    return not space or space.group(1) == "0"
+
+
+def _arrays(text, padded, hbm=True):
+    """Bytes of the arrays written in ``text`` that live in device memory (``hbm``) or on chip (not ``hbm``)."""
+    return sum(array_bytes(dtype, dims, layout, padded) for dtype, dims, layout in _ARRAY.findall(text)
+               if _in_hbm(layout) == hbm)
+
+
+def _async_start_bytes(shape, padded):
+    """An asynchronous copy or slice: the moved array's bytes once per end of it in device memory.
+
+    Its result holds the source (echoed), the destination and a context
+    scalar; the destination is the smaller of the two arrays (a slice) or
+    equal (a copy), and it is read at one end and written at the other.
+    """
+    arrays = sorted(((array_bytes(d, n, l, padded), _in_hbm(l)) for d, n, l in _ARRAY.findall(shape)
+                     if n), key=lambda a: a[0])
+    if len(arrays) < 2:
+        return 0, 0
+    (moved, destination_in_hbm), (_, source_in_hbm) = arrays[0], arrays[-1]
+    ends = int(source_in_hbm) + int(destination_in_hbm)
+    return moved * ends, moved * (2 - ends)
 
 
 def _operands(rest):
@@ -83,17 +105,32 @@ def _source(attributes):
     return "/".join(parts[-4:])
 
 
-def _operand_bytes(operands, shapes, padded):
+def _operand_bytes(operands, shapes, padded, hbm=True):
     # Newer XLA prints only the operands' names; older prints their shapes too.
     if _ARRAY.search(operands):
-        return _arrays(operands, padded)
-    return sum(_arrays(shapes.get(name, ""), padded) for name in re.findall(r"%([\w.\-]+)", operands))
+        return _arrays(operands, padded, hbm)
+    return sum(_arrays(shapes.get(name, ""), padded, hbm) for name in re.findall(r"%([\w.\-]+)", operands))
+
+
+def _traffic(op, shape, operands, shapes, padded):
+    """``(device-memory bytes, on-chip bytes)`` an instruction reads and writes."""
+    if op.endswith("-start") and op not in ("all-reduce-start", "all-gather-start", "collective-permute-start"):
+        return _async_start_bytes(shape, padded)
+    return (_arrays(shape, padded) + _operand_bytes(operands, shapes, padded),
+            _arrays(shape, padded, hbm=False) + _operand_bytes(operands, shapes, padded, hbm=False))
 
 
 def instructions(hlo_text):
-    """One dict per instruction that moves data: name, op, kind, bytes (padded), unpadded_bytes, shape, source."""
+    """One dict per instruction that moves data.
+
+    ``bytes``: what it reads and writes in device memory, at the padded size
+    of each array's layout; ``unpadded_bytes``: the same at the arrays' plain
+    sizes; ``on_chip_bytes``: what it reads and writes in on-chip memory
+    spaces (``S(1)``: a TPU's VMEM), not counted in ``bytes``. Also ``name``,
+    ``op``, ``kind`` (of a fusion), ``shape`` and ``source`` (``op_name``).
+    """
     lines = hlo_text.splitlines()
-    on_chip = _on_chip_computations(lines)
+    fused = _on_chip_computations(lines)
     shapes = {}
     for line in lines:
         match = _INSTRUCTION.match(line)
@@ -105,18 +142,19 @@ def instructions(hlo_text):
         if header and " = " not in line.split("{")[0]:
             computation = header.group("name")
             continue
-        if computation in on_chip:
+        if computation in fused:
             continue
         match = _INSTRUCTION.match(line)
-        if not match or match.group("op") in _NO_TRAFFIC:
+        op = match and match.group("op")
+        if not match or op in _NO_TRAFFIC or op.endswith("-done"):
             continue
         operands, attributes = _operands(match.group("rest"))
         kind = re.search(r"kind=(\w+)", attributes)
+        padded, on_chip = _traffic(op, match.group("shape"), operands, shapes, True)
+        unpadded, _ = _traffic(op, match.group("shape"), operands, shapes, False)
         rows.append(dict(
-            name=match.group("name"), op=match.group("op"), kind=kind.group(1) if kind else "",
-            bytes=_arrays(match.group("shape"), True) + _operand_bytes(operands, shapes, True),
-            unpadded_bytes=_arrays(match.group("shape"), False) + _operand_bytes(operands, shapes, False),
-            shape=match.group("shape"), source=_source(attributes),
+            name=match.group("name"), op=op, kind=kind.group(1) if kind else "", bytes=padded,
+            unpadded_bytes=unpadded, on_chip_bytes=on_chip, shape=match.group("shape"), source=_source(attributes),
         ))
     return rows
 
@@ -138,6 +176,7 @@ def breakdown(hlo_text, top=20):
     return dict(
         bytes=total,
         unpadded_bytes=sum(r["unpadded_bytes"] for r in rows),
+        on_chip_bytes=sum(r["on_chip_bytes"] for r in rows),
         instructions=len(rows),
         by_op=grouped(lambda r: f"{r['op']}:{r['kind']}" if r["kind"] else r["op"]),
         by_source=grouped(lambda r: r["source"].rsplit("/", 1)[-1] if r["source"] else "(none)"),

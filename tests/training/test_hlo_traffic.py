@@ -64,3 +64,25 @@ def test_a_cpu_program_reads_at_its_plain_size():
     text = jax.jit(lambda a: jnp.exp(a) * 2.0).lower(jnp.ones((32, 16), jnp.float32)).compile().as_text()
     report = hlo_traffic.breakdown(text)
     assert report["bytes"] == report["unpadded_bytes"] == 2 * 32 * 16 * 4  # one fusion: read once, write once
+
+
+def test_on_chip_arrays_and_asynchronous_moves():
+    # A slice of a device-memory array into VMEM (S(1)) reads the slice once; the fusion that
+    # then reads it from VMEM moves nothing through device memory; the "-done" halves move nothing.
+    module = """ENTRY %main (x: f32[8,128]) -> f32[2,128] {
+  %x = f32[8,128]{1,0:T(8,128)} parameter(0)
+  %s = ((f32[8,128]{1,0:T(8,128)}), f32[2,128]{1,0:T(8,128)S(1)}, s32[]{:S(2)}) slice-start(%x), slice={[0:2], [0:128]}
+  %d = f32[2,128]{1,0:T(8,128)S(1)} slice-done(%s)
+  %c = (f32[8,128]{1,0:T(8,128)S(1)}, f32[8,128]{1,0:T(8,128)}, u32[]{:S(2)}) copy-start(%x)
+  %cd = f32[8,128]{1,0:T(8,128)S(1)} copy-done(%c)
+  ROOT %f = f32[2,128]{1,0:T(8,128)} fusion(%d), kind=kLoop, calls=%g
+}
+"""
+    rows = {row["name"]: row for row in hlo_traffic.instructions(module)}
+    assert sorted(rows) == ["c", "f", "s"]
+    # The slice: 2 rows padded to the 8 of a tile, read from device memory, written on chip.
+    assert rows["s"]["bytes"] == rows["s"]["on_chip_bytes"] == 8 * 128 * 4
+    assert rows["s"]["unpadded_bytes"] == 2 * 128 * 4
+    assert rows["c"]["bytes"] == rows["c"]["on_chip_bytes"] == 8 * 128 * 4
+    # The fusion reads its operand on chip and writes its result to device memory.
+    assert rows["f"]["bytes"] == rows["f"]["on_chip_bytes"] == 8 * 128 * 4
