@@ -74,6 +74,47 @@ def tpu_devices(target):
     return devices, HBM_GIB[generation] / cores_per_chip
 
 
+GPU_TARGETS = {"h100": "h100.txtpb"}
+
+
+def gpu_devices(target):
+    """The compile-only GPUs of ``target`` (``"cuda:h100"``, ``"cuda:h100x8"``) and each one's memory, GiB.
+
+    ``cuda:NAMExN``: N GPUs in one host. The GPU is described to XLA's
+    compiler by a target configuration (``training/gpu_targets/``); it
+    compiles there as for the device (PTX to SASS with ptxas) but cannot
+    autotune without one.
+    """
+    platform, _, name = target.partition(":")
+    model, _, count = name.partition("x")
+    if platform != "cuda" or model not in GPU_TARGETS or (count and not count.isdigit()):
+        raise CompileTargetError(f"compile target {target!r}: use cuda:GPU or cuda:GPUxN, e.g. cuda:h100 or "
+                                 f"cuda:h100x8 (GPUs: {', '.join(GPU_TARGETS)}).")
+    if os.environ.get("JAX_PLATFORMS") != "cpu":
+        raise CompileTargetError("compiling for a GPU without one needs JAX_PLATFORMS=cpu in the environment.")
+    import importlib.util
+
+    if importlib.util.find_spec("jax_plugins") is None or importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        raise CompileTargetError('compiling for an NVIDIA GPU needs JAX\'s CUDA plugin: pip install "jax[cuda12]" '
+                                 "(matched to the installed jax; about 5 GB with the CUDA libraries).")
+    from jax.experimental import topologies
+
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_targets", GPU_TARGETS[model])) as handle:
+        target_config = handle.read()
+    memory = int(re.search(r"device_memory_size:\s*(\d+)", target_config).group(1))
+    try:
+        description = topologies.get_topology_desc(platform="cuda", topology_name=model,
+                                                   topology=f"1x1x{int(count or 1)}", target_config=target_config)
+    except Exception as error:
+        raise CompileTargetError(f"compile target {target!r}: the CUDA plugin refused it ({error}).") from error
+    return list(description.devices), memory / 2.0 ** 30
+
+
+def target_devices(target):
+    """``(devices, memory per device in GiB)`` of a ``tpu:...`` or ``cuda:...`` target."""
+    return gpu_devices(target) if target.startswith("cuda:") else tpu_devices(target)
+
+
 def build_compiled_model(config):
     """The config's model, compiled as ``medt-train`` compiles it, its optimizer and metrics built.
 
@@ -150,18 +191,23 @@ def collectives(hlo_text):
     return {kind: len(re.findall(rf"\s{kind}(?:-start)?\(", hlo_text)) for kind in COLLECTIVES}
 
 
-def report(lowered, hbm_gib, seconds, data_argument, batch_per_chip, breakdown=0, hlo_path=None):
+def report(lowered, hbm_gib, seconds, data_argument, batch_per_chip, breakdown=0, hlo_path=None, flops=None):
     """The compiler's figures for one compiled program, per chip.
 
     ``breakdown``: also where the bytes go, the ``breakdown`` largest of each
     grouping (``training.hlo_traffic``: an estimate from the optimised HLO,
-    with the tiled layouts' padding).
+    with the tiled layouts' padding). A GPU executable has no cost analysis
+    here: its bytes are ``hlo_traffic``'s estimate (``bytes_accessed_source``
+    says so) and its FLOPs the caller's ``flops``.
     """
     compiled_started = time.time()
     compiled = lowered.compile()
     seconds += time.time() - compiled_started
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis() or {}
+    try:
+        cost = compiled.cost_analysis() or {}
+    except Exception:  # a GPU executable compiled without its device: not implemented
+        cost = {}
     if isinstance(cost, list):  # older JAX: one dict per program
         cost = cost[0] if cost else {}
     gib = 2.0 ** 30
@@ -183,8 +229,10 @@ def report(lowered, hbm_gib, seconds, data_argument, batch_per_chip, breakdown=0
         fits=used / gib < hbm_gib,
         # Memory taken as proportional to the batch (its fixed part counted per image too): a floor.
         batch_per_chip_that_fits_at_least=int(batch_per_chip * hbm_gib * gib // used) if used else None,
-        flops=float(cost.get("flops", float("nan"))),
-        bytes_accessed=float(cost.get("bytes accessed", float("nan"))),
+        flops=float(cost.get("flops", float("nan") if flops is None else flops)),
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)) or float(hlo_traffic.breakdown(text)["bytes"]),
+        bytes_accessed_source="XLA's cost analysis" if "bytes accessed" in cost else
+        "estimate: the optimised program's instructions between memory (training.hlo_traffic)",
         collectives=collectives(text),
         # The images' partition, one entry per dimension: ["batch"] is split along the batch.
         data_sharding=[None if axis is None else str(axis) for axis in _first(sharding).spec],
@@ -199,19 +247,35 @@ def _first(tree):
     return tree
 
 
+def gpu_flops(config, batch_per_device):
+    """FLOPs of one device's training step as a GPU runs it (``keras.ops`` attention), by XLA's cost analysis.
+
+    Counted on the step lowered for this CPU, unoptimised: a GPU executable
+    compiled without its device offers no cost analysis.
+    """
+    import dataclasses
+
+    counted = dataclasses.replace(config, model_args={**config.model_args, "attention": "keras_ops"})
+    cost = cpu_train_program(build_compiled_model(counted), counted, batch_per_device).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float((cost or {}).get("flops", float("nan")))
+
+
 def compile_for(target, config, batch_per_chip=8, predict=True, breakdown=0, hlo_path=None):
     """``{"train": report, "predict": report}`` of ``config``'s programs compiled for ``target``."""
     import jax
 
-    devices, hbm_gib = tpu_devices(target)
+    devices, hbm_gib = target_devices(target)
     model = build_compiled_model(config)
+    flops = gpu_flops(config, batch_per_chip) if target.startswith("cuda:") else None
     # "chips": the devices of the slice; a v4 chip is two (its TensorCores), each with half its HBM.
     results = dict(target=target, chips=len(devices), batch_per_chip=batch_per_chip, model=config.model,
                    img_size=config.img_size, dtype=config.dtype, jax=jax.__version__)
     started = time.time()
     lowered = train_program(model, config, devices, batch_per_chip)
     # train_step(state, data): the data is the second argument, x its first entry.
-    results["train"] = report(lowered, hbm_gib, time.time() - started, 1, batch_per_chip, breakdown, hlo_path)
+    results["train"] = report(lowered, hbm_gib, time.time() - started, 1, batch_per_chip, breakdown, hlo_path,
+                              flops)
     if predict:
         started = time.time()
         lowered = predict_program(model, config, devices, batch_per_chip)
@@ -223,7 +287,8 @@ def main(argv=None):
     from training.config import apply_overrides, load_config, parser_with_overrides
 
     parser = parser_with_overrides(prog="medt-bench compile-for", description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", help="tpu:GENERATION:SHAPE, e.g. tpu:v5e:2x2 or tpu:v5e:16x16 (256 chips)")
+    parser.add_argument("target", help="tpu:GENERATION:SHAPE, e.g. tpu:v5e:2x2 or tpu:v5e:16x16 (256 chips), or "
+                                       "cuda:GPU[xN], e.g. cuda:h100x8")
     parser.add_argument("--config", default="medt_hela")
     parser.add_argument("--batch-per-chip", type=int, default=8)
     parser.add_argument("--no-predict", action="store_true", help="compile the training program only")

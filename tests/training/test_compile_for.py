@@ -13,11 +13,17 @@ import sys
 
 import pytest
 
-from training.compile_for import CompileTargetError, collectives, tpu_devices
+from training.compile_for import CompileTargetError, collectives, gpu_devices, tpu_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 NEEDS_LIBTPU = pytest.mark.skipif(not HAS_LIBTPU, reason='libtpu is not installed: pip install "medt-keras[aot]"')
+HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_plugins") is not None and \
+    importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+# The CUDA wheels are about 5 GB installed: .ci/run leaves them out, and these tests are run
+# (and the cuda-h100x8 JSON in benchmarks/compiled/ checked in) where they are installed.
+NEEDS_CUDA_PLUGIN = pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason='JAX\'s CUDA plugin is not installed: '
+                                       'pip install "jax[cuda12]" (about 5 GB) to compile for H100s here')
 
 # One child process: the default model (attention="auto") compiled for a v5e 2x2 slice and
 # for this CPU; a tiny MedT for a 256-chip v5e slice.
@@ -54,6 +60,9 @@ def test_collectives_are_counted_by_kind():
 
 def test_targets_are_checked(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    for target in ("cuda:a100", "cuda:h100xN", "gpu:h100"):
+        with pytest.raises(CompileTargetError, match="cuda:GPU"):
+            gpu_devices(target)
     for target, message in (("gpu:h100", "tpu:GENERATION:SHAPE"), ("tpu:v9:2x2", "unknown TPU generation"),
                             ("tpu", "tpu:GENERATION:SHAPE")):
         with pytest.raises(CompileTargetError, match=message):
@@ -85,3 +94,31 @@ def test_training_compiles_for_tpu_slices_sharded_by_all_reduce_and_fits():
         assert not train["native_kernel"], name
     # ... and in the same process the CPU program took the native kernel, where it is built here.
     assert results["cpu_native"] == results["native_built"]
+
+
+# 8 H100s in one host: the default gated U-Net's training program, small.
+GPU_CHILD = """
+import json
+from training import compile_for
+from training.config import TrainConfig
+
+gated = TrainConfig(model="gated", model_args={"blocks": [1, 1, 1, 1], "groups": 2}, img_size=32)
+print("RESULTS " + json.dumps(compile_for.compile_for("cuda:h100x8", gated, batch_per_chip=2, predict=False)))
+"""
+
+
+@NEEDS_CUDA_PLUGIN
+@pytest.mark.slow
+def test_training_compiles_for_eight_h100s_sharded_by_all_reduce_and_fits():
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", GPU_CHILD], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = [row for row in result.stdout.splitlines() if row.startswith("RESULTS ")][-1]
+    results = json.loads(line.removeprefix("RESULTS "))
+    train = results["train"]
+    assert results["chips"] == 8 and train["data_sharding"] == ["batch"]
+    assert {kind for kind, count in train["collectives"].items() if count} == {"all-reduce"}
+    assert train["fits"] and 0 < train["used_gib"] < train["hbm_gib"] and train["hbm_gib"] > 70
+    assert train["flops"] > 0 and train["bytes_accessed"] > 0 and train["bytes_accessed_source"].startswith("estimate")
+    assert not train["native_kernel"]  # attention="auto" takes keras.ops on a GPU
