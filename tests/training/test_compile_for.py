@@ -47,6 +47,16 @@ print("RESULTS " + json.dumps(results))
 """
 
 
+def _compiled_in_a_child(code):
+    """The JSON a child process with ``JAX_PLATFORMS=cpu`` prints after ``RESULTS ``."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = [row for row in result.stdout.splitlines() if row.startswith("RESULTS ")][-1]
+    return json.loads(line.removeprefix("RESULTS "))
+
+
 def test_collectives_are_counted_by_kind():
     text = """
   %a = f32[4]{0} all-reduce(f32[4]{0} %x), replica_groups={}
@@ -75,12 +85,7 @@ def test_targets_are_checked(monkeypatch):
 @NEEDS_LIBTPU
 @pytest.mark.slow
 def test_training_compiles_for_tpu_slices_sharded_by_all_reduce_and_fits():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, cwd=ROOT,
-                            timeout=1500)
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = [row for row in result.stdout.splitlines() if row.startswith("RESULTS ")][-1]
-    results = json.loads(line.removeprefix("RESULTS "))
+    results = _compiled_in_a_child(CHILD)
     for name, chips in (("gated_v5e_2x2", 4), ("medt_v5e_16x16", 256)):
         train = results[name]["train"]
         assert results[name]["chips"] == chips, name
@@ -110,12 +115,7 @@ print("RESULTS " + json.dumps(compile_for.compile_for("cuda:h100x8", gated, batc
 @NEEDS_CUDA_PLUGIN
 @pytest.mark.slow
 def test_training_compiles_for_eight_h100s_sharded_by_all_reduce_and_fits():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", GPU_CHILD], capture_output=True, text=True, env=env, cwd=ROOT,
-                            timeout=1500)
-    assert result.returncode == 0, result.stderr[-3000:]
-    line = [row for row in result.stdout.splitlines() if row.startswith("RESULTS ")][-1]
-    results = json.loads(line.removeprefix("RESULTS "))
+    results = _compiled_in_a_child(GPU_CHILD)
     train = results["train"]
     assert results["chips"] == 8 and train["data_sharding"] == ["batch"]
     assert {kind for kind, count in train["collectives"].items() if count} == {"all-reduce"}
