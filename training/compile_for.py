@@ -1,7 +1,8 @@
-"""Compile ``medt-train``'s programs for a TPU slice on this machine, without the TPU, and report what the compiler says.
+"""Compile ``medt-train``'s programs for a TPU slice or NVIDIA GPUs on this machine, without them, and report what the compiler says.
 
     JAX_PLATFORMS=cpu medt-bench compile-for tpu:v5e:2x2 --config medt_hela --batch-per-chip 8
     JAX_PLATFORMS=cpu medt-bench compile-for tpu:v5e:16x16 --config medt_hela --dtype mixed_bfloat16 --json out.json
+    JAX_PLATFORMS=cpu medt-bench compile-for cuda:h100x8 --config medt_hela   # needs jax[cuda12] (gpu_devices)
 
 (``python -m training.compile_for TARGET ...`` is the same.)
 
