@@ -48,8 +48,8 @@ def to_model_input(image, channel_order="bgr", normalize="dtype"):
     if normalize == "auto":
         normalize = "dtype" if image.dtype == np.uint8 else "percentile"
     if normalize == "dtype":
-        scale = float(np.iinfo(image.dtype).max) if image.dtype.kind in "ui" else 1.0
-        image = image.astype(np.float32) / scale if scale != 1.0 else image.astype(np.float32)
+        integers = image.dtype.kind in "ui"
+        image = image.astype(np.float32) / float(np.iinfo(image.dtype).max) if integers else image.astype(np.float32)
     elif normalize == "percentile":
         # Imported here: worker processes (dtype only) never load the library, and with it Keras.
         from medt_keras.datasets.images import percentile_normalize

@@ -219,6 +219,8 @@ def report(lowered, hbm_gib, seconds, data_argument, batch_per_chip, breakdown=0
         with open(hlo_path, "w") as handle:
             handle.write(text)
     sharding = compiled.input_shardings[0][data_argument]
+    # Where XLA gives no byte count (a GPU executable here), the estimate stands in for it.
+    traffic = hlo_traffic.breakdown(text, top=breakdown) if breakdown or "bytes accessed" not in cost else None
     return dict(
         compile_seconds=round(seconds, 1),
         argument_gib=memory.argument_size_in_bytes / gib,
@@ -231,14 +233,14 @@ def report(lowered, hbm_gib, seconds, data_argument, batch_per_chip, breakdown=0
         # Memory taken as proportional to the batch (its fixed part counted per image too): a floor.
         batch_per_chip_that_fits_at_least=int(batch_per_chip * hbm_gib * gib // used) if used else None,
         flops=float(cost.get("flops", float("nan") if flops is None else flops)),
-        bytes_accessed=float(cost.get("bytes accessed", 0.0)) or float(hlo_traffic.breakdown(text)["bytes"]),
+        bytes_accessed=float(cost["bytes accessed"] if "bytes accessed" in cost else traffic["bytes"]),
         bytes_accessed_source="XLA's cost analysis" if "bytes accessed" in cost else
         "estimate: the optimised program's instructions between memory (training.hlo_traffic)",
         collectives=collectives(text),
         # The images' partition, one entry per dimension: ["batch"] is split along the batch.
         data_sharding=[None if axis is None else str(axis) for axis in _first(sharding).spec],
         native_kernel="medt_native_attention" in text,
-        **({"traffic": hlo_traffic.breakdown(text, top=breakdown)} if breakdown else {}),
+        **({"traffic": traffic} if breakdown else {}),
     )
 
 

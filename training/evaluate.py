@@ -192,7 +192,8 @@ def evaluate_test(model, batches, config, directory, full=True):
             keep = weights[0].reshape(len(y), -1)[:, 0] > 0
             x, y, logits = x[keep], y[keep], logits[keep]
         predictions.append(np.argmax(logits, axis=-1))
-        logit_threshold.append(logits[..., -1] >= 0.5)
+        if config.num_classes == 2:
+            logit_threshold.append(logits[..., 1] >= 0.5)
         masks.append(y)
         images.append(x)
     predictions, masks, images = np.concatenate(predictions), np.concatenate(masks), np.concatenate(images)

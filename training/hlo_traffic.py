@@ -53,26 +53,37 @@ def _in_hbm(layout):
     return not space or space.group(1) == "0"
 
 
-def _arrays(text, padded, hbm=True):
-    """Bytes of the arrays written in ``text`` that live in device memory (``hbm``) or on chip (not ``hbm``)."""
-    return sum(array_bytes(dtype, dims, layout, padded) for dtype, dims, layout in _ARRAY.findall(text)
-               if _in_hbm(layout) == hbm)
-
-
-def _async_start_bytes(shape, padded):
-    """An asynchronous copy or slice: the moved array's bytes once per end of it in device memory.
+def _async_start_traffic(arrays):
+    """An asynchronous copy or slice: the moved array once per end of it in device memory.
 
     Its result holds the source (echoed), the destination and a context
     scalar; the destination is the smaller of the two arrays (a slice) or
     equal (a copy), and it is read at one end and written at the other.
+    Returns ``(device-memory bytes, plain bytes of the same, on-chip bytes)``.
     """
-    arrays = sorted(((array_bytes(d, n, l, padded), _in_hbm(l)) for d, n, l in _ARRAY.findall(shape)
-                     if n), key=lambda a: a[0])
+    arrays = sorted((a for a in arrays if a[1]), key=lambda a: array_bytes(*a, padded=False))
     if len(arrays) < 2:
-        return 0, 0
-    (moved, destination_in_hbm), (_, source_in_hbm) = arrays[0], arrays[-1]
-    ends = int(source_in_hbm) + int(destination_in_hbm)
-    return moved * ends, moved * (2 - ends)
+        return 0, 0, 0
+    destination, source = arrays[0], arrays[-1]
+    ends = int(_in_hbm(source[2])) + int(_in_hbm(destination[2]))
+    moved, plain = array_bytes(*destination), array_bytes(*destination, padded=False)
+    return moved * ends, plain * ends, moved * (2 - ends)
+
+
+def _traffic(op, shape, operands, shapes):
+    """``(device-memory bytes, plain bytes of the same, on-chip bytes)`` an instruction reads and writes."""
+    arrays = _ARRAY.findall(shape)
+    if op.endswith("-start") and op not in ("all-reduce-start", "all-gather-start", "collective-permute-start"):
+        return _async_start_traffic(arrays)
+    # Newer XLA prints only the operands' names; older prints their shapes too.
+    if _ARRAY.search(operands):
+        arrays += _ARRAY.findall(operands)
+    else:
+        for name in re.findall(r"%([\w.\-]+)", operands):
+            arrays += _ARRAY.findall(shapes.get(name, ""))
+    in_hbm = [a for a in arrays if _in_hbm(a[2])]
+    return (sum(array_bytes(*a) for a in in_hbm), sum(array_bytes(*a, padded=False) for a in in_hbm),
+            sum(array_bytes(*a) for a in arrays if not _in_hbm(a[2])))
 
 
 def _operands(rest):
@@ -85,7 +96,7 @@ def _operands(rest):
     return rest, ""
 
 
-def _on_chip_computations(lines):
+def _fused_computations(lines):
     """Names of computations whose instructions never touch memory on their own: fusion bodies, reducers."""
     called = set()
     for line in lines:
@@ -105,21 +116,6 @@ def _source(attributes):
     return "/".join(parts[-4:])
 
 
-def _operand_bytes(operands, shapes, padded, hbm=True):
-    # Newer XLA prints only the operands' names; older prints their shapes too.
-    if _ARRAY.search(operands):
-        return _arrays(operands, padded, hbm)
-    return sum(_arrays(shapes.get(name, ""), padded, hbm) for name in re.findall(r"%([\w.\-]+)", operands))
-
-
-def _traffic(op, shape, operands, shapes, padded):
-    """``(device-memory bytes, on-chip bytes)`` an instruction reads and writes."""
-    if op.endswith("-start") and op not in ("all-reduce-start", "all-gather-start", "collective-permute-start"):
-        return _async_start_bytes(shape, padded)
-    return (_arrays(shape, padded) + _operand_bytes(operands, shapes, padded),
-            _arrays(shape, padded, hbm=False) + _operand_bytes(operands, shapes, padded, hbm=False))
-
-
 def instructions(hlo_text):
     """One dict per instruction that moves data.
 
@@ -130,31 +126,29 @@ def instructions(hlo_text):
     ``op``, ``kind`` (of a fusion), ``shape`` and ``source`` (``op_name``).
     """
     lines = hlo_text.splitlines()
-    fused = _on_chip_computations(lines)
-    shapes = {}
-    for line in lines:
-        match = _INSTRUCTION.match(line)
-        if match:
-            shapes[match.group("name")] = match.group("shape")
-    rows, computation = [], None
+    fused = _fused_computations(lines)
+    parsed, shapes, computation = [], {}, None
     for line in lines:
         header = _COMPUTATION.match(line)
         if header and " = " not in line.split("{")[0]:
             computation = header.group("name")
             continue
-        if computation in fused:
-            continue
         match = _INSTRUCTION.match(line)
-        op = match and match.group("op")
-        if not match or op in _NO_TRAFFIC or op.endswith("-done"):
+        if match:
+            shapes[match.group("name")] = match.group("shape")
+            if computation not in fused:
+                parsed.append(match)
+    rows = []
+    for match in parsed:
+        op = match.group("op")
+        if op in _NO_TRAFFIC or op.endswith("-done"):
             continue
         operands, attributes = _operands(match.group("rest"))
         kind = re.search(r"kind=(\w+)", attributes)
-        padded, on_chip = _traffic(op, match.group("shape"), operands, shapes, True)
-        unpadded, _ = _traffic(op, match.group("shape"), operands, shapes, False)
+        hbm, plain, on_chip = _traffic(op, match.group("shape"), operands, shapes)
         rows.append(dict(
-            name=match.group("name"), op=op, kind=kind.group(1) if kind else "", bytes=padded,
-            unpadded_bytes=unpadded, on_chip_bytes=on_chip, shape=match.group("shape"), source=_source(attributes),
+            name=match.group("name"), op=op, kind=kind.group(1) if kind else "", bytes=hbm,
+            unpadded_bytes=plain, on_chip_bytes=on_chip, shape=match.group("shape"), source=_source(attributes),
         ))
     return rows
 
